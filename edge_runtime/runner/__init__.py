@@ -1,0 +1,26 @@
+"""Runners execute a model package on one backend behind one interface.
+
+``load_runner(package, backend)`` returns a :class:`Runner`; ``runner.infer(batch)`` maps a float32 batch
+``(N, C, Z, Y, X)`` to logits ``(N, K, Z, Y, X)``. Asking for a backend or execution provider that is not
+available is an error (:class:`BackendUnavailable`), never a silent fallback to the CPU.
+"""
+
+from __future__ import annotations
+
+from ..package import ModelPackage
+from .base import BackendUnavailable, Runner, RunnerError
+
+BACKENDS = ("onnxruntime",)
+DEVICES = ("cpu", "cuda", "tensorrt")
+
+
+def load_runner(package: ModelPackage, backend: str = "onnxruntime", device: str = "cpu", **options: object) -> Runner:
+    """Build the runner for ``backend`` on ``device``; fails loudly when either is not available here."""
+    if backend == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeRunner
+
+        return OnnxRuntimeRunner(package, device=device, **options)  # type: ignore[arg-type]
+    raise BackendUnavailable(f"Requested backend was: {backend!r}, but available backends are: {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "DEVICES", "BackendUnavailable", "Runner", "RunnerError", "load_runner"]

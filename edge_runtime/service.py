@@ -1,0 +1,207 @@
+"""The daemon: listener, series tracker, inference worker and sender around one spool.
+
+Threads and what each owns:
+
+- ``dicom-listener`` (pynetdicom, one thread per association): store and acknowledge instances.
+- ``tracker``: queues a series once it has been quiet for ``quiet_seconds``.
+- ``worker``: takes queued series one at a time: volume, model, SEG, measurements, then publishes the result
+  (files in the output folder, rows in the outbox) in one transaction.
+- ``sender``: drains the outbox to the destinations.
+
+Every state lives in the spool's SQLite index, so a restart resumes: receiving series keep their timers
+(``last_received`` is stored), interrupted jobs are queued again, pending sends are retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .config import Config
+from .inference import segment
+from .listener import Listener, ListenerConfig
+from .package import ModelPackage
+from .runner import Runner, load_runner
+from .seg import build_seg, measure, write_measurements
+from .sender import Sender
+from .spool import SeriesRow, Spool
+from .volume import GeometryError, GeometryPolicy, load_volume
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config: Config):
+        self.config = config
+        self.package = ModelPackage.load(config.model)
+        self.runner: Runner = load_runner(self.package, config.backend, config.device, threads=config.threads)
+        self.spool = Spool(config.spool, min_free_bytes=config.min_free_mb * 1024 * 1024)
+        self.output = Path(config.output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.policy = GeometryPolicy(irregular_spacing=config.irregular_spacing)
+        self.listener = Listener(
+            ListenerConfig(
+                ae_title=config.ae_title,
+                host=config.host,
+                port=config.port,
+                modalities=self.package.modalities,
+                allowed_calling_aets=config.allowed_calling_aets,
+                max_associations=config.max_associations,
+            ),
+            self.spool,
+            on_stored=lambda _series_id: self._tracker_wake.set(),
+        )
+        self.sender = Sender(self.spool, calling_ae=config.ae_title)
+        self._stop = threading.Event()
+        self._tracker_wake = threading.Event()
+        self._work = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.serial = socket.gethostname()[:64] or "edge-runtime"
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        requeued = self.spool.requeue_interrupted()
+        if requeued:
+            log.info("resuming %d interrupted job(s)", requeued)
+        log.info("model %s (%s) on %s", self.package.identity, self.package.model_sha256[:12], self.runner.describe())
+        self.listener.start()
+        self.sender.start()
+        for name, target in (("tracker", self._track), ("worker", self._work_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._work.set()
+
+    def stop(self) -> None:
+        """Stop accepting, let the job in hand finish (a restart would resume it anyway), stop sending."""
+        log.info("stopping: no new associations; finishing the job in hand")
+        self.listener.stop()
+        self._stop.set()
+        self._tracker_wake.set()
+        self._work.set()
+        for t in self._threads:
+            t.join()
+        self.sender.stop()
+        self.runner.close()
+        self.spool.close()
+        log.info("stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM or SIGINT."""
+        done = threading.Event()
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s", signal.Signals(signum).name)
+            done.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        self.start()
+        while not done.wait(1.0):
+            pass
+        self.stop()
+
+    # -- tracker ----------------------------------------------------------------------------------------
+
+    def _track(self) -> None:
+        quiet = self.config.quiet_seconds
+        while not self._stop.is_set():
+            queued = self.spool.queue_quiet_series(quiet)
+            for row in queued:
+                log.info("series %s complete after %.1f s quiet: %d instance(s)", row.key_hash, quiet,
+                         row.instance_count)
+            if queued:
+                self._work.set()
+            deadline = self.spool.next_receiving_deadline(quiet)
+            wait = 1.0 if deadline is None else min(1.0, max(0.02, deadline - time.time()))
+            self._tracker_wake.wait(wait)
+            self._tracker_wake.clear()
+
+    # -- worker -----------------------------------------------------------------------------------------
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            row = self.spool.claim_job()
+            if row is None:
+                self._work.wait(1.0)
+                self._work.clear()
+                continue
+            try:
+                self.process(row)
+            except Exception as exc:  # one bad series must not stop the others
+                log.exception("series %s failed unexpectedly", row.key_hash)
+                self.spool.fail(row.id, row.generation, f"internal-error: {type(exc).__name__}")
+
+    def process(self, row: SeriesRow) -> Path | None:
+        """Segment one series and publish its result; record a reason when it is refused."""
+        t_start = time.perf_counter()
+        if row.modality.upper() not in self.package.modalities:
+            reason = f"modality-not-served: {row.modality or 'none'} (model serves {', '.join(self.package.modalities)})"
+            self._refuse(row, reason)
+            return None
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        try:
+            volume = load_volume(self.spool.instance_paths(row.id), self.policy)
+        except GeometryError as exc:
+            self._refuse(row, f"{exc.code}: {exc.detail}")
+            return None
+        timings["load"] = time.perf_counter() - t0
+        for note in volume.notes:
+            log.info("series %s: %s", row.key_hash, note)
+        result = segment(volume, self.package, self.runner)
+        timings.update(result.timings)
+
+        t0 = time.perf_counter()
+        seed = f"{row.called_ae}|{row.study_uid}|{row.series_uid}|{self.package.model_sha256}|{row.generation}"
+        seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
+        timings["seg_build"] = time.perf_counter() - t0
+        directory = self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{row.generation}"
+        directory.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        seg_path = directory / "seg.dcm"
+        tmp = directory / "seg.dcm.tmp"
+        seg.save_as(tmp, enforce_file_format=True)
+        _fsync_file(tmp)
+        os.replace(tmp, seg_path)
+        timings["seg_write"] = time.perf_counter() - t0
+        measurements = measure(volume, result.labels, self.package)
+        timings["total"] = time.perf_counter() - t_start
+        write_measurements(
+            directory / "measurements.json", measurements, package=self.package, volume=volume,
+            seg_sop_uid=str(seg.SOPInstanceUID),
+            extra={"timings_s": {k: round(v, 4) for k, v in timings.items()}, "windows": result.windows},
+        )
+        result_id = self.spool.publish(
+            row.id, row.generation, self.package.identity, directory, [seg_path],
+            [str(d) for d in self.config.destination], timings=json.dumps(timings),
+        )
+        if result_id is None:
+            log.info("series %s grew while it was processed; its result is superseded", row.key_hash)
+            return None
+        log.info(
+            "series %s segmented: %d slices, %d windows, %s",
+            row.key_hash, volume.array.shape[0], result.windows,
+            ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
+        )
+        self.sender.wake()
+        return seg_path
+
+    def _refuse(self, row: SeriesRow, reason: str) -> None:
+        if self.spool.fail(row.id, row.generation, reason):
+            log.warning("series %s refused: %s", row.key_hash, reason)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

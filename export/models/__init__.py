@@ -1,0 +1,1 @@
+"""Reference PyTorch modules used to build the packages that ship with the runtime."""
