@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -36,8 +37,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class RedactUids(logging.Filter):
+    """Last line of defence for third-party messages: anything shaped like a DICOM UID is masked."""
+
+    _uid = re.compile(r"(?<![\w.])[0-2](\.(0|[1-9][0-9]*)){3,}(?![\w.])")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = self._uid.sub("<uid>", message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
 def setup_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactUids())
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:
@@ -45,9 +60,12 @@ def setup_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # pynetdicom and pydicom log data set contents at debug level: keep them at warning.
-    for noisy in ("pynetdicom", "pydicom", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pynetdicom logs data set contents at debug level, pydicom quotes element values in its warnings:
+    # route Python warnings through logging and keep the libraries' chatter out of the log.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    for noisy, floor in (("pynetdicom", logging.WARNING), ("pydicom", logging.ERROR), ("highdicom", logging.WARNING)):
+        logging.getLogger(noisy).setLevel(floor)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ Policy (what happens to each finding; never a silently wrong volume):
   a SEG on a tilted grid validates yet fails in common viewers.
 - Missing slices (steps that are whole multiples of the usual step): refused (``missing-slices``), since the
   series is most likely incomplete.
+- Pixel data that no installed decoder can read: refused (``undecodable-pixels``).
 - Other uneven spacing: ``resample`` (default): the model sees a regular grid interpolated along the true
   slice positions, and the result is mapped back onto every source slice; or ``refuse`` (``irregular-spacing``).
 
@@ -31,7 +32,7 @@ from pydicom.dataset import Dataset
 IRREGULAR_POLICIES = ("resample", "refuse")
 
 
-class GeometryError(ValueError):
+class VolumeError(ValueError):
     """The slices do not make a volume under the stated policy."""
 
     def __init__(self, code: str, detail: str):
@@ -134,7 +135,7 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
     set_aside: dict[str, int] = {}
     for path, ds in headers:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise GeometryError(
+            raise VolumeError(
                 "multiframe", "multi-frame (Enhanced) instances are not assembled into volumes by this version"
             )
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
@@ -147,11 +148,11 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
         iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
         ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
         if iop.shape != (6,) or ipp.shape != (3,) or not np.all(np.isfinite(iop)) or not np.all(np.isfinite(ipp)):
-            raise GeometryError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
+            raise VolumeError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
         slices.append(_Slice(ds, path, iop, ipp))
     notes = [f"set aside {n} instance(s): {why}" for why, n in sorted(set_aside.items())]
     if not slices:
-        raise GeometryError("no-images", "no instance in the series has pixel data with image plane attributes")
+        raise VolumeError("no-images", "no instance in the series has pixel data with image plane attributes")
     return slices, notes
 
 
@@ -163,18 +164,18 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
 
     keys = {stack_key(s) for s in slices}
     if len(keys) > 1:
-        raise GeometryError(
+        raise VolumeError(
             "mixed-stacks",
             f"{len(keys)} different orientations or image sizes in one series; refusing to guess which stack",
         )
     if len(slices) < policy.min_slices:
-        raise GeometryError("too-few-slices", f"{len(slices)} slice(s); at least {policy.min_slices} needed")
+        raise VolumeError("too-few-slices", f"{len(slices)} slice(s); at least {policy.min_slices} needed")
     iop = slices[0].iop
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
     norm = np.linalg.norm(normal)
     if not (0.99 < np.linalg.norm(row) < 1.01 and 0.99 < np.linalg.norm(col) < 1.01 and norm > 0.99):
-        raise GeometryError("bad-geometry", "ImageOrientationPatient is not two orthonormal directions")
+        raise VolumeError("bad-geometry", "ImageOrientationPatient is not two orthonormal directions")
     normal = normal / norm
     ipps = np.stack([s.ipp for s in slices])
     dist = ipps @ normal
@@ -183,14 +184,14 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
     steps = np.diff(dist)
     if np.any(steps < policy.position_tolerance_mm):
         n = int(np.sum(steps < policy.position_tolerance_mm))
-        raise GeometryError("duplicate-positions", f"{n} pair(s) of different instances share a slice position")
+        raise VolumeError("duplicate-positions", f"{n} pair(s) of different instances share a slice position")
     # Tilt: consecutive origins move within the image plane as well as along the normal.
     deltas = np.diff(ipps[order], axis=0)
     along = deltas @ normal
     across = np.linalg.norm(deltas - np.outer(along, normal), axis=1)
     tilt = float(np.degrees(np.max(np.arctan2(across, along))))
     if tilt > policy.max_tilt_deg:
-        raise GeometryError("gantry-tilt", f"slices are sheared by {tilt:.1f} degrees (gantry tilt)")
+        raise VolumeError("gantry-tilt", f"slices are sheared by {tilt:.1f} degrees (gantry tilt)")
     median = float(np.median(steps))
     deviation = np.abs(steps - median) > max(policy.spacing_rtol * median, policy.position_tolerance_mm)
     notes: list[str] = []
@@ -199,12 +200,12 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
     multiples = steps[deviation] / median
     if np.all(np.abs(multiples - np.round(multiples)) < policy.spacing_rtol * 2) and np.all(multiples > 1.5):
         missing = int(np.sum(np.round(multiples) - 1))
-        raise GeometryError(
+        raise VolumeError(
             "missing-slices", f"{missing} slice(s) missing from a regular {median:.3g} mm stack; series incomplete?"
         )
     detail = f"slice steps range {steps.min():.3g}-{steps.max():.3g} mm (median {median:.3g} mm)"
     if policy.irregular_spacing == "refuse":
-        raise GeometryError("irregular-spacing", detail)
+        raise VolumeError("irregular-spacing", detail)
     notes.append(f"irregular spacing resampled: {detail}")
     return slices, order, dist, False, notes
 
@@ -214,9 +215,15 @@ def _read_pixels(slices: list[_Slice]) -> np.ndarray:
     array = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
     for k, s in enumerate(slices):
         ds = s.ds
-        pixels = ds.pixel_array
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError and their own
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = syntax.name if syntax is not None else "unknown transfer syntax"
+            raise VolumeError("undecodable-pixels", f"pixel data in {name} could not be decoded: "
+                              f"{type(exc).__name__}") from exc
         if pixels.shape != array.shape[1:]:
-            raise GeometryError("bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}")
+            raise VolumeError("bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}")
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         np.multiply(pixels, slope, out=array[k], casting="unsafe")

@@ -1,0 +1,193 @@
+"""End to end: ``edge-runtime serve`` as a subprocess, DCMTK storescu as the scanner, storescp as the PACS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+
+from edge_runtime.inference import segment
+from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.phantom import SeriesInfo, make_phantom, write_series
+from edge_runtime.runner import load_runner
+from edge_runtime.volume import load_volume
+
+from .conftest import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+
+pytestmark = pytest.mark.e2e
+QUIET = 1.0
+SHAPE, SPACING = (24, 96, 96), (2.5, 3.5, 3.5)
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path_factory.mktemp("pacs"))
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
+    svc = ServiceProcess(tmp_path_factory.mktemp("svc"), "--destination", pacs.address,
+                         "--quiet-seconds", str(QUIET))
+    yield svc
+    code = svc.stop()
+    assert code == 0, svc.log()
+    assert "Traceback" not in svc.log()
+
+
+def new_series(folder: Path, seed: int, **kwargs: object) -> SeriesInfo:
+    phantom = make_phantom(SHAPE, SPACING, rng=seed)
+    return write_series(phantom.hu, phantom.spacing, folder, **kwargs)
+
+
+def status_rows(service: ServiceProcess) -> list[str]:
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.splitlines()
+
+
+def check_seg(seg_path: Path, info: SeriesInfo) -> None:
+    """dciodvfy-clean, every frame references a pushed instance, and the pixels are the runner's label map."""
+    assert dciodvfy_errors(seg_path) == []
+    ds = pydicom.dcmread(seg_path)
+    refs = {str(s.ReferencedSOPInstanceUID) for fr in ds.PerFrameFunctionalGroupsSequence
+            for d in fr.DerivationImageSequence for s in d.SourceImageSequence}
+    assert refs <= set(info.sop_instance_uids)
+    referenced = {str(i.ReferencedSOPInstanceUID) for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(info.sop_instance_uids), "the SEG must cover every slice of the series"
+    package = ModelPackage.load(DEFAULT_PACKAGE)
+    expected = segment(load_volume(info.paths), package, load_runner(package, threads=1)).labels
+    seg = hd.seg.segread(seg_path)
+    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(info.sop_instance_uids),
+                                            combine_segments=True, skip_overlap_checks=True)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+    info = new_series(tmp_path, seed=1, shuffle_files=True, instance_number_order="random")
+    storescu(service.port, sorted(tmp_path.glob("*.dcm")))
+    seg = pacs.wait_for_seg(info.series_uid, timeout=60)
+    check_seg(seg, info)
+    results = list(service.output.glob("*/measurements.json"))
+    assert results, "results are also written to the output folder"
+    data = json.loads(results[0].read_text())
+    assert {s["name"] for s in data["segments"]} == {"Lung", "Bone"}
+
+
+def test_two_series_interleaved_in_one_association(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+    a = new_series(tmp_path / "a", seed=2)
+    b = new_series(tmp_path / "b", seed=3)
+    interleaved = [p for pair in zip(a.paths, b.paths) for p in pair]
+    storescu(service.port, interleaved)
+    for info in (a, b):
+        check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
+
+
+def test_series_split_across_two_associations(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+    info = new_series(tmp_path, seed=4)
+    storescu(service.port, list(info.paths[::2]))
+    storescu(service.port, list(info.paths[1::2]))
+    check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
+    time.sleep(QUIET + 1.0)
+    assert len(pacs.segs()[info.series_uid]) == 1
+
+
+def test_resent_series_gives_exactly_one_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+    info = new_series(tmp_path, seed=5)
+    storescu(service.port, list(info.paths))
+    storescu(service.port, list(info.paths))  # a scanner that sends twice
+    pacs.wait_for_seg(info.series_uid, timeout=60)
+    storescu(service.port, list(info.paths))  # and again after the result went out
+    time.sleep(QUIET + 2.0)
+    assert len(pacs.segs()[info.series_uid]) == 1
+
+
+# -- bad input: the documented status or reason, and the service keeps serving everyone else ----------------
+
+def send_file_raw(port: int, path: Path, sop_class: str) -> int | None:
+    """C-STORE a file's bytes as they are (pynetdicom reads the command UIDs from its file meta)."""
+    ae = AE(ae_title="FUZZ")
+    ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
+    assert assoc.is_established
+    old = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+    return getattr(status, "Status", None)
+
+
+def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+    info = new_series(tmp_path / "good", seed=6)
+    ct = pydicom.dcmread(info.paths[0])
+    sop_class = str(ct.SOPClassUID)
+
+    # A SOP class the model cannot use is rejected at negotiation: DCMTK storescu reports it and fails.
+    sc = pydicom.dcmread(info.paths[1])
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    sc.save_as(tmp_path / "sc.dcm")
+    out = storescu(service.port, [tmp_path / "sc.dcm"], check=False)
+    assert out.returncode != 0 or "no presentation context" in (out.stdout + out.stderr).lower()
+
+    # A data set that does not parse (a sequence of undefined length cut short): 0xC210.
+    raw = info.paths[2].read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")
+    cut_sequence = b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00"
+    (tmp_path / "garbage.dcm").write_bytes(raw[:meta_end] + cut_sequence)
+    assert send_file_raw(service.port, tmp_path / "garbage.dcm", sop_class) == 0xC210
+
+    # A data set without its Series Instance UID: 0xC220.
+    raw_ds = raw[meta_end:]
+    (tmp_path / "no-uids.dcm").write_bytes(raw[:meta_end] + b"\x08\x00\x16\x00UI\x1a\x00" + sop_class.encode()
+                                           + b"\x00" * (26 - len(sop_class)))
+    assert send_file_raw(service.port, tmp_path / "no-uids.dcm", sop_class) == 0xC220
+    assert raw_ds
+
+    # A data set whose SOP Instance UID differs from the command's: 0xA900.
+    mismatch = pydicom.dcmread(info.paths[3])
+    mismatch.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    mismatch.save_as(tmp_path / "mismatch.dcm")
+    assert send_file_raw(service.port, tmp_path / "mismatch.dcm", sop_class) == 0xA900
+
+    # A UID a peer made up to escape the spool: 0xC221, and nothing is written outside it.
+    evil = pydicom.dcmread(info.paths[4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID we are writing on purpose
+        evil.SeriesInstanceUID = "../../../../tmp/pwned"
+        evil.save_as(tmp_path / "evil.dcm")
+    assert send_file_raw(service.port, tmp_path / "evil.dcm", sop_class) == 0xC221
+
+    # A series whose geometry is refused gets its reason recorded and no SEG.
+    tilted = new_series(tmp_path / "tilted", seed=7, gantry_tilt_deg=20.0)
+    storescu(service.port, list(tilted.paths))
+
+    # ... and the service still serves everyone else.
+    storescu(service.port, list(info.paths))
+    check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
+    assert service.alive()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any("gantry-tilt" in line for line in status_rows(service)):
+            break
+        time.sleep(0.3)
+    rows = status_rows(service)
+    assert any("failed" in line and "gantry-tilt: slices are sheared by 20.0 degrees" in line for line in rows), rows
+    assert tilted.series_uid not in pacs.segs()
+    log = service.log()
+    for uid in (info.series_uid, info.study_uid, tilted.series_uid, "PHANTOM"):
+        assert uid not in log, "no UID or patient name in the log"
