@@ -129,6 +129,7 @@ class Listener:
         self.spool = spool
         self.on_stored = on_stored
         self.server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -155,8 +156,12 @@ class Listener:
         )
         # make_server() does not register the server with its AE, yet shutdown() expects it there.
         self.ae._servers.append(self.server)
-        threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
+        self._thread = threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True)
+        self._thread.start()
         log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.server.server_address[1])
+
+    def serving(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def port(self) -> int:

@@ -31,7 +31,8 @@ from .runner import Runner, load_runner
 from .seg import build_seg, measure, write_measurements
 from .sender import Sender
 from .spool import SeriesRow, Spool
-from .volume import GeometryError, GeometryPolicy, load_volume
+from .systemd import Notifier
+from .volume import VolumeError, GeometryPolicy, load_volume
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Service:
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
         self.serial = socket.gethostname()[:64] or "edge-runtime"
+        self.notifier = Notifier()
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -78,10 +80,18 @@ class Service:
             t.start()
             self._threads.append(t)
         self._work.set()
+        self.notifier.ready(f"listening as {self.config.ae_title} on port {self.listener.port}; "
+                            f"model {self.package.identity}")
+        self.notifier.start_watchdog(self.healthy)
+
+    def healthy(self) -> bool:
+        """Every service thread is alive."""
+        return all(t.is_alive() for t in self._threads) and self.sender.alive() and self.listener.serving()
 
     def stop(self) -> None:
         """Stop accepting, let the job in hand finish (a restart would resume it anyway), stop sending."""
         log.info("stopping: no new associations; finishing the job in hand")
+        self.notifier.stopping()
         self.listener.stop()
         self._stop.set()
         self._tracker_wake.set()
@@ -150,7 +160,7 @@ class Service:
         t0 = time.perf_counter()
         try:
             volume = load_volume(self.spool.instance_paths(row.id), self.policy)
-        except GeometryError as exc:
+        except VolumeError as exc:
             self._refuse(row, f"{exc.code}: {exc.detail}")
             return None
         timings["load"] = time.perf_counter() - t0
