@@ -82,6 +82,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or tensorrt (default cpu)")
     p.add_argument("--threads", type=int, help="inference threads (default: one per core)")
     p.add_argument("--quiet-seconds", type=float, help="a series is complete after this long without a new instance")
+    p.add_argument("--early-completion", choices=("true", "false"),
+                   help="complete a series when its association is released and its stack is geometrically "
+                        "complete, before the quiet period (default true)")
     p.add_argument("--allowed-calling-aets", help="comma-separated AE titles allowed to send (default: any)")
     p.add_argument("--max-associations", type=int)
     p.add_argument("--irregular-spacing", help="resample or refuse unevenly spaced slices (default resample)")
@@ -94,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     for key in (
         "port", "host", "ae_title", "destination", "spool", "output", "model", "backend", "device", "threads",
-        "quiet_seconds", "allowed_calling_aets", "max_associations", "irregular_spacing", "min_free_mb",
+        "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "irregular_spacing", "min_free_mb",
         "log_level", "log_json",
     ):
         value = getattr(args, key)

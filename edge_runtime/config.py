@@ -44,6 +44,7 @@ class Config:
     device: str = "cpu"
     threads: int = 0
     quiet_seconds: float = 5.0
+    early_completion: bool = True
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 16
     irregular_spacing: str = "resample"
@@ -96,6 +97,7 @@ def build_config(values: dict[str, Any]) -> Config:
     take("device", lambda v: _choice(v, DEVICES), f"one of {', '.join(DEVICES)}")
     take("threads", lambda v: _int_range(v, 0, 1024), "an integer >= 0 (0: one per core)")
     take("quiet_seconds", _positive_float, "a number of seconds > 0")
+    take("early_completion", _bool, "true or false")
     take("allowed_calling_aets", _ae_list, "a list of AE titles")
     take("max_associations", lambda v: _int_range(v, 1, 1000), "an integer 1-1000")
     take("irregular_spacing", lambda v: _choice(v, IRREGULAR_POLICIES), f"one of {', '.join(IRREGULAR_POLICIES)}")

@@ -30,6 +30,7 @@ from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .spool import Spool, SpoolFull
+from .volume import SliceGeometry
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +125,20 @@ class TimeoutAssociationServer(ThreadedAssociationServer):
 class Listener:
     """Owns the pynetdicom server; stores through ``spool`` and calls ``on_stored(series_id)`` after each store."""
 
-    def __init__(self, config: ListenerConfig, spool: Spool, on_stored: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        config: ListenerConfig,
+        spool: Spool,
+        on_stored: Callable[[int], None] | None = None,
+        on_released: Callable[[set[int]], None] | None = None,
+    ):
         self.config = config
         self.spool = spool
         self.on_stored = on_stored
+        self.on_released = on_released
+        #: series that received new instances, per association still open
+        self._touched: dict[int, set[int]] = {}
+        self._touched_lock = threading.Lock()
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self.ae = self._make_ae()
@@ -150,7 +161,12 @@ class Listener:
         return ae
 
     def start(self) -> None:
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
         self.server = self.ae.make_server(
             (self.config.host, self.config.port), evt_handlers=handlers, server_class=TimeoutAssociationServer
         )
@@ -185,6 +201,7 @@ class Listener:
             study_uid = ds.get("StudyInstanceUID")
             series_uid = ds.get("SeriesInstanceUID")
             modality = str(ds.get("Modality", "") or "")
+            geometry = SliceGeometry.from_dataset(ds)
         except Exception as exc:  # pydicom raises many types on malformed input
             log.warning("C-STORE refused (0x%04X): data set does not parse: %s", STATUS_CANNOT_PARSE,
                         type(exc).__name__)
@@ -212,6 +229,7 @@ class Listener:
                 sop_class=str(sop_class),
                 transfer_syntax=str(event.context.transfer_syntax),
                 modality=modality,
+                geometry=geometry.to_json() if geometry is not None else None,
             )
         except SpoolFull as exc:
             log.error("C-STORE refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)
@@ -223,6 +241,20 @@ class Listener:
             "stored instance of series %s from %s%s in %.1f ms", stored.key_hash, calling,
             " (duplicate)" if stored.duplicate else "", 1000 * (time.perf_counter() - t0),
         )
-        if self.on_stored is not None and not stored.duplicate:
-            self.on_stored(stored.series_id)
+        if not stored.duplicate:
+            with self._touched_lock:
+                self._touched.setdefault(id(event.assoc), set()).add(stored.series_id)
+            if self.on_stored is not None:
+                self.on_stored(stored.series_id)
         return STATUS_SUCCESS
+
+    def _on_released(self, event: evt.Event) -> None:
+        """A sender that releases properly has said: that is all I have for now (evidence, not proof)."""
+        with self._touched_lock:
+            series = self._touched.pop(id(event.assoc), set())
+        if series and self.on_released is not None:
+            self.on_released(series)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        with self._touched_lock:
+            self._touched.pop(id(event.assoc), None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -30,9 +31,9 @@ from .package import ModelPackage
 from .runner import Runner, load_runner
 from .seg import build_seg, measure, write_measurements
 from .sender import Sender
-from .spool import SeriesRow, Spool
+from .spool import SeriesRow, SeriesState, Spool
 from .systemd import Notifier
-from .volume import VolumeError, GeometryPolicy, load_volume
+from .volume import GeometryPolicy, SliceGeometry, VolumeError, load_volume, stack_evidence
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,12 @@ class Service:
             ),
             self.spool,
             on_stored=lambda _series_id: self._tracker_wake.set(),
+            on_released=self._on_released,
         )
         self.sender = Sender(self.spool, calling_ae=config.ae_title)
         self._stop = threading.Event()
         self._tracker_wake = threading.Event()
+        self._released: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
         self.serial = socket.gethostname()[:64] or "edge-runtime"
@@ -120,9 +123,37 @@ class Service:
 
     # -- tracker ----------------------------------------------------------------------------------------
 
+    def _on_released(self, series_ids: set[int]) -> None:
+        for series_id in series_ids:
+            self._released.put(series_id)
+        self._tracker_wake.set()
+
+    def _complete_on_evidence(self) -> bool:
+        """Queue series whose association was released and whose stack is geometrically complete."""
+        queued = False
+        while True:
+            try:
+                series_id = self._released.get_nowait()
+            except queue.Empty:
+                return queued
+            row = self.spool.series(series_id)
+            if row.state is not SeriesState.RECEIVING:
+                continue
+            geometries = [SliceGeometry.from_json(g) for g in self.spool.instance_geometries(series_id) if g]
+            evidence = stack_evidence(geometries, self.policy) if geometries else None
+            if evidence is None or not evidence.complete:
+                why = evidence.reason if evidence else "no image slices"
+                log.info("series %s: association released, waiting for the quiet period (%s)", row.key_hash, why)
+                continue
+            if self.spool.queue_series(series_id, row.generation):
+                log.info("series %s complete on evidence: %s", row.key_hash, evidence.reason)
+                queued = True
+
     def _track(self) -> None:
         quiet = self.config.quiet_seconds
         while not self._stop.is_set():
+            if self.config.early_completion and self._complete_on_evidence():
+                self._work.set()
             queued = self.spool.queue_quiet_series(quiet)
             for row in queued:
                 log.info("series %s complete after %.1f s quiet: %d instance(s)", row.key_hash, quiet,

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY,
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     calling_ae TEXT NOT NULL,
     received REAL NOT NULL,
+    geometry TEXT,
     UNIQUE (series_id, sop_uid)
 );
 CREATE TABLE IF NOT EXISTS results (
@@ -139,7 +141,16 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+        if has_tables and version != SCHEMA_VERSION:
+            self._db.close()
+            raise RuntimeError(
+                f"the spool index in {self.root} has schema version {version}; this version of edge-runtime "
+                f"uses {SCHEMA_VERSION}. Use a new spool directory (the old one still holds its instances)."
+            )
         self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         for leftover in self.tmp_dir.iterdir():  # a crash mid-write leaves only unacknowledged data here
             leftover.unlink(missing_ok=True)
 
@@ -202,6 +213,7 @@ class Spool:
         sop_class: str,
         transfer_syntax: str,
         modality: str,
+        geometry: str | None = None,
     ) -> StoredInstance:
         """Make one instance durable and index it. A re-sent SOP Instance UID is acknowledged, not stored twice."""
         key = self.key_hash(called_ae, study_uid, series_uid)
@@ -224,9 +236,9 @@ class Spool:
                 ).fetchone()[0]
                 cur = db.execute(
                     "INSERT OR IGNORE INTO instances (series_id, sop_uid, sop_class, transfer_syntax, path, size, "
-                    "calling_ae, received) VALUES (?,?,?,?,?,?,?,?)",
+                    "calling_ae, received, geometry) VALUES (?,?,?,?,?,?,?,?,?)",
                     (series_id, sop_uid, sop_class, transfer_syntax, str(path.relative_to(self.root)), len(data),
-                     calling_ae, now),
+                     calling_ae, now, geometry),
                 )
                 duplicate = cur.rowcount == 0
                 if not duplicate:
@@ -279,6 +291,12 @@ class Spool:
             rows = self._db.execute("SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)).fetchall()
         return [self.root / r[0] for r in rows]
 
+    def instance_geometries(self, series_id: int) -> list[str | None]:
+        """The slice geometry recorded at ingest for each instance of a series (None: not an image slice)."""
+        with self._lock:
+            rows = self._db.execute("SELECT geometry FROM instances WHERE series_id=?", (series_id,)).fetchall()
+        return [r[0] for r in rows]
+
     # -- series -----------------------------------------------------------------------------------------
 
     def _row(self, r: tuple) -> SeriesRow:
@@ -308,6 +326,15 @@ class Spool:
             for r in rows:
                 db.execute("UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.QUEUED.value, now, r[0]))
         return [self._row(r) for r in rows]
+
+    def queue_series(self, series_id: int, generation: int) -> bool:
+        """Queue one receiving series now (completion on evidence), if no instance arrived since ``generation``."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, updated=? WHERE id=? AND generation=? AND state=?",
+                (SeriesState.QUEUED.value, time.time(), series_id, generation, SeriesState.RECEIVING.value),
+            )
+        return cur.rowcount == 1
 
     def next_receiving_deadline(self, quiet_seconds: float) -> float | None:
         with self._lock:

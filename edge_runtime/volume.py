@@ -22,7 +22,9 @@ rescaled to modality units (HU for CT) with each slice's own slope and intercept
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +94,98 @@ class Volume:
         return a
 
 
+@dataclass(frozen=True)
+class SliceGeometry:
+    """What the geometry policy needs of one instance; small enough to keep in the spool index."""
+
+    iop: tuple[float, ...]
+    ipp: tuple[float, float, float]
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float]
+    thickness: float | None = None
+    #: instances in the acquisition, when the sender says (ImagesInAcquisition)
+    expected: int | None = None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> SliceGeometry | None:
+        """The geometry of a single-frame image slice; None for anything that cannot be one."""
+        try:
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+                return None
+            if any(k not in ds for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
+                return None
+            if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+                return None
+            thickness = ds.get("SliceThickness")
+            expected = ds.get("ImagesInAcquisition")
+            return cls(
+                iop=tuple(float(v) for v in ds.ImageOrientationPatient),
+                ipp=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+                pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),  # type: ignore[arg-type]
+                thickness=float(thickness) if thickness not in (None, "") else None,
+                expected=int(expected) if expected not in (None, "") else None,
+            )
+        except (TypeError, ValueError, AttributeError):
+            return None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> SliceGeometry:
+        d = json.loads(text)
+        return cls(**{**d, "iop": tuple(d["iop"]), "ipp": tuple(d["ipp"]), "pixel_spacing": tuple(d["pixel_spacing"])})
+
+
 @dataclass
 class _Slice:
-    ds: Dataset
-    path: Path | None
-    iop: np.ndarray
-    ipp: np.ndarray
+    geometry: SliceGeometry
+    ds: Dataset | None = None
+
+    @property
+    def iop(self) -> np.ndarray:
+        return np.asarray(self.geometry.iop, dtype=np.float64)
+
+    @property
+    def ipp(self) -> np.ndarray:
+        return np.asarray(self.geometry.ipp, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Whether the slices received so far make a complete stack, and why (or why not)."""
+
+    complete: bool
+    reason: str
+
+
+def stack_evidence(geometries: Sequence[SliceGeometry], policy: GeometryPolicy | None = None) -> Evidence:
+    """Is this a geometrically complete stack: regular spacing, no gaps, the expected count when tags carry one?
+
+    It never claims completeness on a guess: a stack spaced wider than its slice thickness may be every other
+    slice of a series still arriving, so it does not count as evidence.
+    """
+    policy = policy or GeometryPolicy()
+    slices = [_Slice(g) for g in geometries]
+    try:
+        _, order, dist, regular, _ = _plan(slices, policy)
+    except VolumeError as exc:
+        return Evidence(False, exc.code)
+    if not regular:
+        return Evidence(False, "irregular-spacing")
+    step = float(np.median(np.diff(dist)))
+    thickness = [g.thickness for g in geometries if g.thickness]
+    if not thickness:
+        return Evidence(False, "no slice thickness to compare the spacing with")
+    if step > 1.05 * float(np.median(thickness)):
+        return Evidence(False, f"spacing {step:.3g} mm exceeds slice thickness {np.median(thickness):.3g} mm")
+    expected = {g.expected for g in geometries if g.expected}
+    if expected and expected != {len(slices)}:
+        return Evidence(False, f"{len(slices)} of {max(expected)} expected instances")
+    return Evidence(True, f"{len(slices)} slices, regular {step:.3g} mm" + (", count as expected" if expected else ""))
 
 
 def read_instances(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
@@ -115,7 +203,7 @@ def load_volume(paths: Sequence[Path | str], policy: GeometryPolicy | None = Non
     array = _read_pixels([slices[i] for i in order])
     sorted_slices = [slices[i] for i in order]
     first = sorted_slices[0]
-    row_spacing, col_spacing = (float(v) for v in first.ds.PixelSpacing)
+    row_spacing, col_spacing = first.geometry.pixel_spacing
     steps = np.diff(positions)
     return Volume(
         array=array,
@@ -124,7 +212,7 @@ def load_volume(paths: Sequence[Path | str], policy: GeometryPolicy | None = Non
         origin=first.ipp,
         row_direction=first.iop[:3],
         column_direction=first.iop[3:],
-        datasets=[s.ds for s in sorted_slices],
+        datasets=[s.ds for s in sorted_slices if s.ds is not None],
         regular=regular,
         notes=notes,
     )
@@ -133,23 +221,21 @@ def load_volume(paths: Sequence[Path | str], policy: GeometryPolicy | None = Non
 def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], list[str]]:
     slices: list[_Slice] = []
     set_aside: dict[str, int] = {}
-    for path, ds in headers:
+    for _path, ds in headers:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise VolumeError(
                 "multiframe", "multi-frame (Enhanced) instances are not assembled into volumes by this version"
             )
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
-            set_aside["no image plane attributes"] = set_aside.get("no image plane attributes", 0) + 1
-            continue
-        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-        if "LOCALIZER" in image_type:
+        if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
             set_aside["localizer"] = set_aside.get("localizer", 0) + 1
             continue
-        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
-        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-        if iop.shape != (6,) or ipp.shape != (3,) or not np.all(np.isfinite(iop)) or not np.all(np.isfinite(ipp)):
+        geometry = SliceGeometry.from_dataset(ds)
+        if geometry is None:
+            set_aside["no image plane attributes"] = set_aside.get("no image plane attributes", 0) + 1
+            continue
+        if len(geometry.iop) != 6 or not all(map(math.isfinite, geometry.iop + geometry.ipp)):
             raise VolumeError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
-        slices.append(_Slice(ds, path, iop, ipp))
+        slices.append(_Slice(geometry, ds))
     notes = [f"set aside {n} instance(s): {why}" for why, n in sorted(set_aside.items())]
     if not slices:
         raise VolumeError("no-images", "no instance in the series has pixel data with image plane attributes")
@@ -159,8 +245,8 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
 def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
     """Check one stack; return the spatial order, positions along the normal and whether it is regular."""
     def stack_key(s: _Slice) -> tuple:
-        ps = tuple(round(float(v), 4) for v in s.ds.PixelSpacing)
-        return (tuple(np.round(s.iop, 3)), int(s.ds.Rows), int(s.ds.Columns), ps)
+        g = s.geometry
+        return (tuple(np.round(s.iop, 3)), g.rows, g.columns, tuple(round(v, 4) for v in g.pixel_spacing))
 
     keys = {stack_key(s) for s in slices}
     if len(keys) > 1:
@@ -211,10 +297,11 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
 
 
 def _read_pixels(slices: list[_Slice]) -> np.ndarray:
-    first = slices[0].ds
-    array = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    first = slices[0].geometry
+    array = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     for k, s in enumerate(slices):
         ds = s.ds
+        assert ds is not None
         try:
             pixels = ds.pixel_array
         except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError and their own

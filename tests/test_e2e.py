@@ -191,3 +191,41 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
     log = service.log()
     for uid in (info.series_uid, info.study_uid, tilted.series_uid, "PHANTOM"):
         assert uid not in log, "no UID or patient name in the log"
+
+
+# -- completion on evidence: no waiting for the quiet period when the stack is complete ---------------------
+
+@pytest.fixture(scope="module")
+def patient_service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
+    """A service with a long quiet period: a SEG that arrives quickly was completed on evidence."""
+    svc = ServiceProcess(tmp_path_factory.mktemp("svc-long-quiet"), "--destination", pacs.address,
+                         "--quiet-seconds", "30")
+    yield svc
+    svc.stop()
+
+
+def test_complete_stack_is_finished_when_its_association_is_released(
+    patient_service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    info = new_series(tmp_path, seed=8, shuffle_files=True)
+    t0 = time.monotonic()
+    storescu(patient_service.port, list(info.paths))
+    check_seg(pacs.wait_for_seg(info.series_uid, timeout=25), info)
+    assert time.monotonic() - t0 < 25, "finished before the 30 s quiet period"
+    assert "complete on evidence" in patient_service.log()
+
+
+def test_split_series_with_a_pause_gives_one_seg_of_all_slices(
+    patient_service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    """Halves of a series in two associations, 2 s apart: the first half alone is never finalised."""
+    n = SHAPE[0]
+    contiguous = new_series(tmp_path / "c", seed=9, extra={"ImagesInAcquisition": n})
+    interleaved = new_series(tmp_path / "i", seed=10)  # every other slice: spacing exceeds the thickness
+    storescu(patient_service.port, list(contiguous.paths[: n // 2]) + list(interleaved.paths[::2]))
+    time.sleep(2.0)
+    assert contiguous.series_uid not in pacs.segs() and interleaved.series_uid not in pacs.segs()
+    storescu(patient_service.port, list(contiguous.paths[n // 2:]) + list(interleaved.paths[1::2]))
+    for info in (contiguous, interleaved):
+        check_seg(pacs.wait_for_seg(info.series_uid, timeout=25), info)
+    assert len(pacs.segs()[contiguous.series_uid]) == 1 and len(pacs.segs()[interleaved.series_uid]) == 1

@@ -146,3 +146,33 @@ def test_real_problem_series_are_refused_with_a_reason(folder: tuple[str, ...], 
     with pytest.raises(VolumeError) as err:
         load_volume(all_files(shared(*folder)))
     assert err.value.code == code
+
+
+# -- evidence that a stack is complete (used to finish a series before its quiet period) -------------------
+
+def geometries(info) -> list:  # noqa: ANN001
+    from edge_runtime.volume import SliceGeometry
+
+    return [SliceGeometry.from_dataset(pydicom.dcmread(p, stop_before_pixels=True)) for p in info.paths]
+
+
+def test_a_whole_regular_stack_is_evidence_of_completion(tmp_path: Path) -> None:
+    from edge_runtime.volume import SliceGeometry, stack_evidence
+
+    info = write_series(ramp(), SPACING, tmp_path, shuffle_files=True)
+    geos = geometries(info)
+    assert stack_evidence(geos).complete
+    assert SliceGeometry.from_json(geos[0].to_json()) == geos[0]
+
+
+def test_partial_stacks_are_not_evidence(tmp_path: Path) -> None:
+    from edge_runtime.volume import stack_evidence
+
+    geos = geometries(write_series(ramp(), SPACING, tmp_path / "a"))
+    every_other = stack_evidence(geos[::2])
+    assert not every_other.complete and "exceeds slice thickness" in every_other.reason
+    assert stack_evidence(geos[:3] + geos[4:]).reason == "missing-slices"
+    counted = geometries(write_series(ramp(), SPACING, tmp_path / "b", extra={"ImagesInAcquisition": 8}))
+    assert stack_evidence(counted).complete
+    half = stack_evidence(counted[:4])
+    assert not half.complete and half.reason == "4 of 8 expected instances"
