@@ -89,6 +89,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-associations", type=int)
     p.add_argument("--irregular-spacing", help="resample or refuse unevenly spaced slices (default resample)")
     p.add_argument("--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space")
+    p.add_argument("--http-host", help="address of /healthz, /readyz and /metrics (default 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="port of /healthz, /readyz and /metrics (default 8190; 0 disables)")
     p.add_argument("--log-level")
     p.add_argument("--log-json", action="store_const", const=True, help="one JSON object per log line")
 
@@ -98,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for key in (
         "port", "host", "ae_title", "destination", "spool", "output", "model", "backend", "device", "threads",
         "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "irregular_spacing", "min_free_mb",
-        "log_level", "log_json",
+        "http_host", "http_port", "log_level", "log_json",
     ):
         value = getattr(args, key)
         if value is not None:

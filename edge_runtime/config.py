@@ -49,6 +49,8 @@ class Config:
     max_associations: int = 16
     irregular_spacing: str = "resample"
     min_free_mb: int = 512
+    http_host: str = "127.0.0.1"
+    http_port: int = 8190
     log_level: str = "info"
     log_json: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -102,6 +104,8 @@ def build_config(values: dict[str, Any]) -> Config:
     take("max_associations", lambda v: _int_range(v, 1, 1000), "an integer 1-1000")
     take("irregular_spacing", lambda v: _choice(v, IRREGULAR_POLICIES), f"one of {', '.join(IRREGULAR_POLICIES)}")
     take("min_free_mb", lambda v: _int_range(v, 0, 10**9), "an integer >= 0 (MiB)")
+    take("http_host", _str, "an address for the health and metrics endpoint (default 127.0.0.1)")
+    take("http_port", lambda v: _int_range(v, 0, 65535), "an integer 1-65535, or 0 to disable /healthz /metrics")
     take("log_level", lambda v: _choice(str(v).lower(), LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}")
     take("log_json", _bool, "true or false")
     if problems:

@@ -131,11 +131,13 @@ class Listener:
         spool: Spool,
         on_stored: Callable[[int], None] | None = None,
         on_released: Callable[[set[int]], None] | None = None,
+        on_status: Callable[[int], None] | None = None,
     ):
         self.config = config
         self.spool = spool
         self.on_stored = on_stored
         self.on_released = on_released
+        self.on_status = on_status
         #: series that received new instances, per association still open
         self._touched: dict[int, set[int]] = {}
         self._touched_lock = threading.Lock()
@@ -192,6 +194,12 @@ class Listener:
             self.server = None
 
     def _on_store(self, event: evt.Event) -> int:
+        status = self._store(event)
+        if self.on_status is not None:
+            self.on_status(status)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
         request = event.request
         try:

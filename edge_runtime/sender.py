@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pydicom
@@ -53,8 +54,10 @@ class RetryPolicy:
 
 
 class Sender:
-    def __init__(self, spool: Spool, calling_ae: str, retry: RetryPolicy | None = None, timeout: float = 30.0):
+    def __init__(self, spool: Spool, calling_ae: str, retry: RetryPolicy | None = None, timeout: float = 30.0,
+                 on_result: Callable[[bool], None] | None = None):
         self.spool = spool
+        self.on_result = on_result
         self.calling_ae = calling_ae
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
@@ -134,6 +137,8 @@ class Sender:
                 code = getattr(status, "Status", None)
                 if code is not None and (code == 0x0000 or 0xB000 <= code <= 0xBFFF):
                     self.spool.mark_sent(item.id)
+                    if self.on_result is not None:
+                        self.on_result(True)
                     sent += 1
                     log.info("sent result %d file %s to %s", item.result_id, item.path.name, dest)
                 else:
@@ -147,6 +152,8 @@ class Sender:
         return sent
 
     def _failed(self, item: OutboxItem, dest: Destination, why: str) -> None:
+        if self.on_result is not None:
+            self.on_result(False)
         delay = self.retry.delay(item.attempts)
         self.spool.mark_failed_attempt(item.id, why, time.time() + delay)
         log.warning("send of result %d to %s failed (%s); attempt %d, retrying in %.0f s",

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .health import HealthServer, Metrics
 from .inference import segment
 from .listener import Listener, ListenerConfig
 from .package import ModelPackage
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 class Service:
     def __init__(self, config: Config):
         self.config = config
+        self.metrics = Metrics()
         self.package = ModelPackage.load(config.model)
         self.runner: Runner = load_runner(self.package, config.backend, config.device, threads=config.threads)
         self.spool = Spool(config.spool, min_free_bytes=config.min_free_mb * 1024 * 1024)
@@ -59,8 +61,16 @@ class Service:
             self.spool,
             on_stored=lambda _series_id: self._tracker_wake.set(),
             on_released=self._on_released,
+            on_status=self._count_status,
         )
-        self.sender = Sender(self.spool, calling_ae=config.ae_title)
+        self.sender = Sender(
+            self.spool, calling_ae=config.ae_title,
+            on_result=lambda ok: self.metrics.sends.labels("success" if ok else "failure").inc(),
+        )
+        self.health: HealthServer | None = None
+        if config.http_port:
+            self.health = HealthServer(config.http_host, config.http_port, self.metrics, self._healthz,
+                                       self._readyz, before_scrape=self._update_gauges)
         self._stop = threading.Event()
         self._tracker_wake = threading.Event()
         self._released: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -78,6 +88,8 @@ class Service:
         log.info("model %s (%s) on %s", self.package.identity, self.package.model_sha256[:12], self.runner.describe())
         self.listener.start()
         self.sender.start()
+        if self.health is not None:
+            self.health.start()
         for name, target in (("tracker", self._track), ("worker", self._work_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -91,11 +103,39 @@ class Service:
         """Every service thread is alive."""
         return all(t.is_alive() for t in self._threads) and self.sender.alive() and self.listener.serving()
 
+    def _healthz(self) -> tuple[bool, dict[str, object]]:
+        threads = {t.name: t.is_alive() for t in self._threads}
+        threads["sender"] = self.sender.alive()
+        threads["dicom-listener"] = self.listener.serving()
+        return all(threads.values()), {"threads": threads}
+
+    def _readyz(self) -> tuple[bool, dict[str, object]]:
+        checks: dict[str, object] = {"listening": self.listener.serving(), "model": self.package.identity}
+        try:
+            self.spool.check_space()
+            checks["spool"] = "ok"
+        except OSError as exc:
+            checks["spool"] = str(exc)
+        ok = checks["listening"] is True and checks["spool"] == "ok" and not self._stop.is_set()
+        return ok, checks
+
+    def _update_gauges(self) -> None:
+        counts = self.spool.series_counts()
+        for state in (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.PROCESSING):
+            self.metrics.queue_depth.labels(state.value).set(counts.get(state.value, 0))
+        self.metrics.queue_depth.labels("outbox").set(self.spool.outbox_counts().get("pending", 0))
+
+    def _count_status(self, status: int) -> None:
+        outcome = "stored" if status == 0 else f"refused_{status:04x}"
+        self.metrics.instances_received.labels(outcome).inc()
+
     def stop(self) -> None:
         """Stop accepting, let the job in hand finish (a restart would resume it anyway), stop sending."""
         log.info("stopping: no new associations; finishing the job in hand")
         self.notifier.stopping()
         self.listener.stop()
+        if self.health is not None:
+            self.health.stop()
         self._stop.set()
         self._tracker_wake.set()
         self._work.set()
@@ -147,6 +187,7 @@ class Service:
                 continue
             if self.spool.queue_series(series_id, row.generation):
                 log.info("series %s complete on evidence: %s", row.key_hash, evidence.reason)
+                self.metrics.series_completed.labels("evidence").inc()
                 queued = True
 
     def _track(self) -> None:
@@ -158,6 +199,7 @@ class Service:
             for row in queued:
                 log.info("series %s complete after %.1f s quiet: %d instance(s)", row.key_hash, quiet,
                          row.instance_count)
+                self.metrics.series_completed.labels("quiet").inc()
             if queued:
                 self._work.set()
             deadline = self.spool.next_receiving_deadline(quiet)
@@ -178,7 +220,7 @@ class Service:
                 self.process(row)
             except Exception as exc:  # one bad series must not stop the others
                 log.exception("series %s failed unexpectedly", row.key_hash)
-                self.spool.fail(row.id, row.generation, f"internal-error: {type(exc).__name__}")
+                self._refuse(row, f"internal-error: {type(exc).__name__}")
 
     def process(self, row: SeriesRow) -> Path | None:
         """Segment one series and publish its result; record a reason when it is refused."""
@@ -232,12 +274,15 @@ class Service:
             row.key_hash, volume.array.shape[0], result.windows,
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
         )
+        self.metrics.series_segmented.inc()
+        self.metrics.observe_stages(timings)
         self.sender.wake()
         return seg_path
 
     def _refuse(self, row: SeriesRow, reason: str) -> None:
         if self.spool.fail(row.id, row.generation, reason):
             log.warning("series %s refused: %s", row.key_hash, reason)
+            self.metrics.series_failed.labels(reason.split(":", 1)[0]).inc()
 
 
 def _fsync_file(path: Path) -> None:

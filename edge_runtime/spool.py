@@ -435,6 +435,11 @@ class Spool:
                 (error[:500], retry_at, item_id),
             )
 
+    def series_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()

@@ -119,19 +119,31 @@ class ServiceProcess:
     def __init__(self, workdir: Path, *args: str, ae_title: str = "EDGE"):
         self.workdir = workdir
         self.port = free_port()
+        self.http_port = free_port()
         self.ae_title = ae_title
         self.spool = workdir / "spool"
         self.output = workdir / "out"
         self.log_path = workdir / "service.log"
         self._log = open(self.log_path, "ab")
         cmd = [sys.executable, "-m", "edge_runtime", "serve", "--port", str(self.port), "--host", "127.0.0.1",
-               "--ae-title", ae_title, "--spool", str(self.spool), "--output", str(self.output), *args]
+               "--ae-title", ae_title, "--spool", str(self.spool), "--output", str(self.output),
+               "--http-port", str(self.http_port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
         try:
             wait_port(self.port, 90, self.proc)
         except Exception:
             self.stop()
             raise
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

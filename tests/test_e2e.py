@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,28 @@ def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: St
     assert results, "results are also written to the output folder"
     data = json.loads(results[0].read_text())
     assert {s["name"] for s in data["segments"]} == {"Lung", "Bone"}
+
+
+def test_health_and_metrics_endpoints(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+    info = new_series(tmp_path, seed=11)
+    storescu(service.port, list(info.paths))
+    pacs.wait_for_seg(info.series_uid, timeout=60)
+    code, body = service.http_get("/healthz")
+    assert code == 200 and json.loads(body)["ok"] is True
+    code, body = service.http_get("/readyz")
+    assert code == 200 and json.loads(body)["spool"] == "ok"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        code, metrics = service.http_get("/metrics")
+        if 'edge_sends_total{outcome="success"}' in metrics:
+            break
+        time.sleep(0.2)
+    assert code == 200
+    stored = re.search(r'edge_instances_received_total\{outcome="stored"\} (\d+)', metrics)
+    assert stored and int(float(stored.group(1))) >= SHAPE[0]
+    assert 'edge_stage_seconds_count{stage="inference"}' in metrics
+    assert 'edge_queue_depth{queue="outbox"}' in metrics
+    assert service.http_get("/nope")[0] == 404
 
 
 def test_two_series_interleaved_in_one_association(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def test_service_sends_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge_runtime", "serve", "--port", str(port), "--host", "127.0.0.1",
-         "--spool", str(tmp_path / "spool"), "--output", str(tmp_path / "out")],
+         "--spool", str(tmp_path / "spool"), "--output", str(tmp_path / "out"), "--http-port", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     messages: list[str] = []
