@@ -87,6 +87,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "complete, before the quiet period (default true)")
     p.add_argument("--allowed-calling-aets", help="comma-separated AE titles allowed to send (default: any)")
     p.add_argument("--max-associations", type=int)
+    p.add_argument("--allowed-networks", help="comma-separated networks allowed to connect (default: any)")
+    p.add_argument("--max-instance-mb", type=int, help="abort an association sending a larger instance")
+    p.add_argument("--tls-port", type=int, help="also listen for DICOM TLS on this port")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate for the TLS port")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for the TLS port")
+    p.add_argument("--tls-ca", type=Path, help="PEM CA bundle: require client certificates signed by it")
     p.add_argument("--irregular-spacing", help="resample or refuse unevenly spaced slices (default resample)")
     p.add_argument("--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space")
     p.add_argument("--http-host", help="address of /healthz, /readyz and /metrics (default 127.0.0.1)")
@@ -99,7 +105,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     for key in (
         "port", "host", "ae_title", "destination", "spool", "output", "model", "backend", "device", "threads",
-        "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "irregular_spacing", "min_free_mb",
+        "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "allowed_networks",
+        "max_instance_mb", "tls_port", "tls_cert", "tls_key", "tls_ca", "irregular_spacing", "min_free_mb",
         "http_host", "http_port", "log_level", "log_json",
     ):
         value = getattr(args, key)

@@ -47,6 +47,12 @@ class Config:
     early_completion: bool = True
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 16
+    allowed_networks: tuple[str, ...] = ()
+    max_instance_mb: int = 2048
+    tls_port: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     irregular_spacing: str = "resample"
     min_free_mb: int = 512
     http_host: str = "127.0.0.1"
@@ -101,6 +107,12 @@ def build_config(values: dict[str, Any]) -> Config:
     take("quiet_seconds", _positive_float, "a number of seconds > 0")
     take("early_completion", _bool, "true or false")
     take("allowed_calling_aets", _ae_list, "a list of AE titles")
+    take("allowed_networks", _networks, "a list of networks such as 10.1.0.0/16 or 192.168.4.7")
+    take("max_instance_mb", lambda v: _int_range(v, 1, 1024 * 1024), "an integer >= 1 (MiB)")
+    take("tls_port", lambda v: _int_range(v, 0, 65535), "an integer 1-65535, or 0 for no TLS port")
+    take("tls_cert", _existing_file, "the PEM certificate of this node, an existing file")
+    take("tls_key", _existing_file, "the PEM private key of this node, an existing file")
+    take("tls_ca", _existing_file, "a PEM CA bundle; clients must then present a certificate it signed")
     take("max_associations", lambda v: _int_range(v, 1, 1000), "an integer 1-1000")
     take("irregular_spacing", lambda v: _choice(v, IRREGULAR_POLICIES), f"one of {', '.join(IRREGULAR_POLICIES)}")
     take("min_free_mb", lambda v: _int_range(v, 0, 10**9), "an integer >= 0 (MiB)")
@@ -108,6 +120,8 @@ def build_config(values: dict[str, Any]) -> Config:
     take("http_port", lambda v: _int_range(v, 0, 65535), "an integer 1-65535, or 0 to disable /healthz /metrics")
     take("log_level", lambda v: _choice(str(v).lower(), LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}")
     take("log_json", _bool, "true or false")
+    if out.get("tls_port") and not (out.get("tls_cert") and out.get("tls_key")):
+        problems.append("tls_port is set: tls_cert and tls_key are required")
     if problems:
         raise ConfigError(problems)
     return Config(**out)
@@ -171,6 +185,23 @@ def _choice(v: Any, allowed: tuple[str, ...]) -> str:
 
 def _path(v: Any) -> Path:
     return Path(_str(str(v) if isinstance(v, Path) else v)).expanduser()
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    import ipaddress
+
+    if isinstance(v, str):
+        v = [x.strip() for x in v.split(",") if x.strip()]
+    if not isinstance(v, (list, tuple)):
+        raise TypeError
+    return tuple(str(ipaddress.ip_network(str(x), strict=False)) for x in v)
+
+
+def _existing_file(v: Any) -> Path:
+    p = _path(v)
+    if not p.is_file():
+        raise ValueError("no such file")
+    return p
 
 
 def _destinations(v: Any) -> tuple[Destination, ...]:

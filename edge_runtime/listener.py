@@ -17,13 +17,16 @@ SOP classes the model cannot use are rejected at association negotiation, so a s
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -107,19 +110,124 @@ class ListenerConfig:
     max_associations: int = 16
     #: seconds a connection may stay silent (also bounds a peer that stops mid-PDU)
     network_timeout: float = 60.0
-    acse_timeout: float = 30.0
+    acse_timeout: float = 10.0
     dimse_timeout: float = 60.0
     maximum_pdu_size: int = 131072
+    allowed_networks: tuple[str, ...] = ()
+    #: a C-STORE data set larger than this aborts its association
+    max_instance_bytes: int = 2 * 1024**3
+    tls_port: int = 0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
 
 
-class TimeoutAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's server, but accepted sockets get a timeout, so a silent peer cannot hold a slot forever."""
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the accept path closed to slow or silent peers.
+
+    - Accepted sockets get a timeout (pynetdicom leaves them blocking), so a peer that stops mid-PDU is
+      dropped instead of holding an association thread forever.
+    - The TLS handshake runs in the connection's own thread, under that timeout (pynetdicom runs it in the
+      accept loop, where one silent client blocks every other).
+    - No association (and so no association slot) exists until a complete first PDU has arrived: a peer that
+      opens TCP and never speaks, or stops inside its A-ASSOCIATE-RQ, waits in a bounded pending pool and is
+      dropped after ``first_pdu_timeout``.
+    - Connections from outside the allowed networks, or beyond the pending cap, are closed before any thread
+      is spawned or byte parsed.
+    """
+
+    guard: ConnectionGuard
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = self.socket.accept()  # type: ignore[union-attr]
-        client.settimeout(self.ae.network_timeout)
+        client.settimeout(self.guard.stall_timeout)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        return self.guard.admit(client_address)
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            if self.guard.tls is not None:
+                request = self.guard.tls.wrap_socket(request, server_side=True)
+            ready = _wait_for_first_pdu(request, time.monotonic() + self.guard.first_pdu_timeout)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
+            log.warning("connection from %s dropped before association: %s", _host(client_address), exc)
+            ready = False
+        finally:
+            self.guard.release()
+        if not ready:
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def _wait_for_first_pdu(sock: socket.socket, deadline: float) -> bool:
+    """Wait until the peer's first PDU is buffered in full (plain TCP) or data flows (TLS)."""
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return True  # no MSG_PEEK through TLS; the handshake already proved a live peer
+        head = sock.recv(6, socket.MSG_PEEK)
+        if not head:
+            return False  # closed
+        if len(head) == 6:
+            need = 6 + int.from_bytes(head[2:6], "big")
+            if need > 1 << 16 or len(sock.recv(need, socket.MSG_PEEK)) >= need:
+                return True  # complete, or too large for an A-ASSOCIATE-RQ: pynetdicom rejects it
+        time.sleep(0.05)  # part of the PDU is buffered: select would return at once
+    return False
+
+
+@dataclass
+class ConnectionGuard:
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: connections accepted but not yet associated
+    max_pending: int = 64
+    stall_timeout: float = 10.0
+    first_pdu_timeout: float = 10.0
+    tls: ssl.SSLContext | None = None
+    _pending: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, client_address: object) -> bool:
+        host = _host(client_address)
+        if self.allowed_networks:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            if not any(ip in net for net in self.allowed_networks):
+                log.warning("connection from %s refused: not in the allowed networks", host)
+                return False
+        with self._lock:
+            if self._pending >= self.max_pending:
+                log.warning("connection from %s refused: %d connections waiting to associate", host, self._pending)
+                return False
+            self._pending += 1
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+def _host(client_address: object) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
+def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """Server TLS (1.2+, BCP 195 ciphers from the system); with ``ca`` every client must present a cert it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=cert, keyfile=key)
+    if ca:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 class Listener:
@@ -141,8 +249,10 @@ class Listener:
         #: series that received new instances, per association still open
         self._touched: dict[int, set[int]] = {}
         self._touched_lock = threading.Lock()
-        self.server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self.servers: list[GuardedAssociationServer] = []
+        self._threads: list[threading.Thread] = []
+        #: bytes received per association since its last C-STORE, to cap the size of one instance
+        self._received: dict[int, int] = {}
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -163,35 +273,61 @@ class Listener:
         return ae
 
     def start(self) -> None:
+        cfg = self.config
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_DATA_RECV, self._on_data),
         ]
-        self.server = self.ae.make_server(
-            (self.config.host, self.config.port), evt_handlers=handlers, server_class=TimeoutAssociationServer
-        )
-        # make_server() does not register the server with its AE, yet shutdown() expects it there.
-        self.ae._servers.append(self.server)
-        self._thread = threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True)
-        self._thread.start()
-        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.server.server_address[1])
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks)
+        ports = [(cfg.port, None)]
+        if cfg.tls_port:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("a TLS port needs tls_cert and tls_key")
+            ports.append((cfg.tls_port, tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)))
+        for port, tls in ports:
+            server = self.ae.make_server((cfg.host, port), evt_handlers=handlers,
+                                         server_class=GuardedAssociationServer)
+            server.guard = ConnectionGuard(networks, max_pending=4 * cfg.max_associations + 16,
+                                           stall_timeout=min(cfg.network_timeout, 10.0),
+                                           first_pdu_timeout=cfg.acse_timeout, tls=tls)
+            # make_server() does not register the server with its AE, yet shutdown() expects it there.
+            self.ae._servers.append(server)
+            thread = threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True)
+            thread.start()
+            self.servers.append(server)
+            self._threads.append(thread)
+            log.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, server.server_address[1],
+                     " (TLS)" if tls else "")
 
     def serving(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.server_address[1])
+        return int(self.servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return int(self.servers[1].server_address[1]) if len(self.servers) > 1 else None
 
     def stop(self) -> None:
         """Stop accepting; associations in progress are aborted by pynetdicom's shutdown."""
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        for server in self.servers:
+            server.shutdown()
+        self.servers.clear()
+
+    def _on_data(self, event: evt.Event) -> None:
+        key = id(event.assoc)
+        total = self._received.get(key, 0) + len(event.data)
+        self._received[key] = total
+        if total > self.config.max_instance_bytes:
+            log.warning("association from %s aborted: instance larger than %d bytes",
+                        event.assoc.requestor.ae_title.strip(), self.config.max_instance_bytes)
+            self._received.pop(key, None)
+            event.assoc.abort()
 
     def _on_store(self, event: evt.Event) -> int:
         status = self._store(event)
@@ -201,6 +337,7 @@ class Listener:
 
     def _store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
+        self._received.pop(id(event.assoc), None)
         request = event.request
         try:
             ds = event.dataset
@@ -258,11 +395,13 @@ class Listener:
 
     def _on_released(self, event: evt.Event) -> None:
         """A sender that releases properly has said: that is all I have for now (evidence, not proof)."""
+        self._received.pop(id(event.assoc), None)
         with self._touched_lock:
             series = self._touched.pop(id(event.assoc), set())
         if series and self.on_released is not None:
             self.on_released(series)
 
     def _on_aborted(self, event: evt.Event) -> None:
+        self._received.pop(id(event.assoc), None)
         with self._touched_lock:
             self._touched.pop(id(event.assoc), None)
