@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from .config import Config
 from .health import HealthServer, Metrics
 from .inference import segment
@@ -31,6 +33,7 @@ from .listener import Listener, ListenerConfig
 from .package import ModelPackage
 from .runner import Runner, load_runner
 from .seg import build_seg, measure, write_measurements
+from .sr import build_sr
 from .sender import Sender
 from .spool import SeriesRow, SeriesState, Spool
 from .systemd import Notifier
@@ -230,10 +233,11 @@ class Service:
 
     def process(self, row: SeriesRow) -> Path | None:
         """Segment one series and publish its result; record a reason when it is refused."""
+        started = time.time()
         t_start = time.perf_counter()
         if row.modality.upper() not in self.package.modalities:
-            reason = f"modality-not-served: {row.modality or 'none'} (model serves {', '.join(self.package.modalities)})"
-            self._refuse(row, reason)
+            served = ", ".join(self.package.modalities)
+            self._refuse(row, f"modality-not-served: {row.modality or 'none'} (model serves {served})")
             return None
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -248,29 +252,29 @@ class Service:
         result = segment(volume, self.package, self.runner)
         timings.update(result.timings)
 
-        t0 = time.perf_counter()
         seed = f"{row.called_ae}|{row.study_uid}|{row.series_uid}|{self.package.model_sha256}|{row.generation}"
-        seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
-        timings["seg_build"] = time.perf_counter() - t0
         directory = self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{row.generation}"
         directory.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        seg_path = directory / "seg.dcm"
-        tmp = directory / "seg.dcm.tmp"
-        seg.save_as(tmp, enforce_file_format=True)
-        _fsync_file(tmp)
-        os.replace(tmp, seg_path)
-        timings["seg_write"] = time.perf_counter() - t0
+        seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
+        seg_path = _write_dicom(seg, directory / "seg.dcm")
+        timings["seg"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         measurements = measure(volume, result.labels, self.package)
+        sr = build_sr(seg, measurements, volume, self.package, uid_seed=seed, device_serial_number=self.serial)
+        sr_path = _write_dicom(sr, directory / "sr.dcm")
+        timings["measurements"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         write_measurements(
             directory / "measurements.json", measurements, package=self.package, volume=volume,
             seg_sop_uid=str(seg.SOPInstanceUID),
-            extra={"timings_s": {k: round(v, 4) for k, v in timings.items()}, "windows": result.windows},
+            extra={"sr_sop_instance_uid": str(sr.SOPInstanceUID),
+                   "timings_s": {k: round(v, 4) for k, v in timings.items()}, "windows": result.windows},
         )
+        record = {"stages": timings, "started": started, "published": time.time()}
         result_id = self.spool.publish(
-            row.id, row.generation, self.package.identity, directory, [seg_path],
-            [str(d) for d in self.config.destination], timings=json.dumps(timings),
+            row.id, row.generation, self.package.identity, directory, [seg_path, sr_path],
+            [str(d) for d in self.config.destination], timings=json.dumps(record),
         )
         if result_id is None:
             log.info("series %s grew while it was processed; its result is superseded", row.key_hash)
@@ -291,9 +295,14 @@ class Service:
             self.metrics.series_failed.labels(reason.split(":", 1)[0]).inc()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _write_dicom(ds: Dataset, path: Path) -> Path:
+    """Write, fsync and rename into place: a result file is either whole or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.replace(tmp, path)
+    return path

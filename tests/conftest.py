@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 
 def free_port() -> int:
@@ -75,27 +76,39 @@ class StoreSCP:
     def address(self) -> str:
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
-    def segs(self) -> dict[str, list[Path]]:
-        """SEG files received so far, by the SeriesInstanceUID they reference."""
+    def received(self, sop_class: str) -> dict[str, list[Path]]:
+        """Files of one SOP class received so far, by the source SeriesInstanceUID they reference."""
         found: dict[str, list[Path]] = {}
         for f in sorted(self.folder.iterdir()):
             try:
                 ds = pydicom.dcmread(f, stop_before_pixels=True)
+                if ds.get("SOPClassUID") != sop_class:
+                    continue
+                if "ReferencedSeriesSequence" in ds:
+                    refs = {str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)}
+                else:  # SR: the evidence sequence names the source series (and the SEG's)
+                    refs = {str(s.SeriesInstanceUID) for study in ds.CurrentRequestedProcedureEvidenceSequence
+                            for s in study.ReferencedSeriesSequence}
             except Exception:
                 continue  # storescp may still be writing it
-            if ds.get("SOPClassUID") == SEG_SOP_CLASS:
-                ref = ds.ReferencedSeriesSequence[0].SeriesInstanceUID
-                found.setdefault(str(ref), []).append(f)
+            for ref in refs:
+                found.setdefault(ref, []).append(f)
         return found
 
-    def wait_for_seg(self, series_uid: str, timeout: float = 120.0) -> Path:
+    def segs(self) -> dict[str, list[Path]]:
+        return self.received(SEG_SOP_CLASS)
+
+    def wait_for(self, sop_class: str, series_uid: str, timeout: float = 120.0) -> Path:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            got = self.segs().get(series_uid)
+            got = self.received(sop_class).get(series_uid)
             if got:
                 return got[0]
             time.sleep(0.2)
-        raise TimeoutError(f"no SEG for the series after {timeout} s")
+        raise TimeoutError(f"no {sop_class} object for the series after {timeout} s")
+
+    def wait_for_seg(self, series_uid: str, timeout: float = 120.0) -> Path:
+        return self.wait_for(SEG_SOP_CLASS, series_uid, timeout)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -24,7 +24,7 @@ from edge_runtime.phantom import SeriesInfo, make_phantom, write_series
 from edge_runtime.runner import load_runner
 from edge_runtime.volume import load_volume
 
-from .conftest import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+from .conftest import SEG_SOP_CLASS, SR_SOP_CLASS, ServiceProcess, StoreSCP, dciodvfy_errors, storescu
 
 pytestmark = pytest.mark.e2e
 QUIET = 1.0
@@ -81,10 +81,28 @@ def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: St
     storescu(service.port, sorted(tmp_path.glob("*.dcm")))
     seg = pacs.wait_for_seg(info.series_uid, timeout=60)
     check_seg(seg, info)
-    results = list(service.output.glob("*/measurements.json"))
-    assert results, "results are also written to the output folder"
+    results = [p for p in service.output.glob("*/measurements.json")
+               if pydicom.dcmread(p.parent / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
+               == pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID]
+    assert len(results) == 1, "results are also written to the output folder"
     data = json.loads(results[0].read_text())
-    assert {s["name"] for s in data["segments"]} == {"Lung", "Bone"}
+    assert {s["name"] for s in data["segments"]} == {lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels}
+    sr = pacs.wait_for(SR_SOP_CLASS, info.series_uid, timeout=30)
+    assert dciodvfy_errors(sr) == []
+    sr_ds = pydicom.dcmread(sr)
+    assert str(sr_ds.SOPInstanceUID) == data["sr_sop_instance_uid"]
+    seg_uid = str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
+    refs = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            for item in _walk(sr_ds.ContentSequence) if "ReferencedSOPSequence" in item
+            and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SEG_SOP_CLASS}
+    assert refs == {seg_uid}, "the SR's measurement groups reference the SEG"
+
+
+def _walk(items):  # noqa: ANN001, ANN202
+    for item in items:
+        yield item
+        if "ContentSequence" in item:
+            yield from _walk(item.ContentSequence)
 
 
 def test_health_and_metrics_endpoints(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
