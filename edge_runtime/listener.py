@@ -56,6 +56,8 @@ STORAGE_CLASSES = {
         "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
     ),
 }
+#: reference segmentations pushed back for validation
+SEGMENTATION_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
 VERIFICATION = "1.2.840.10008.1.1"
 
 #: uncompressed syntaxes first: pynetdicom accepts the first of ours that the requestor proposed
@@ -106,6 +108,7 @@ class ListenerConfig:
     host: str
     port: int
     modalities: tuple[str, ...]
+    accept_reference_segs: bool = True
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 16
     #: seconds a connection may stay silent (also bounds a peer that stops mid-PDU)
@@ -268,6 +271,9 @@ class Listener:
         syntaxes = decodable_syntaxes()
         for modality in cfg.modalities:
             for sop_class in STORAGE_CLASSES.get(modality, ()):
+                ae.add_supported_context(sop_class, syntaxes)
+        if cfg.accept_reference_segs:
+            for sop_class in SEGMENTATION_CLASSES:
                 ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(VERIFICATION)
         return ae

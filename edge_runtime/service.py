@@ -24,12 +24,21 @@ import threading
 import time
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
 
 from .config import Config
 from .health import HealthServer, Metrics
 from .inference import segment
 from .listener import Listener, ListenerConfig
+from .monitoring import (
+    SEG_CLASSES,
+    ValidationError,
+    append_history,
+    compare_with_reference,
+    referenced_series,
+    validation_record,
+)
 from .package import ModelPackage
 from .runner import Runner, load_runner
 from .seg import build_seg, measure, write_measurements
@@ -235,6 +244,9 @@ class Service:
         """Segment one series and publish its result; record a reason when it is refused."""
         started = time.time()
         t_start = time.perf_counter()
+        if row.modality.upper() == "SEG":
+            self._validate(row)
+            return None
         if row.modality.upper() not in self.package.modalities:
             served = ", ".join(self.package.modalities)
             self._refuse(row, f"modality-not-served: {row.modality or 'none'} (model serves {served})")
@@ -288,6 +300,41 @@ class Service:
         self.metrics.observe_stages(timings)
         self.sender.wake()
         return seg_path
+
+    def _validate(self, row: SeriesRow) -> None:
+        """Compare reference SEGs pushed back to us with our result for the series they reference."""
+        compared = 0
+        for path in self.spool.instance_paths(row.id):
+            reference = pydicom.dcmread(path)
+            if str(reference.SOPClassUID) not in SEG_CLASSES:
+                continue
+            try:
+                info = referenced_series(reference)
+                target = self.spool.find_series(row.called_ae, info.study_uid, info.series_uid)
+                results = self.spool.results(target.id) if target is not None else []
+                if target is None or not results:
+                    raise ValidationError("no-result", "the referenced series has no result from this service")
+                _, _, model, directory = results[-1]
+                ours = directory / "seg.dcm"
+                if str(pydicom.dcmread(ours, stop_before_pixels=True).SOPInstanceUID) == info.sop_uid:
+                    raise ValidationError("own-result", "this is our own SEG sent back, not a reference")
+                volume = load_volume(self.spool.instance_paths(target.id), self.policy)
+                metrics, unmatched = compare_with_reference(volume, ours, reference, self.package)
+            except (ValidationError, VolumeError) as exc:
+                self._refuse(row, f"{exc.code}: {exc.detail}")
+                return
+            record = validation_record(target.key_hash, self.package, metrics, unmatched)
+            record["result_model"] = model
+            append_history(self.output / "validation.jsonl", record)
+            for name, values in record["labels"].items():
+                self.metrics.validation_dice.labels(self.package.identity, name).set(values["dice"])
+            log.info("series %s: reference compared: %s", target.key_hash,
+                     ", ".join(f"{n} Dice {v['dice']:.3f}" for n, v in record["labels"].items()))
+            compared += 1
+        if compared:
+            self.spool.finish(row.id, row.generation, f"reference compared ({compared} SEG)")
+        else:
+            self._refuse(row, "not-a-reference: a SEG series without Segmentation instances")
 
     def _refuse(self, row: SeriesRow, reason: str) -> None:
         if self.spool.fail(row.id, row.generation, reason):

@@ -310,6 +310,14 @@ class Spool:
             r = self._db.execute(f"SELECT {self._COLUMNS} FROM series WHERE id=?", (series_id,)).fetchone()
         return self._row(r)
 
+    def find_series(self, called_ae: str, study_uid: str, series_uid: str) -> SeriesRow | None:
+        with self._lock:
+            r = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM series WHERE called_ae=? AND study_uid=? AND series_uid=?",
+                (called_ae, study_uid, series_uid),
+            ).fetchone()
+        return None if r is None else self._row(r)
+
     def all_series(self) -> list[SeriesRow]:
         with self._lock:
             rows = self._db.execute(f"SELECT {self._COLUMNS} FROM series ORDER BY id").fetchall()
@@ -372,6 +380,15 @@ class Spool:
             cur = db.execute(
                 "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
                 (SeriesState.FAILED.value, reason, time.time(), series_id, generation, SeriesState.PROCESSING.value),
+            )
+        return cur.rowcount == 1
+
+    def finish(self, series_id: int, generation: int, note: str) -> bool:
+        """Mark a processed series done without a result of its own (e.g. a reference SEG that was compared)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
+                (SeriesState.DONE.value, note, time.time(), series_id, generation, SeriesState.PROCESSING.value),
             )
         return cur.rowcount == 1
 

@@ -20,7 +20,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from edge_runtime.inference import segment
 from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.phantom import SeriesInfo, make_phantom, write_series
+from edge_runtime.phantom import SeriesInfo, make_phantom, write_reference_seg, write_series
 from edge_runtime.runner import load_runner
 from edge_runtime.volume import load_volume
 
@@ -125,6 +125,39 @@ def test_health_and_metrics_endpoints(service: ServiceProcess, pacs: StoreSCP, t
     assert 'edge_stage_seconds_count{stage="inference"}' in metrics
     assert 'edge_queue_depth{queue="outbox"}' in metrics
     assert service.http_get("/nope")[0] == 404
+
+
+def test_reference_seg_pushed_back_is_compared_with_our_result(
+    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    phantom = make_phantom(SHAPE, SPACING, rng=12)
+    info = write_series(phantom.hu, phantom.spacing, tmp_path / "ct")
+    storescu(service.port, list(info.paths))
+    pacs.wait_for_seg(info.series_uid, timeout=60)
+    reference = write_reference_seg(info, phantom.labels, tmp_path / "reference.dcm")
+    storescu(service.port, [reference], extra=["-R"])  # propose exactly the SEG class
+    history = service.output / "validation.jsonl"
+    deadline = time.monotonic() + 30
+    records: list[dict] = []
+    while time.monotonic() < deadline and not records:
+        if history.exists():
+            records = [json.loads(line) for line in history.read_text().splitlines()]
+        time.sleep(0.2)
+    assert records, service.log()[-2000:]
+    record = records[-1]
+    package = ModelPackage.load(DEFAULT_PACKAGE)
+    assert record["model"]["sha256"] == package.model_sha256
+    assert set(record["labels"]) == {lab.name for lab in package.labels}
+    for values in record["labels"].values():
+        assert 0.0 <= values["dice"] <= 1.0 and "hd95_mm" in values
+    assert record["labels"]["Lung"]["dice"] > 0.5  # the comparison ran on real overlap, not on empty masks
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, metrics = service.http_get("/metrics")
+        if 'edge_validation_dice{label="Lung"' in metrics:
+            break
+        time.sleep(0.2)
+    assert 'edge_validation_dice{label="Lung"' in metrics
 
 
 def test_two_series_interleaved_in_one_association(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
