@@ -113,6 +113,9 @@ def build_seg(
     """
     import highdicom as hd
 
+    for ds in volume.datasets:
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
     algorithm = hd.AlgorithmIdentificationSequence(
         name=package.algorithm_name,
         family=codes.cid7162.ArtificialIntelligence,

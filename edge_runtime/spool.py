@@ -366,12 +366,17 @@ class Spool:
         return replace(self._row(r), state=SeriesState.PROCESSING)
 
     def requeue_interrupted(self) -> int:
-        """After a restart: jobs that were being processed go back to the queue."""
+        """After a restart: jobs that were being processed go back to the queue, and series still receiving get
+        their whole quiet period again: time the service was down is not time the sender was quiet (it could not
+        send), so it is no evidence that the series is complete."""
+        now = time.time()
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE series SET state=?, updated=? WHERE state=?",
-                (SeriesState.QUEUED.value, time.time(), SeriesState.PROCESSING.value),
+                (SeriesState.QUEUED.value, now, SeriesState.PROCESSING.value),
             )
+            db.execute("UPDATE series SET last_received=? WHERE state=? AND last_received < ?",
+                       (now, SeriesState.RECEIVING.value, now))
         return cur.rowcount
 
     def fail(self, series_id: int, generation: int, reason: str) -> bool:

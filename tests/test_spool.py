@@ -73,7 +73,7 @@ def test_result_of_a_series_that_grew_meanwhile_is_not_published(tmp_path: Path)
     assert spool.due_outbox() == []
 
 
-def test_restart_requeues_interrupted_jobs_and_keeps_timers(tmp_path: Path) -> None:
+def test_restart_requeues_interrupted_jobs_and_restarts_quiet_timers(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     store(spool, "1.1", series="7.1")
     store(spool, "1.2", series="7.2")
@@ -81,8 +81,12 @@ def test_restart_requeues_interrupted_jobs_and_keeps_timers(tmp_path: Path) -> N
     job = spool.claim_job()
     spool.close()
     again = Spool(tmp_path)
+    store(again, "1.3", series="7.3")  # still receiving when the service went down
+    receiving = [r for r in again.all_series() if r.state is SeriesState.RECEIVING][0]
     assert again.requeue_interrupted() == 1
     assert again.series(job.id).state is SeriesState.QUEUED
+    assert again.series(receiving.id).last_received >= receiving.last_received
+    assert again.queue_quiet_series(0.5) == [], "the quiet period starts again after a restart"
 
 
 def test_outbox_retry_bookkeeping(tmp_path: Path) -> None:
