@@ -92,12 +92,13 @@ class ModelGrid:
         return tuple(len(c) for c in self.coords)  # type: ignore[return-value]
 
     def resample(self, array: np.ndarray) -> np.ndarray:
+        """A new float32 array on the model grid (never ``array`` itself: callers normalise it in place)."""
         out = array
         for axis, c in enumerate(self.coords):
             if len(c) == out.shape[axis] and np.array_equal(c, np.arange(len(c))):
                 continue
             out = _linear_along(out, axis, c)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return np.array(out, dtype=np.float32, order="C", copy=out is array)
 
     def back_to_source(self, labels: np.ndarray) -> np.ndarray:
         return labels[np.ix_(*self.back)]

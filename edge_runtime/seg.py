@@ -139,6 +139,11 @@ def build_seg(
     for i, label in enumerate(package.labels, start=1):
         lut[label.value] = i
     segments = lut[labels]
+    if volume.multiframe:  # highdicom pairs pixel_array[i] with frame i of the single multi-frame source
+        assert volume.frames is not None
+        frames = np.zeros((int(volume.datasets[0].NumberOfFrames), *segments.shape[1:]), dtype=segments.dtype)
+        frames[volume.frames] = segments
+        segments = frames
     source_number = volume.datasets[0].get("SeriesNumber")
     if series_number is None:
         series_number = 5000 + int(source_number) if source_number not in (None, "") else 5000

@@ -4,12 +4,16 @@ Policy (what happens to each finding; never a silently wrong volume):
 
 - Instances without pixel data or image plane attributes, and LOCALIZER images, are set aside.
 - Several orientations or image sizes left after that: refused (``mixed-stacks``).
-- Two different instances at the same position: refused (``duplicate-positions``).
+- Two different instances at the same position: when echo number, temporal position (or, in a multi-frame
+  instance, stack and temporal position index) tell repeated acquisitions of the stack apart, the first is
+  segmented and the others noted; otherwise refused (``duplicate-positions``).
 - Fewer than ``min_slices`` slices: refused (``too-few-slices``).
 - Gantry tilt (slices shifted within their plane from one to the next): refused (``gantry-tilt``);
   a SEG on a tilted grid validates yet fails in common viewers.
 - Missing slices (steps that are whole multiples of the usual step): refused (``missing-slices``), since the
   series is most likely incomplete.
+- Enhanced (multi-frame) CT and MR: one multi-frame instance per series is a volume; geometry and rescale come
+  from its functional groups, and the same policy applies to its frames.
 - Pixel data that no installed decoder can read: refused (``undecodable-pixels``).
 - Other uneven spacing: ``resample`` (default): the model sees a regular grid interpolated along the true
   slice positions, and the result is mapped back onto every source slice; or ``refuse`` (``irregular-spacing``).
@@ -71,10 +75,16 @@ class Volume:
     origin: np.ndarray
     row_direction: np.ndarray
     column_direction: np.ndarray
-    #: the source instances, in the same order as ``array``
+    #: the source instances, in the same order as ``array`` (one multi-frame instance: see ``frames``)
     datasets: list[Dataset]
     regular: bool
     notes: list[str] = field(default_factory=list)
+    #: for a multi-frame source (``datasets`` holds just it): the 0-based frame of each slice of ``array``
+    frames: list[int] | None = None
+
+    @property
+    def multiframe(self) -> bool:
+        return self.frames is not None
 
     @property
     def normal(self) -> np.ndarray:
@@ -144,6 +154,11 @@ class SliceGeometry:
 class _Slice:
     geometry: SliceGeometry
     ds: Dataset | None = None
+    #: 0-based frame of a multi-frame ``ds``; None for a single-frame instance
+    frame: int | None = None
+    rescale: tuple[float, float] | None = None
+    #: what tells repeated acquisitions of the same positions apart (echo, temporal position, stack)
+    stack: tuple[str, ...] = ()
 
     @property
     def iop(self) -> np.ndarray:
@@ -198,10 +213,22 @@ def load_volume(paths: Sequence[Path | str], policy: GeometryPolicy | None = Non
     policy = policy or GeometryPolicy()
     headers = read_instances([Path(p) for p in paths])
     slices, notes = _image_slices(headers)
-    slices, order, positions, regular, step_notes = _plan(slices, policy)
+    try:
+        slices, order, positions, regular, step_notes = _plan(slices, policy)
+    except VolumeError as exc:
+        stacks = _split_stacks(slices) if exc.code == "duplicate-positions" else []
+        if len(stacks) < 2:
+            raise
+        try:
+            slices, order, positions, regular, step_notes = _plan(stacks[0], policy)
+        except VolumeError:
+            raise exc from None  # the repeats are not whole stacks: the duplicate positions are the finding
+        notes.append(f"{len(stacks)} stacks at the same positions (echoes or temporal positions): "
+                     f"segmented the first ({len(slices)} slices)")
     notes += step_notes
     array = _read_pixels([slices[i] for i in order])
     sorted_slices = [slices[i] for i in order]
+    multiframe = sorted_slices[0].frame is not None
     first = sorted_slices[0]
     row_spacing, col_spacing = first.geometry.pixel_spacing
     steps = np.diff(positions)
@@ -212,20 +239,26 @@ def load_volume(paths: Sequence[Path | str], policy: GeometryPolicy | None = Non
         origin=first.ipp,
         row_direction=first.iop[:3],
         column_direction=first.iop[3:],
-        datasets=[s.ds for s in sorted_slices if s.ds is not None],
+        datasets=[sorted_slices[0].ds] if multiframe else [s.ds for s in sorted_slices if s.ds is not None],
         regular=regular,
         notes=notes,
+        frames=[s.frame for s in sorted_slices] if multiframe else None,  # type: ignore[misc]
     )
 
 
 def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], list[str]]:
     slices: list[_Slice] = []
     set_aside: dict[str, int] = {}
-    for _path, ds in headers:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    multiframe = [ds for _, ds in headers if int(ds.get("NumberOfFrames", 1) or 1) > 1]
+    if multiframe:
+        if len(headers) != 1:
             raise VolumeError(
-                "multiframe", "multi-frame (Enhanced) instances are not assembled into volumes by this version"
+                "mixed-stacks",
+                f"{len(multiframe)} multi-frame and {len(headers) - len(multiframe)} other instance(s) in one "
+                "series; a volume is built from exactly one multi-frame instance",
             )
+        return _frames(multiframe[0]), []
+    for _path, ds in headers:
         if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
             set_aside["localizer"] = set_aside.get("localizer", 0) + 1
             continue
@@ -235,11 +268,82 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
             continue
         if len(geometry.iop) != 6 or not all(map(math.isfinite, geometry.iop + geometry.ipp)):
             raise VolumeError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
-        slices.append(_Slice(geometry, ds))
+        stack = tuple(str(ds.get(k, "")) for k in ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber"))
+        slices.append(_Slice(geometry, ds, stack=stack))
     notes = [f"set aside {n} instance(s): {why}" for why, n in sorted(set_aside.items())]
     if not slices:
         raise VolumeError("no-images", "no instance in the series has pixel data with image plane attributes")
     return slices, notes
+
+
+def _split_stacks(slices: list[_Slice]) -> list[list[_Slice]]:
+    """Repeated acquisitions of one stack, in echo / temporal order; [] when that is not what the repeats are."""
+    groups: dict[tuple[str, ...], list[_Slice]] = {}
+    for s in slices:
+        groups.setdefault(s.stack, []).append(s)
+    if len(groups) < 2:
+        return []
+
+    def order(key: tuple[str, ...]) -> tuple:
+        return tuple((0, float(v)) if _is_float(v) else (1, v) for v in key)
+
+    return [groups[k] for k in sorted(groups, key=order)]
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _frames(ds: Dataset) -> list[_Slice]:
+    """The frames of an Enhanced (multi-frame) image: geometry and rescale from its functional groups."""
+    shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    n = int(ds.NumberOfFrames)
+    if per_frame is None or len(per_frame) != n:
+        raise VolumeError("bad-geometry", "multi-frame instance without one functional group item per frame")
+
+    def group(item: Dataset | None, name: str) -> Dataset | None:
+        if item is not None and name in item and len(item[name].value):
+            return item[name].value[0]
+        return None
+
+    def find(i: int, name: str) -> Dataset | None:
+        return group(per_frame[i], name) or group(shared, name)
+
+    slices = []
+    for i in range(n):
+        orientation, position, measures = (find(i, k) for k in (
+            "PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence"))
+        if orientation is None or position is None or measures is None:
+            raise VolumeError("bad-geometry", f"frame {i + 1} lacks plane orientation, position or pixel measures")
+        transform = find(i, "PixelValueTransformationSequence")
+        slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
+        intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
+        try:
+            thickness = measures.get("SliceThickness")
+            geometry = SliceGeometry(
+                iop=tuple(float(v) for v in orientation.ImageOrientationPatient),
+                ipp=tuple(float(v) for v in position.ImagePositionPatient),  # type: ignore[arg-type]
+                rows=int(ds.Rows),
+                columns=int(ds.Columns),
+                pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),  # type: ignore[arg-type]
+                thickness=float(thickness) if thickness not in (None, "") else None,
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise VolumeError("bad-geometry", f"frame {i + 1} has malformed plane attributes") from exc
+        content = find(i, "FrameContentSequence")
+        echo = find(i, "MREchoSequence")
+        stack = (
+            str(content.get("StackID", "")) if content is not None else "",
+            str(content.get("TemporalPositionIndex", "")) if content is not None else "",
+            str(echo.get("EffectiveEchoTime", "")) if echo is not None else "",
+        )
+        slices.append(_Slice(geometry, ds, frame=i, rescale=(slope, intercept), stack=stack))
+    return slices
 
 
 def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
@@ -299,20 +403,30 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
 def _read_pixels(slices: list[_Slice]) -> np.ndarray:
     first = slices[0].geometry
     array = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
+    decoded: dict[int, np.ndarray] = {}  # a multi-frame instance is decoded once
     for k, s in enumerate(slices):
         ds = s.ds
         assert ds is not None
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError and their own
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            name = syntax.name if syntax is not None else "unknown transfer syntax"
-            raise VolumeError("undecodable-pixels", f"pixel data in {name} could not be decoded: "
-                              f"{type(exc).__name__}") from exc
+        if id(ds) not in decoded:
+            decoded[id(ds)] = _decode(ds)
+        pixels = decoded[id(ds)] if s.frame is None else decoded[id(ds)][s.frame]
         if pixels.shape != array.shape[1:]:
             raise VolumeError("bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        if s.rescale is not None:
+            slope, intercept = s.rescale
+        else:
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
         np.multiply(pixels, slope, out=array[k], casting="unsafe")
         array[k] += intercept
     return array
+
+
+def _decode(ds: Dataset) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError and their own
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        raise VolumeError("undecodable-pixels", f"pixel data in {name} could not be decoded: "
+                          f"{type(exc).__name__}") from exc

@@ -123,3 +123,14 @@ def test_batch_size_does_not_change_the_result(batch: int) -> None:
     a, _ = sliding_window(image, make_package(batch_size=batch), ThresholdRunner(make_package(batch_size=batch)))
     b, _ = sliding_window(image, make_package(batch_size=2), ThresholdRunner(make_package(batch_size=2)))
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_segment_leaves_the_volume_untouched() -> None:
+    """The volume's intensities are measured after segmentation: normalisation must not leak into them."""
+    array = np.linspace(-1000, 1000, 8 * 16 * 16).reshape(8, 16, 16)
+    volume = make_volume(array)
+    package = make_package(normalization=Normalization("ct_window", -1000, 1000, 0, 1000), target_spacing=None)
+    before = volume.array.copy()
+    first = segment(volume, package, ThresholdRunner(package)).labels
+    np.testing.assert_array_equal(volume.array, before)
+    np.testing.assert_array_equal(segment(volume, package, ThresholdRunner(package)).labels, first)

@@ -114,3 +114,36 @@ def test_measurement_of_an_absent_label_is_empty(case, package) -> None:  # noqa
     volume, labels = case
     ms = measure(volume, np.zeros_like(labels), package)
     assert all(m.voxels == 0 and m.mean is None and not m.truncated for m in ms)
+
+
+def test_enhanced_multiframe_ct_volume_and_seg(tmp_path: Path, package: ModelPackage) -> None:
+    """A Legacy Converted Enhanced CT (one multi-frame instance) of a phantom, from shuffled slices."""
+    phantom = make_phantom((16, 64, 64), (2.5, 4.0, 4.0), rng=5)
+    info = write_series(phantom.hu, phantom.spacing, tmp_path / "ct")
+    singles = [pydicom.dcmread(p) for p in info.paths]
+    order = [5, 0, 9, 3, 15, 1, 2, 4, 6, 7, 8, 10, 11, 12, 13, 14]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [singles[i] for i in order], series_instance_uid=pydicom.uid.generate_uid(), series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+    )
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+
+    volume = load_volume([path])
+    reference = load_volume(info.paths)
+    z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in enhanced.PerFrameFunctionalGroupsSequence]
+    assert volume.multiframe and volume.frames == list(np.argsort(z))
+    np.testing.assert_allclose(volume.array, reference.array)  # rescale from the functional groups
+    assert volume.spacing == pytest.approx(reference.spacing)
+
+    labels = segment(volume, package, load_runner(package, threads=1)).labels
+    seg = build_seg(volume, labels, package, uid_seed="enhanced")
+    out = tmp_path / "seg.dcm"
+    seg.save_as(out, enforce_file_format=True)
+    assert dciodvfy_errors(out) == []
+    back = roundtrip(seg)
+    frames = back.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(enhanced.SOPInstanceUID), source_frame_numbers=list(range(1, 17)),
+        combine_segments=True, skip_overlap_checks=True,
+    )
+    np.testing.assert_array_equal(frames[volume.frames], labels)

@@ -176,3 +176,20 @@ def test_partial_stacks_are_not_evidence(tmp_path: Path) -> None:
     assert stack_evidence(counted).complete
     half = stack_evidence(counted[:4])
     assert not half.complete and half.reason == "4 of 8 expected instances"
+
+
+def test_repeated_echoes_are_split_and_the_first_stack_used(tmp_path: Path) -> None:
+    first = write_series(ramp(), SPACING, tmp_path / "e1", extra={"EchoNumbers": 1})
+    second = write_series(ramp() + 1000, SPACING, tmp_path / "e2", study_uid=first.study_uid,
+                          series_uid=first.series_uid, frame_of_reference_uid=first.frame_of_reference_uid,
+                          extra={"EchoNumbers": 2})
+    vol = load_volume(files(second) + files(first))
+    assert vol.array.shape[0] == 8 and vol.array.max() < 1000  # echo 1
+    assert "2 stacks at the same positions" in vol.notes[0]
+
+
+def test_real_enhanced_mr_builds_from_functional_groups() -> None:
+    folder = shared("dcm_qa_enh", "siemens_XA10_enhanced_MR")
+    vol = load_volume([folder / "6_1.dcm"])
+    assert vol.multiframe and vol.array.shape == (6, 64, 64) and vol.regular
+    assert vol.spacing[0] == pytest.approx(2.4, abs=0.01)
