@@ -81,6 +81,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="inference backend (default onnxruntime)")
     p.add_argument("--device", help="cpu, cuda or tensorrt (default cpu)")
     p.add_argument("--threads", type=int, help="inference threads (default: one per core)")
+    p.add_argument("--triton-url", help="Triton gRPC endpoint host:port for --backend triton")
+    p.add_argument("--triton-model", help="model name in the Triton repository (default: the package name)")
+    p.add_argument("--triton-shared-memory", choices=("true", "false"),
+                   help="pass tensors through system shared memory (Triton on this host)")
+    p.add_argument("--fallback-backend", help="if the backend cannot start, run on onnxruntime CPU (logged loudly)")
     p.add_argument("--quiet-seconds", type=float, help="a series is complete after this long without a new instance")
     p.add_argument("--early-completion", choices=("true", "false"),
                    help="complete a series when its association is released and its stack is geometrically "
@@ -105,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     for key in (
         "port", "host", "ae_title", "destination", "spool", "output", "model", "backend", "device", "threads",
+        "triton_url", "triton_model", "triton_shared_memory", "fallback_backend",
         "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "allowed_networks",
         "max_instance_mb", "tls_port", "tls_cert", "tls_key", "tls_ca", "irregular_spacing", "min_free_mb",
         "http_host", "http_port", "log_level", "log_json",
@@ -128,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         service = Service(config)
-    except (PackageError, RunnerError) as exc:
+    except (PackageError, RunnerError, ImportError) as exc:
         print(f"edge-runtime: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

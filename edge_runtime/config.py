@@ -43,6 +43,11 @@ class Config:
     backend: str = "onnxruntime"
     device: str = "cpu"
     threads: int = 0
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str | None = None
+    triton_shared_memory: bool = False
+    #: when the configured backend cannot start: run on this local backend instead (logged loudly), or fail
+    fallback_backend: str | None = None
     quiet_seconds: float = 5.0
     early_completion: bool = True
     allowed_calling_aets: tuple[str, ...] = ()
@@ -103,6 +108,10 @@ def build_config(values: dict[str, Any]) -> Config:
     take("model", _path, "a model package directory")
     take("backend", lambda v: _choice(v, BACKENDS), f"one of {', '.join(BACKENDS)}")
     take("device", lambda v: _choice(v, DEVICES), f"one of {', '.join(DEVICES)}")
+    take("triton_url", _str, "host:port of a Triton gRPC endpoint")
+    take("triton_model", _str, "the model name in the Triton repository (default: the package name)")
+    take("triton_shared_memory", _bool, "true or false (system shared memory; client and server on one host)")
+    take("fallback_backend", lambda v: _choice(v, ("onnxruntime",)), "onnxruntime (CPU), or unset to fail")
     take("threads", lambda v: _int_range(v, 0, 1024), "an integer >= 0 (0: one per core)")
     take("quiet_seconds", _positive_float, "a number of seconds > 0")
     take("early_completion", _bool, "true or false")

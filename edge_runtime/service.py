@@ -40,7 +40,7 @@ from .monitoring import (
     validation_record,
 )
 from .package import ModelPackage
-from .runner import Runner, load_runner
+from .runner import Runner, RunnerError, load_runner
 from .seg import build_seg, measure, write_measurements
 from .sr import build_sr
 from .sender import Sender
@@ -56,7 +56,8 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.package = ModelPackage.load(config.model)
-        self.runner: Runner = load_runner(self.package, config.backend, config.device, threads=config.threads)
+        self.fallback_reason: str | None = None
+        self.runner: Runner = self._load_runner()
         self.spool = Spool(config.spool, min_free_bytes=config.min_free_mb * 1024 * 1024)
         self.output = Path(config.output)
         self.output.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,25 @@ class Service:
         self.serial = socket.gethostname()[:64] or "edge-runtime"
         self.notifier = Notifier()
 
+    def _load_runner(self) -> Runner:
+        config = self.config
+        if config.backend == "triton":
+            options: dict[str, object] = {
+                "url": config.triton_url, "model_name": config.triton_model or self.package.name,
+                "shared_memory": "system" if config.triton_shared_memory else "none",
+            }
+        else:
+            options = {"threads": config.threads}
+        try:
+            return load_runner(self.package, config.backend, config.device, **options)
+        except (RunnerError, ImportError) as exc:
+            if not config.fallback_backend:
+                raise
+            log.error("BACKEND FALLBACK: %s could not start (%s); running on %s CPU as configured",
+                      config.backend, exc, config.fallback_backend)
+            self.fallback_reason = str(exc)
+            return load_runner(self.package, config.fallback_backend, "cpu", threads=config.threads)
+
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -128,13 +148,17 @@ class Service:
         return all(threads.values()), {"threads": threads}
 
     def _readyz(self) -> tuple[bool, dict[str, object]]:
-        checks: dict[str, object] = {"listening": self.listener.serving(), "model": self.package.identity}
+        runner_ok, runner_state = self.runner.ready()
+        checks: dict[str, object] = {"listening": self.listener.serving(), "model": self.package.identity,
+                                     "runner": runner_state}
+        if self.fallback_reason:
+            checks["fallback"] = self.fallback_reason
         try:
             self.spool.check_space()
             checks["spool"] = "ok"
         except OSError as exc:
             checks["spool"] = str(exc)
-        ok = checks["listening"] is True and checks["spool"] == "ok" and not self._stop.is_set()
+        ok = checks["listening"] is True and checks["spool"] == "ok" and runner_ok and not self._stop.is_set()
         return ok, checks
 
     def _update_gauges(self) -> None:

@@ -131,6 +131,7 @@ class ServiceProcess:
 
     def __init__(self, workdir: Path, *args: str, ae_title: str = "EDGE"):
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.http_port = free_port()
         self.ae_title = ae_title

@@ -10,16 +10,24 @@ from __future__ import annotations
 from ..package import ModelPackage
 from .base import BackendUnavailable, Runner, RunnerError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "triton")
 DEVICES = ("cpu", "cuda", "tensorrt")
 
 
 def load_runner(package: ModelPackage, backend: str = "onnxruntime", device: str = "cpu", **options: object) -> Runner:
-    """Build the runner for ``backend`` on ``device``; fails loudly when either is not available here."""
+    """Build the runner for ``backend`` on ``device``; fails loudly when either is not available here.
+
+    Options go to the backend: ``threads`` for ONNX Runtime; ``url``, ``model_name``, ``timeout_s``,
+    ``shared_memory`` ... for Triton (where the server's instance groups decide the device).
+    """
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(package, device=device, **options)  # type: ignore[arg-type]
+    if backend == "triton":
+        from .triton import TritonRunner
+
+        return TritonRunner(package, **options)  # type: ignore[arg-type]
     raise BackendUnavailable(f"Requested backend was: {backend!r}, but available backends are: {', '.join(BACKENDS)}")
 
 

@@ -46,6 +46,10 @@ class Runner(abc.ABC):
         """One line for logs: backend, device and anything that decides speed."""
         return self.name
 
+    def ready(self) -> tuple[bool, str]:
+        """Can this runner take work now? Local backends always can; a remote one asks its server."""
+        return True, "local"
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device resources."""
 
