@@ -60,6 +60,7 @@ class Config:
     tls_ca: Path | None = None
     irregular_spacing: str = "resample"
     min_free_mb: int = 512
+    decode_cache_mb: int = 2048
     http_host: str = "127.0.0.1"
     http_port: int = 8190
     log_level: str = "info"
@@ -124,6 +125,8 @@ def build_config(values: dict[str, Any]) -> Config:
     take("tls_ca", _existing_file, "a PEM CA bundle; clients must then present a certificate it signed")
     take("max_associations", lambda v: _int_range(v, 1, 1000), "an integer 1-1000")
     take("irregular_spacing", lambda v: _choice(v, IRREGULAR_POLICIES), f"one of {', '.join(IRREGULAR_POLICIES)}")
+    take("decode_cache_mb", lambda v: _int_range(v, 0, 1024 * 1024),
+         "an integer >= 0 (MiB of slices decoded as they arrive; 0 turns it off)")
     take("min_free_mb", lambda v: _int_range(v, 0, 10**9), "an integer >= 0 (MiB)")
     take("http_host", _str, "an address for the health and metrics endpoint (default 127.0.0.1)")
     take("http_port", lambda v: _int_range(v, 0, 65535), "an integer 1-65535, or 0 to disable /healthz /metrics")

@@ -44,11 +44,23 @@ def segment(volume: Volume, package: ModelPackage, runner: Runner) -> Segmentati
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    labels_model = np.argmax(logits, axis=0).astype(np.uint8 if package.num_classes < 256 else np.uint16)
+    labels_model = argmax_labels(logits)
     del logits
     labels = grid.back_to_source(labels_model)
     timings["postprocess"] = time.perf_counter() - t0
     return Segmentation(labels=labels, timings=timings, windows=windows)
+
+
+def argmax_labels(logits: np.ndarray) -> np.ndarray:
+    """Argmax over the class axis as uint8/uint16, a few times faster than np.argmax's int64 for few classes."""
+    dtype = np.uint8 if logits.shape[0] < 256 else np.uint16
+    best = logits[0].copy()
+    labels = np.zeros(best.shape, dtype=dtype)
+    for k in range(1, logits.shape[0]):
+        better = logits[k] > best
+        labels[better] = k
+        np.maximum(best, logits[k], out=best)
+    return labels
 
 
 @dataclass(frozen=True)

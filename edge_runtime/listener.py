@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -234,13 +235,14 @@ def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
 
 
 class Listener:
-    """Owns the pynetdicom server; stores through ``spool`` and calls ``on_stored(series_id)`` after each store."""
+    """Owns the pynetdicom server; stores through ``spool`` and calls ``on_stored(series_id, path)`` after each
+    new instance."""
 
     def __init__(
         self,
         config: ListenerConfig,
         spool: Spool,
-        on_stored: Callable[[int], None] | None = None,
+        on_stored: Callable[[int, Path], None] | None = None,
         on_released: Callable[[set[int]], None] | None = None,
         on_status: Callable[[int], None] | None = None,
     ):
@@ -395,8 +397,8 @@ class Listener:
         if not stored.duplicate:
             with self._touched_lock:
                 self._touched.setdefault(id(event.assoc), set()).add(stored.series_id)
-            if self.on_stored is not None:
-                self.on_stored(stored.series_id)
+            if self.on_stored is not None and stored.path is not None:
+                self.on_stored(stored.series_id, stored.path)
         return STATUS_SUCCESS
 
     def _on_released(self, event: evt.Event) -> None:

@@ -46,7 +46,7 @@ from .sr import build_sr
 from .sender import Sender
 from .spool import SeriesRow, SeriesState, Spool
 from .systemd import Notifier
-from .volume import GeometryPolicy, SliceGeometry, VolumeError, load_volume, stack_evidence
+from .volume import GeometryPolicy, SliceCache, SliceGeometry, VolumeError, load_volume, stack_evidence
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Service:
                 tls_ca=str(config.tls_ca) if config.tls_ca else None,
             ),
             self.spool,
-            on_stored=lambda _series_id: self._tracker_wake.set(),
+            on_stored=self._on_stored,
             on_released=self._on_released,
             on_status=self._count_status,
         )
@@ -93,6 +93,9 @@ class Service:
         self._stop = threading.Event()
         self._tracker_wake = threading.Event()
         self._released: queue.SimpleQueue[int] = queue.SimpleQueue()
+        #: slices decoded as they arrive, by a thread of their own, so the worker starts from memory
+        self.cache = SliceCache(max_bytes=config.decode_cache_mb * 1024 * 1024)
+        self._to_decode: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
         self._work = threading.Event()
         self._threads: list[threading.Thread] = []
         self.serial = socket.gethostname()[:64] or "edge-runtime"
@@ -128,7 +131,7 @@ class Service:
         self.sender.start()
         if self.health is not None:
             self.health.start()
-        for name, target in (("tracker", self._track), ("worker", self._work_loop)):
+        for name, target in (("tracker", self._track), ("worker", self._work_loop), ("decoder", self._decode_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -181,6 +184,7 @@ class Service:
         self._stop.set()
         self._tracker_wake.set()
         self._work.set()
+        self._to_decode.put(None)
         for t in self._threads:
             t.join()
         self.sender.stop()
@@ -204,6 +208,18 @@ class Service:
         self.stop()
 
     # -- tracker ----------------------------------------------------------------------------------------
+
+    def _on_stored(self, _series_id: int, path: Path) -> None:
+        self._tracker_wake.set()
+        if self.config.decode_cache_mb:
+            self._to_decode.put(path)
+
+    def _decode_loop(self) -> None:
+        while not self._stop.is_set():
+            path = self._to_decode.get()
+            if path is None:
+                return
+            self.cache.add(path)
 
     def _on_released(self, series_ids: set[int]) -> None:
         for series_id in series_ids:
@@ -277,11 +293,14 @@ class Service:
             return None
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        paths = self.spool.instance_paths(row.id)
         try:
-            volume = load_volume(self.spool.instance_paths(row.id), self.policy)
+            volume = load_volume(paths, self.policy, self.cache)
         except VolumeError as exc:
             self._refuse(row, f"{exc.code}: {exc.detail}")
             return None
+        finally:
+            self.cache.forget(paths)
         timings["load"] = time.perf_counter() - t0
         for note in volume.notes:
             log.info("series %s: %s", row.key_hash, note)

@@ -99,6 +99,7 @@ class StoredInstance:
     series_id: int
     key_hash: str
     duplicate: bool
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,7 @@ class Spool:
             raise
         if duplicate:  # a concurrent association stored the same instance first
             path.unlink(missing_ok=True)
-        return StoredInstance(series_id, key, duplicate)
+        return StoredInstance(series_id, key, duplicate, None if duplicate else path)
 
     def _write_durably(self, data: bytes) -> Path:
         name = uuid.uuid4().hex

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 import json
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,8 @@ class _Slice:
     rescale: tuple[float, float] | None = None
     #: what tells repeated acquisitions of the same positions apart (echo, temporal position, stack)
     stack: tuple[str, ...] = ()
+    #: pixels already decoded and rescaled (from a SliceCache)
+    pixels: np.ndarray | None = None
 
     @property
     def iop(self) -> np.ndarray:
@@ -208,11 +211,76 @@ def read_instances(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
     return [(Path(p), pydicom.dcmread(p)) for p in paths]
 
 
-def load_volume(paths: Sequence[Path | str], policy: GeometryPolicy | None = None) -> Volume:
-    """Build a volume from the files of one series under ``policy``."""
+class SliceCache:
+    """Slices decoded as they arrive, so a completed series is assembled without reading or decoding again.
+
+    Holds, per spooled file, its header (pixel data dropped) and its pixels in modality units. Bounded in bytes;
+    when full, new slices are simply not cached (the volume then reads those files). Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 2 * 1024**3):
+        self.max_bytes = max_bytes
+        self._items: dict[Path, tuple[Dataset, np.ndarray]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, path: Path) -> bool:
+        """Read and decode one single-frame slice; False when it is not one or the cache is full."""
+        if self._bytes >= self.max_bytes:
+            return False
+        try:
+            ds = pydicom.dcmread(path)
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PixelData" not in ds:
+                return False
+            pixels = ds.pixel_array.astype(np.float32)
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            if slope != 1:
+                pixels *= slope
+            if intercept:
+                pixels += intercept
+            del ds.PixelData
+        except Exception:  # a slice that does not decode is found again, and reported, when the volume is built
+            return False
+        with self._lock:
+            if path not in self._items:
+                self._items[path] = (ds, pixels)
+                self._bytes += pixels.nbytes
+        return True
+
+    def get(self, path: Path) -> tuple[Dataset, np.ndarray] | None:
+        with self._lock:
+            return self._items.get(path)
+
+    def forget(self, paths: Sequence[Path]) -> None:
+        with self._lock:
+            for p in paths:
+                item = self._items.pop(p, None)
+                if item is not None:
+                    self._bytes -= item[1].nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def load_volume(
+    paths: Sequence[Path | str], policy: GeometryPolicy | None = None, cache: SliceCache | None = None
+) -> Volume:
+    """Build a volume from the files of one series under ``policy`` (slices in ``cache`` are not read again)."""
     policy = policy or GeometryPolicy()
-    headers = read_instances([Path(p) for p in paths])
+    headers: list[tuple[Path, Dataset]] = []
+    decoded: dict[int, np.ndarray] = {}
+    for p in map(Path, paths):
+        hit = cache.get(p) if cache is not None else None
+        if hit is None:
+            headers.append((p, pydicom.dcmread(p)))
+        else:
+            headers.append((p, hit[0]))
+            decoded[id(hit[0])] = hit[1]
     slices, notes = _image_slices(headers)
+    for s in slices:
+        if s.ds is not None and id(s.ds) in decoded:
+            s.pixels = decoded[id(s.ds)]
     try:
         slices, order, positions, regular, step_notes = _plan(slices, policy)
     except VolumeError as exc:
@@ -405,6 +473,12 @@ def _read_pixels(slices: list[_Slice]) -> np.ndarray:
     array = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}  # a multi-frame instance is decoded once
     for k, s in enumerate(slices):
+        if s.pixels is not None:
+            if s.pixels.shape != array.shape[1:]:
+                raise VolumeError("bad-pixels", f"pixel data of one slice is {s.pixels.shape}, expected "
+                                  f"{array.shape[1:]}")
+            array[k] = s.pixels
+            continue
         ds = s.ds
         assert ds is not None
         if id(ds) not in decoded:

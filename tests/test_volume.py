@@ -193,3 +193,18 @@ def test_real_enhanced_mr_builds_from_functional_groups() -> None:
     vol = load_volume([folder / "6_1.dcm"])
     assert vol.multiframe and vol.array.shape == (6, 64, 64) and vol.regular
     assert vol.spacing[0] == pytest.approx(2.4, abs=0.01)
+
+
+def test_slices_decoded_on_arrival_build_the_same_volume(tmp_path: Path) -> None:
+    from edge_runtime.volume import SliceCache
+
+    info = write_series(ramp(), SPACING, tmp_path, shuffle_files=True)
+    cache = SliceCache()
+    assert all(cache.add(p) for p in info.paths[:5])  # the rest is read from disk as usual
+    cached = load_volume(files(info), cache=cache)
+    np.testing.assert_array_equal(cached.array, load_volume(files(info)).array)
+    assert [str(d.SOPInstanceUID) for d in cached.datasets] == list(info.sop_instance_uids)
+    cache.forget(info.paths)
+    assert len(cache) == 0
+    tiny = SliceCache(max_bytes=1)
+    assert tiny.add(info.paths[0]) and not tiny.add(info.paths[1])  # full: later slices are not cached
