@@ -14,7 +14,9 @@ Policy (what happens to each finding; never a silently wrong volume):
   series is most likely incomplete.
 - Enhanced (multi-frame) CT and MR: one multi-frame instance per series is a volume; geometry and rescale come
   from its functional groups, and the same policy applies to its frames.
-- Pixel data that no installed decoder can read: refused (``undecodable-pixels``).
+- Pixel data that no installed decoder can read: refused (``undecodable-pixels``); compressed pixel data is
+  decoded in a child process with a memory ceiling, and a decoder crash or timeout refuses only its series
+  (``decoder-failed``). A volume above ``max_voxels`` is refused before memory is taken for it (``too-large``).
 - Other uneven spacing: ``resample`` (default): the model sees a regular grid interpolated along the true
   slice positions, and the result is mapped back onto every source slice; or ``refuse`` (``irregular-spacing``).
 
@@ -36,6 +38,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from .decode import DecoderFailed, needs_isolation, shared_decoder
+
 IRREGULAR_POLICIES = ("resample", "refuse")
 
 
@@ -56,6 +60,8 @@ class GeometryPolicy:
     position_tolerance_mm: float = 0.01
     #: relative deviation of a step from the median step still counted as regular
     spacing_rtol: float = 0.02
+    #: a bigger volume is refused before any memory is taken for it (600 M voxels = 2.4 GB as float32)
+    max_voxels: int = 600_000_000
 
     def __post_init__(self) -> None:
         if self.irregular_spacing not in IRREGULAR_POLICIES:
@@ -162,6 +168,7 @@ class _Slice:
     stack: tuple[str, ...] = ()
     #: pixels already decoded and rescaled (from a SliceCache)
     pixels: np.ndarray | None = None
+    path: Path | None = None
 
     @property
     def iop(self) -> np.ndarray:
@@ -232,7 +239,11 @@ class SliceCache:
             ds = pydicom.dcmread(path)
             if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PixelData" not in ds:
                 return False
-            pixels = ds.pixel_array.astype(np.float32)
+            if int(ds.Rows) * int(ds.Columns) > 16384 * 16384:
+                return False
+            syntax = ds.file_meta.get("TransferSyntaxUID")
+            raw = shared_decoder().pixels(path) if needs_isolation(syntax) else ds.pixel_array
+            pixels = raw.astype(np.float32)
             slope = float(ds.get("RescaleSlope", 1) or 1)
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
             if slope != 1:
@@ -294,7 +305,7 @@ def load_volume(
         notes.append(f"{len(stacks)} stacks at the same positions (echoes or temporal positions): "
                      f"segmented the first ({len(slices)} slices)")
     notes += step_notes
-    array = _read_pixels([slices[i] for i in order])
+    array = _read_pixels([slices[i] for i in order], policy.max_voxels)
     sorted_slices = [slices[i] for i in order]
     multiframe = sorted_slices[0].frame is not None
     first = sorted_slices[0]
@@ -325,8 +336,8 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
                 f"{len(multiframe)} multi-frame and {len(headers) - len(multiframe)} other instance(s) in one "
                 "series; a volume is built from exactly one multi-frame instance",
             )
-        return _frames(multiframe[0]), []
-    for _path, ds in headers:
+        return _frames(multiframe[0], headers[0][0]), []
+    for path, ds in headers:
         if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
             set_aside["localizer"] = set_aside.get("localizer", 0) + 1
             continue
@@ -337,7 +348,7 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
         if len(geometry.iop) != 6 or not all(map(math.isfinite, geometry.iop + geometry.ipp)):
             raise VolumeError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
         stack = tuple(str(ds.get(k, "")) for k in ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber"))
-        slices.append(_Slice(geometry, ds, stack=stack))
+        slices.append(_Slice(geometry, ds, stack=stack, path=path))
     notes = [f"set aside {n} instance(s): {why}" for why, n in sorted(set_aside.items())]
     if not slices:
         raise VolumeError("no-images", "no instance in the series has pixel data with image plane attributes")
@@ -366,7 +377,7 @@ def _is_float(v: str) -> bool:
         return False
 
 
-def _frames(ds: Dataset) -> list[_Slice]:
+def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
     """The frames of an Enhanced (multi-frame) image: geometry and rescale from its functional groups."""
     shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -410,7 +421,7 @@ def _frames(ds: Dataset) -> list[_Slice]:
             str(content.get("TemporalPositionIndex", "")) if content is not None else "",
             str(echo.get("EffectiveEchoTime", "")) if echo is not None else "",
         )
-        slices.append(_Slice(geometry, ds, frame=i, rescale=(slope, intercept), stack=stack))
+        slices.append(_Slice(geometry, ds, frame=i, rescale=(slope, intercept), stack=stack, path=path))
     return slices
 
 
@@ -468,8 +479,12 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
     return slices, order, dist, False, notes
 
 
-def _read_pixels(slices: list[_Slice]) -> np.ndarray:
+def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:
     first = slices[0].geometry
+    voxels = len(slices) * first.rows * first.columns
+    if voxels > max_voxels or first.rows > 16384 or first.columns > 16384:
+        raise VolumeError("too-large", f"{len(slices)} x {first.rows} x {first.columns} voxels; the limit is "
+                          f"{max_voxels} (and 16384 per image side)")
     array = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}  # a multi-frame instance is decoded once
     for k, s in enumerate(slices):
@@ -482,7 +497,7 @@ def _read_pixels(slices: list[_Slice]) -> np.ndarray:
         ds = s.ds
         assert ds is not None
         if id(ds) not in decoded:
-            decoded[id(ds)] = _decode(ds)
+            decoded[id(ds)] = _decode(ds, s.path)
         pixels = decoded[id(ds)] if s.frame is None else decoded[id(ds)][s.frame]
         if pixels.shape != array.shape[1:]:
             raise VolumeError("bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}")
@@ -496,9 +511,14 @@ def _read_pixels(slices: list[_Slice]) -> np.ndarray:
     return array
 
 
-def _decode(ds: Dataset) -> np.ndarray:
+def _decode(ds: Dataset, path: Path | None = None) -> np.ndarray:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
+        if path is not None and needs_isolation(syntax):
+            return shared_decoder().pixels(path)
         return ds.pixel_array
+    except DecoderFailed as exc:
+        raise VolumeError("decoder-failed", f"{exc} on a {syntax.name if syntax else ''} slice") from exc
     except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError and their own
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
