@@ -101,6 +101,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--irregular-spacing", help="resample or refuse unevenly spaced slices (default resample)")
     p.add_argument("--decode-cache-mb", type=int,
                    help="memory for slices decoded as they arrive (default 2048; 0 decodes at completion)")
+    p.add_argument("--retention-hours", type=float,
+                   help="delete spooled instances of finished series after this long (default 72)")
     p.add_argument("--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space")
     p.add_argument("--http-host", help="address of /healthz, /readyz and /metrics (default 127.0.0.1)")
     p.add_argument("--http-port", type=int, help="port of /healthz, /readyz and /metrics (default 8190; 0 disables)")
@@ -115,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "triton_url", "triton_model", "triton_shared_memory", "fallback_backend",
         "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "allowed_networks",
         "max_instance_mb", "tls_port", "tls_cert", "tls_key", "tls_ca", "irregular_spacing", "decode_cache_mb",
-        "min_free_mb",
+        "min_free_mb", "retention_hours",
         "http_host", "http_port", "log_level", "log_json",
     ):
         value = getattr(args, key)

@@ -60,6 +60,8 @@ class Config:
     tls_ca: Path | None = None
     irregular_spacing: str = "resample"
     min_free_mb: int = 512
+    #: spooled instances of finished series are deleted after this long (results stay in the output folder)
+    retention_hours: float = 72.0
     decode_cache_mb: int = 2048
     http_host: str = "127.0.0.1"
     http_port: int = 8190
@@ -127,6 +129,7 @@ def build_config(values: dict[str, Any]) -> Config:
     take("irregular_spacing", lambda v: _choice(v, IRREGULAR_POLICIES), f"one of {', '.join(IRREGULAR_POLICIES)}")
     take("decode_cache_mb", lambda v: _int_range(v, 0, 1024 * 1024),
          "an integer >= 0 (MiB of slices decoded as they arrive; 0 turns it off)")
+    take("retention_hours", _positive_float, "a number of hours > 0")
     take("min_free_mb", lambda v: _int_range(v, 0, 10**9), "an integer >= 0 (MiB)")
     take("http_host", _str, "an address for the health and metrics endpoint (default 127.0.0.1)")
     take("http_port", lambda v: _int_range(v, 0, 65535), "an integer 1-65535, or 0 to disable /healthz /metrics")

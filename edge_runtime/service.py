@@ -126,6 +126,9 @@ class Service:
         requeued = self.spool.requeue_interrupted()
         if requeued:
             log.info("resuming %d interrupted job(s)", requeued)
+        orphans = self.spool.remove_orphans()
+        if orphans:
+            log.info("removed %d unacknowledged file(s) left by an interrupted store", orphans)
         log.info("model %s (%s) on %s", self.package.identity, self.package.model_sha256[:12], self.runner.describe())
         self.listener.start()
         self.sender.start()
@@ -250,7 +253,13 @@ class Service:
 
     def _track(self) -> None:
         quiet = self.config.quiet_seconds
+        next_purge = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + 60.0
+                purged, files = self.spool.purge(time.time() - self.config.retention_hours * 3600)
+                if purged:
+                    log.info("retention: deleted %d file(s) of %d finished series", files, purged)
             if self.config.early_completion and self._complete_on_evidence():
                 self._work.set()
             queued = self.spool.queue_quiet_series(quiet)

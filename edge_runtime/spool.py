@@ -430,6 +430,47 @@ class Spool:
             ).fetchall()
         return [(r[0], r[1], r[2], Path(r[3])) for r in rows]
 
+    # -- retention -------------------------------------------------------------------------------------------
+
+    def purge(self, older_than: float) -> tuple[int, int]:
+        """Delete the instances of series finished (done or failed) before ``older_than``, and sent outbox rows.
+
+        A series still receiving, queued, processing or with an unsent result is never touched. Rows go first,
+        then files: a crash in between leaves orphan files, which :meth:`remove_orphans` collects.
+        Returns (series purged, files deleted).
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM series WHERE state IN (?, ?) AND updated < ? AND NOT EXISTS ("
+                "SELECT 1 FROM results r JOIN outbox o ON o.result_id = r.id "
+                "WHERE r.series_id = series.id AND o.state = 'pending')",
+                (SeriesState.DONE.value, SeriesState.FAILED.value, older_than),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            paths: list[str] = []
+            for series_id in ids:
+                paths += [r[0] for r in db.execute("SELECT path FROM instances WHERE series_id=?", (series_id,))]
+                db.execute("DELETE FROM instances WHERE series_id=?", (series_id,))
+                db.execute("DELETE FROM outbox WHERE result_id IN (SELECT id FROM results WHERE series_id=?)",
+                           (series_id,))
+                db.execute("DELETE FROM results WHERE series_id=?", (series_id,))
+                db.execute("DELETE FROM series WHERE id=?", (series_id,))
+        for rel in paths:
+            _unlink_quietly(self.root / rel)
+        return len(ids), len(paths)
+
+    def remove_orphans(self) -> int:
+        """Delete instance files the index does not know (a crash between rename and commit left them; their
+        sender never got a success status, so it sends them again)."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT path FROM instances")}
+        removed = 0
+        for path in self.instances_dir.rglob("*.dcm"):
+            if str(path.relative_to(self.root)) not in known:
+                _unlink_quietly(path)
+                removed += 1
+        return removed
+
     # -- outbox -----------------------------------------------------------------------------------------
 
     def due_outbox(self, now: float | None = None) -> list[OutboxItem]:
@@ -467,6 +508,13 @@ class Spool:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
         return {r[0]: r[1] for r in rows}
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,32 @@ def test_watermark_refuses_before_writing(tmp_path: Path) -> None:
     with pytest.raises(SpoolFull):
         store(spool, "1.1")
     assert not list(spool.instances_dir.rglob("*.dcm"))
+
+
+def test_retention_purges_finished_series_only(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    done = store(spool, "1.1", series="5.1")
+    unsent = store(spool, "1.2", series="5.2")
+    receiving = store(spool, "1.3", series="5.3")
+    spool.queue_quiet_series(0.0)
+    for _ in range(2):
+        job = spool.claim_job()
+        dests = ["P@h:1"] if job.id == unsent.series_id else []
+        spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "seg.dcm"], dests)
+    store(spool, "1.4", series="5.3")  # keeps 5.3 receiving
+    files_before = set(spool.instances_dir.rglob("*.dcm"))
+    assert spool.purge(older_than=time.time() + 1) == (1, 1)
+    remaining = {r.id for r in spool.all_series()}
+    assert remaining == {unsent.series_id, receiving.series_id}  # a pending send keeps its series
+    assert len(set(spool.instances_dir.rglob("*.dcm"))) == len(files_before) - 1
+    assert done.series_id not in remaining
+
+
+def test_orphan_files_from_an_interrupted_store_are_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = store(spool, "1.1")
+    orphan = spool.instances_dir / "20260101" / "deadbeef.dcm"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"never acknowledged")
+    assert spool.remove_orphans() == 1
+    assert not orphan.exists() and spool.instance_paths(kept.series_id)[0].exists()
