@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
@@ -87,6 +88,43 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 def valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and _UID.match(value) is not None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    geometry: SliceGeometry | None
+
+
+def inspect_dataset(ds: Dataset, affected_class: str, affected_instance: str) -> InstanceInfo | Refusal:
+    """What the listener needs of a received data set, or the status that refuses it. Never raises."""
+    try:
+        sop_class = ds.get("SOPClassUID")
+        sop_uid = ds.get("SOPInstanceUID")
+        study_uid = ds.get("StudyInstanceUID")
+        series_uid = ds.get("SeriesInstanceUID")
+        modality = str(ds.get("Modality", "") or "")
+        geometry = SliceGeometry.from_dataset(ds)
+        uids = [str(u) if u is not None else "" for u in (sop_class, sop_uid, study_uid, series_uid)]
+    except Exception as exc:  # pydicom parses lazily: a malformed element surfaces here
+        return Refusal(STATUS_CANNOT_PARSE, f"data set does not parse: {type(exc).__name__}")
+    if not all(uids):
+        return Refusal(STATUS_MISSING_ATTRIBUTE, "SOP Class, SOP Instance, Study or Series UID missing")
+    if not all(valid_uid(u) for u in uids):
+        return Refusal(STATUS_INVALID_UID, "a UID in the data set is not a valid DICOM UID")
+    if uids[0] != affected_class or uids[1] != affected_instance:
+        return Refusal(STATUS_DATASET_MISMATCH, "data set UIDs differ from the command's")
+    return InstanceInfo(uids[0], uids[1], uids[2], uids[3], modality, geometry)
 
 
 def decodable_syntaxes() -> list[str]:
@@ -349,26 +387,17 @@ class Listener:
         request = event.request
         try:
             ds = event.dataset
-            sop_class = ds.get("SOPClassUID")
-            sop_uid = ds.get("SOPInstanceUID")
-            study_uid = ds.get("StudyInstanceUID")
-            series_uid = ds.get("SeriesInstanceUID")
-            modality = str(ds.get("Modality", "") or "")
-            geometry = SliceGeometry.from_dataset(ds)
         except Exception as exc:  # pydicom raises many types on malformed input
             log.warning("C-STORE refused (0x%04X): data set does not parse: %s", STATUS_CANNOT_PARSE,
                         type(exc).__name__)
             return STATUS_CANNOT_PARSE
-        if not all((sop_class, sop_uid, study_uid, series_uid)):
-            log.warning("C-STORE refused (0x%04X): SOP Class, SOP Instance, Study or Series UID missing",
-                        STATUS_MISSING_ATTRIBUTE)
-            return STATUS_MISSING_ATTRIBUTE
-        if not all(valid_uid(str(u)) for u in (sop_class, sop_uid, study_uid, series_uid)):
-            log.warning("C-STORE refused (0x%04X): a UID in the data set is not a valid DICOM UID", STATUS_INVALID_UID)
-            return STATUS_INVALID_UID
-        if str(sop_class) != str(request.AffectedSOPClassUID) or str(sop_uid) != str(request.AffectedSOPInstanceUID):
-            log.warning("C-STORE refused (0x%04X): data set UIDs differ from the command's", STATUS_DATASET_MISMATCH)
-            return STATUS_DATASET_MISMATCH
+        checked = inspect_dataset(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+        if isinstance(checked, Refusal):
+            log.warning("C-STORE refused (0x%04X): %s", checked.status, checked.reason)
+            return checked.status
+        sop_class, sop_uid, study_uid, series_uid = checked.sop_class, checked.sop_uid, checked.study_uid, \
+            checked.series_uid
+        modality, geometry = checked.modality, checked.geometry
         called = event.assoc.acceptor.ae_title.strip()
         calling = event.assoc.requestor.ae_title.strip()
         try:

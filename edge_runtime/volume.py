@@ -14,6 +14,7 @@ Policy (what happens to each finding; never a silently wrong volume):
   series is most likely incomplete.
 - Enhanced (multi-frame) CT and MR: one multi-frame instance per series is a volume; geometry and rescale come
   from its functional groups, and the same policy applies to its frames.
+- An instance that cannot be read or whose attributes are malformed: refused (``malformed-instance``).
 - Pixel data that no installed decoder can read: refused (``undecodable-pixels``); compressed pixel data is
   decoded in a child process with a memory ceiling, and a decoder crash or timeout refuses only its series
   (``decoder-failed``). A volume above ``max_voxels`` is refused before memory is taken for it (``too-large``).
@@ -279,9 +280,19 @@ def load_volume(
 ) -> Volume:
     """Build a volume from the files of one series under ``policy`` (slices in ``cache`` are not read again)."""
     policy = policy or GeometryPolicy()
+    try:
+        return _load_volume([Path(p) for p in paths], policy, cache)
+    except VolumeError:
+        raise
+    except Exception as exc:  # a spooled file is untrusted input: pydicom raises many types on malformed data
+        raise VolumeError("malformed-instance", f"an instance of the series cannot be read: {type(exc).__name__}") \
+            from exc
+
+
+def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | None) -> Volume:
     headers: list[tuple[Path, Dataset]] = []
     decoded: dict[int, np.ndarray] = {}
-    for p in map(Path, paths):
+    for p in paths:
         hit = cache.get(p) if cache is not None else None
         if hit is None:
             headers.append((p, pydicom.dcmread(p)))

@@ -28,7 +28,7 @@ DOCUMENTED_REASONS = {
     "mixed-stacks", "duplicate-positions", "too-few-slices", "gantry-tilt", "missing-slices", "irregular-spacing",
     "undecodable-pixels", "multiframe", "no-images", "bad-geometry", "bad-pixels", "modality-not-served",
     "no-result", "own-result", "no-matching-segments", "reference-geometry", "no-referenced-series",
-    "not-a-reference",
+    "not-a-reference", "malformed-instance", "decoder-failed", "too-large",
 }
 
 
