@@ -97,6 +97,39 @@ def _lab_color(rgb: tuple[int, int, int]):  # noqa: ANN202
     return hd.color.CIELabColor.from_rgb(*(v / 255.0 for v in rgb))
 
 
+def seg_series_number(volume: Volume, series_number: int | None = None) -> int:
+    """The SEG's Series Number: ``series_number`` if given, else 5000 + the source's (never a random one)."""
+    if series_number is not None:
+        return int(series_number)
+    source_number = volume.datasets[0].get("SeriesNumber")
+    return 5000 + int(source_number) if source_number not in (None, "") else 5000
+
+
+def segment_descriptions(package: ModelPackage, uid_seed: str) -> list:
+    """One highdicom SegmentDescription per label: SNOMED CT codes, algorithm identification, tracking UID."""
+    import highdicom as hd
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=package.algorithm_name,
+        family=codes.cid7162.ArtificialIntelligence,
+        version=package.algorithm_version,
+    )
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=i,
+            segment_label=label.name,
+            segmented_property_category=_coded(label.category),
+            segmented_property_type=_coded(label.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=[uid_seed, "segment", str(i)]),
+            tracking_id=label.name,
+            display_color=_lab_color(label.color),
+        )
+        for i, label in enumerate(package.labels, start=1)
+    ]
+
+
 def build_seg(
     volume: Volume,
     labels: np.ndarray,
@@ -116,25 +149,7 @@ def build_seg(
     for ds in volume.datasets:
         if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
             del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=package.algorithm_name,
-        family=codes.cid7162.ArtificialIntelligence,
-        version=package.algorithm_version,
-    )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=i,
-            segment_label=label.name,
-            segmented_property_category=_coded(label.category),
-            segmented_property_type=_coded(label.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=[uid_seed, "segment", str(i)]),
-            tracking_id=label.name,
-            display_color=_lab_color(label.color),
-        )
-        for i, label in enumerate(package.labels, start=1)
-    ]
+    descriptions = segment_descriptions(package, uid_seed)
     lut = np.zeros(max(lab.value for lab in package.labels) + 1, dtype=np.uint8)
     for i, label in enumerate(package.labels, start=1):
         lut[label.value] = i
@@ -144,16 +159,13 @@ def build_seg(
         frames = np.zeros((int(volume.datasets[0].NumberOfFrames), *segments.shape[1:]), dtype=segments.dtype)
         frames[volume.frames] = segments
         segments = frames
-    source_number = volume.datasets[0].get("SeriesNumber")
-    if series_number is None:
-        series_number = 5000 + int(source_number) if source_number not in (None, "") else 5000
     return hd.seg.Segmentation(
         source_images=volume.datasets,
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=[uid_seed, "series"]),
-        series_number=series_number,
+        series_number=seg_series_number(volume, series_number),
         sop_instance_uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=[uid_seed, "seg"]),
         instance_number=1,
         manufacturer="edge-runtime",

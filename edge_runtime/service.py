@@ -42,6 +42,7 @@ from .monitoring import (
 from .package import ModelPackage
 from .runner import Runner, RunnerError, load_runner
 from .seg import build_seg, measure, write_measurements
+from .seg_binary import encode_binary_seg
 from .sr import build_sr
 from .sender import Sender
 from .spool import SeriesRow, SeriesState, Spool
@@ -320,7 +321,11 @@ class Service:
         directory = self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{row.generation}"
         directory.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
+        if volume.multiframe:  # frames of one Enhanced source: highdicom pairs them with the source's frames
+            seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
+        else:
+            seg = encode_binary_seg(volume, result.labels, self.package, uid_seed=seed,
+                                    device_serial_number=self.serial)
         seg_path = _write_dicom(seg, directory / "seg.dcm")
         timings["seg"] = time.perf_counter() - t0
         t0 = time.perf_counter()
