@@ -146,9 +146,6 @@ def build_seg(
     """
     import highdicom as hd
 
-    for ds in volume.datasets:
-        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
-            del ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
     descriptions = segment_descriptions(package, uid_seed)
     lut = np.zeros(max(lab.value for lab in package.labels) + 1, dtype=np.uint8)
     for i, label in enumerate(package.labels, start=1):

@@ -318,6 +318,9 @@ def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | 
     notes += step_notes
     array = _read_pixels([slices[i] for i in order], policy.max_voxels)
     sorted_slices = [slices[i] for i in order]
+    for s in sorted_slices:
+        if s.ds is not None and "SpecificCharacterSet" in s.ds and not s.ds.SpecificCharacterSet:
+            del s.ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
     multiframe = sorted_slices[0].frame is not None
     first = sorted_slices[0]
     row_spacing, col_spacing = first.geometry.pixel_spacing
