@@ -1,8 +1,8 @@
 """``edge-runtime``: the service and its companions.
 
-  serve   run the DICOM listener daemon (Ctrl-C / SIGTERM stops it cleanly)
-  push    send a folder of DICOM files to a DICOM node (for demos and tests)
-  status  list the series in a spool and what became of them
+serve   run the DICOM listener daemon (Ctrl-C / SIGTERM stops it cleanly)
+push    send a folder of DICOM files to a DICOM node (for demos and tests)
+status  list the series in a spool and what became of them
 """
 
 from __future__ import annotations
@@ -64,7 +64,11 @@ def setup_logging(level: str, as_json: bool) -> None:
     # route Python warnings through logging and keep the libraries' chatter out of the log.
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").setLevel(logging.ERROR)
-    for noisy, floor in (("pynetdicom", logging.WARNING), ("pydicom", logging.ERROR), ("highdicom", logging.WARNING)):
+    for noisy, floor in (
+        ("pynetdicom", logging.WARNING),
+        ("pydicom", logging.ERROR),
+        ("highdicom", logging.WARNING),
+    ):
         logging.getLogger(noisy).setLevel(floor)
 
 
@@ -73,8 +77,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 11112)")
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--ae-title", help="our AE title; senders must call it (default EDGE)")
-    p.add_argument("--destination", action="append", metavar="AE@HOST:PORT",
-                   help="send results here; repeatable (default: only the output folder)")
+    p.add_argument(
+        "--destination",
+        action="append",
+        metavar="AE@HOST:PORT",
+        help="send results here; repeatable (default: only the output folder)",
+    )
     p.add_argument("--spool", type=Path, help="spool directory (default ./edge-runtime-data/spool)")
     p.add_argument("--output", type=Path, help="results folder (default ./edge-runtime-data/results)")
     p.add_argument("--model", type=Path, help="model package directory (default: the bundled CT model)")
@@ -83,13 +91,23 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="inference threads (default: one per core)")
     p.add_argument("--triton-url", help="Triton gRPC endpoint host:port for --backend triton")
     p.add_argument("--triton-model", help="model name in the Triton repository (default: the package name)")
-    p.add_argument("--triton-shared-memory", choices=("true", "false"),
-                   help="pass tensors through system shared memory (Triton on this host)")
-    p.add_argument("--fallback-backend", help="if the backend cannot start, run on onnxruntime CPU (logged loudly)")
-    p.add_argument("--quiet-seconds", type=float, help="a series is complete after this long without a new instance")
-    p.add_argument("--early-completion", choices=("true", "false"),
-                   help="complete a series when its association is released and its stack is geometrically "
-                        "complete, before the quiet period (default true)")
+    p.add_argument(
+        "--triton-shared-memory",
+        choices=("true", "false"),
+        help="pass tensors through system shared memory (Triton on this host)",
+    )
+    p.add_argument(
+        "--fallback-backend", help="if the backend cannot start, run on onnxruntime CPU (logged loudly)"
+    )
+    p.add_argument(
+        "--quiet-seconds", type=float, help="a series is complete after this long without a new instance"
+    )
+    p.add_argument(
+        "--early-completion",
+        choices=("true", "false"),
+        help="complete a series when its association is released and its stack is geometrically "
+        "complete, before the quiet period (default true)",
+    )
     p.add_argument("--allowed-calling-aets", help="comma-separated AE titles allowed to send (default: any)")
     p.add_argument("--max-associations", type=int)
     p.add_argument("--allowed-networks", help="comma-separated networks allowed to connect (default: any)")
@@ -99,13 +117,23 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path, help="PEM private key for the TLS port")
     p.add_argument("--tls-ca", type=Path, help="PEM CA bundle: require client certificates signed by it")
     p.add_argument("--irregular-spacing", help="resample or refuse unevenly spaced slices (default resample)")
-    p.add_argument("--decode-cache-mb", type=int,
-                   help="memory for slices decoded as they arrive (default 2048; 0 decodes at completion)")
-    p.add_argument("--retention-hours", type=float,
-                   help="delete spooled instances of finished series after this long (default 72)")
-    p.add_argument("--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space")
+    p.add_argument(
+        "--decode-cache-mb",
+        type=int,
+        help="memory for slices decoded as they arrive (default 2048; 0 decodes at completion)",
+    )
+    p.add_argument(
+        "--retention-hours",
+        type=float,
+        help="delete spooled instances of finished series after this long (default 72)",
+    )
+    p.add_argument(
+        "--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space"
+    )
     p.add_argument("--http-host", help="address of /healthz, /readyz and /metrics (default 127.0.0.1)")
-    p.add_argument("--http-port", type=int, help="port of /healthz, /readyz and /metrics (default 8190; 0 disables)")
+    p.add_argument(
+        "--http-port", type=int, help="port of /healthz, /readyz and /metrics (default 8190; 0 disables)"
+    )
     p.add_argument("--log-level")
     p.add_argument("--log-json", action="store_const", const=True, help="one JSON object per log line")
 
@@ -113,12 +141,38 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = load_toml(args.config) if args.config else {}
     for key in (
-        "port", "host", "ae_title", "destination", "spool", "output", "model", "backend", "device", "threads",
-        "triton_url", "triton_model", "triton_shared_memory", "fallback_backend",
-        "quiet_seconds", "early_completion", "allowed_calling_aets", "max_associations", "allowed_networks",
-        "max_instance_mb", "tls_port", "tls_cert", "tls_key", "tls_ca", "irregular_spacing", "decode_cache_mb",
-        "min_free_mb", "retention_hours",
-        "http_host", "http_port", "log_level", "log_json",
+        "port",
+        "host",
+        "ae_title",
+        "destination",
+        "spool",
+        "output",
+        "model",
+        "backend",
+        "device",
+        "threads",
+        "triton_url",
+        "triton_model",
+        "triton_shared_memory",
+        "fallback_backend",
+        "quiet_seconds",
+        "early_completion",
+        "allowed_calling_aets",
+        "max_associations",
+        "allowed_networks",
+        "max_instance_mb",
+        "tls_port",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "irregular_spacing",
+        "decode_cache_mb",
+        "min_free_mb",
+        "retention_hours",
+        "http_host",
+        "http_port",
+        "log_level",
+        "log_json",
     ):
         value = getattr(args, key)
         if value is not None:
@@ -150,8 +204,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .sender import Destination
     from .push import push_folder
+    from .sender import Destination
 
     setup_logging("info", False)
     try:
@@ -183,7 +237,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-runtime", description="Edge inference runtime for medical imaging")
+    parser = argparse.ArgumentParser(
+        prog="edge-runtime", description="Edge inference runtime for medical imaging"
+    )
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the DICOM listener daemon")

@@ -126,13 +126,24 @@ def build_config(values: dict[str, Any]) -> Config:
     take("tls_key", _existing_file, "the PEM private key of this node, an existing file")
     take("tls_ca", _existing_file, "a PEM CA bundle; clients must then present a certificate it signed")
     take("max_associations", lambda v: _int_range(v, 1, 1000), "an integer 1-1000")
-    take("irregular_spacing", lambda v: _choice(v, IRREGULAR_POLICIES), f"one of {', '.join(IRREGULAR_POLICIES)}")
-    take("decode_cache_mb", lambda v: _int_range(v, 0, 1024 * 1024),
-         "an integer >= 0 (MiB of slices decoded as they arrive; 0 turns it off)")
+    take(
+        "irregular_spacing",
+        lambda v: _choice(v, IRREGULAR_POLICIES),
+        f"one of {', '.join(IRREGULAR_POLICIES)}",
+    )
+    take(
+        "decode_cache_mb",
+        lambda v: _int_range(v, 0, 1024 * 1024),
+        "an integer >= 0 (MiB of slices decoded as they arrive; 0 turns it off)",
+    )
     take("retention_hours", _positive_float, "a number of hours > 0")
     take("min_free_mb", lambda v: _int_range(v, 0, 10**9), "an integer >= 0 (MiB)")
     take("http_host", _str, "an address for the health and metrics endpoint (default 127.0.0.1)")
-    take("http_port", lambda v: _int_range(v, 0, 65535), "an integer 1-65535, or 0 to disable /healthz /metrics")
+    take(
+        "http_port",
+        lambda v: _int_range(v, 0, 65535),
+        "an integer 1-65535, or 0 to disable /healthz /metrics",
+    )
     take("log_level", lambda v: _choice(str(v).lower(), LOG_LEVELS), f"one of {', '.join(LOG_LEVELS)}")
     take("log_json", _bool, "true or false")
     if out.get("tls_port") and not (out.get("tls_cert") and out.get("tls_key")):

@@ -30,21 +30,33 @@ class Metrics:
             "edge_instances_received", "C-STORE requests answered, by outcome", ["outcome"], registry=r
         )
         self.series_completed = Counter(
-            "edge_series_completed", "Series found complete, by the signal that completed them", ["signal"],
+            "edge_series_completed",
+            "Series found complete, by the signal that completed them",
+            ["signal"],
             registry=r,
         )
         self.series_segmented = Counter("edge_series_segmented", "Series segmented and published", registry=r)
-        self.series_failed = Counter("edge_series_failed", "Series refused or failed, by reason", ["reason"],
-                                     registry=r)
-        self.stage_seconds = Histogram(
-            "edge_stage_seconds", "Time spent per stage of a series", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        self.series_failed = Counter(
+            "edge_series_failed", "Series refused or failed, by reason", ["reason"], registry=r
         )
-        self.queue_depth = Gauge("edge_queue_depth", "Series or results waiting, by queue", ["queue"], registry=r)
-        self.sends = Counter("edge_sends", "C-STORE of results to destinations, by outcome", ["outcome"],
-                             registry=r)
+        self.stage_seconds = Histogram(
+            "edge_stage_seconds",
+            "Time spent per stage of a series",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edge_queue_depth", "Series or results waiting, by queue", ["queue"], registry=r
+        )
+        self.sends = Counter(
+            "edge_sends", "C-STORE of results to destinations, by outcome", ["outcome"], registry=r
+        )
         self.validation_dice = Gauge(
-            "edge_validation_dice", "Dice against the latest reference segmentation, per model and label",
-            ["model", "label"], registry=r,
+            "edge_validation_dice",
+            "Dice against the latest reference segmentation, per model and label",
+            ["model", "label"],
+            registry=r,
         )
 
     def observe_stages(self, timings: dict[str, float]) -> None:

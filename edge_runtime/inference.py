@@ -166,7 +166,9 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [int(round(v)) for v in np.linspace(0, size - patch, count)]
 
 
-def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> Iterator[tuple[slice, ...]]:
+def _windows(
+    shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float
+) -> Iterator[tuple[slice, ...]]:
     for z in window_starts(shape[0], patch[0], overlap):
         for y in window_starts(shape[1], patch[1], overlap):
             for x in window_starts(shape[2], patch[2], overlap):
@@ -176,10 +178,12 @@ def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float
 def sliding_window(image: np.ndarray, package: ModelPackage, runner: Runner) -> tuple[np.ndarray, int]:
     """Blend logits of overlapping windows into ``(K, Z, Y, X)`` logits over the whole image."""
     patch = package.patch_size
-    pad = [(0, max(0, p - s)) for p, s in zip(patch, image.shape)]
-    padded = np.pad(image, pad, mode="constant", constant_values=float(image.min())) if any(
-        after for _, after in pad
-    ) else image
+    pad = [(0, max(0, p - s)) for p, s in zip(patch, image.shape, strict=False)]
+    padded = (
+        np.pad(image, pad, mode="constant", constant_values=float(image.min()))
+        if any(after for _, after in pad)
+        else image
+    )
     weights = (
         gaussian_importance(patch) if package.blending == "gaussian" else np.ones(patch, dtype=np.float32)
     )

@@ -247,7 +247,9 @@ class ConnectionGuard:
                 return False
         with self._lock:
             if self._pending >= self.max_pending:
-                log.warning("connection from %s refused: %d connections waiting to associate", host, self._pending)
+                log.warning(
+                    "connection from %s refused: %d connections waiting to associate", host, self._pending
+                )
                 return False
             self._pending += 1
         return True
@@ -334,19 +336,29 @@ class Listener:
                 raise ValueError("a TLS port needs tls_cert and tls_key")
             ports.append((cfg.tls_port, tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)))
         for port, tls in ports:
-            server = self.ae.make_server((cfg.host, port), evt_handlers=handlers,
-                                         server_class=GuardedAssociationServer)
-            server.guard = ConnectionGuard(networks, max_pending=4 * cfg.max_associations + 16,
-                                           stall_timeout=min(cfg.network_timeout, 10.0),
-                                           first_pdu_timeout=cfg.acse_timeout, tls=tls)
+            server = self.ae.make_server(
+                (cfg.host, port), evt_handlers=handlers, server_class=GuardedAssociationServer
+            )
+            server.guard = ConnectionGuard(
+                networks,
+                max_pending=4 * cfg.max_associations + 16,
+                stall_timeout=min(cfg.network_timeout, 10.0),
+                first_pdu_timeout=cfg.acse_timeout,
+                tls=tls,
+            )
             # make_server() does not register the server with its AE, yet shutdown() expects it there.
             self.ae._servers.append(server)
             thread = threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True)
             thread.start()
             self.servers.append(server)
             self._threads.append(thread)
-            log.info("listening as %s on %s:%d%s", cfg.ae_title, cfg.host, server.server_address[1],
-                     " (TLS)" if tls else "")
+            log.info(
+                "listening as %s on %s:%d%s",
+                cfg.ae_title,
+                cfg.host,
+                server.server_address[1],
+                " (TLS)" if tls else "",
+            )
 
     def serving(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -370,8 +382,11 @@ class Listener:
         total = self._received.get(key, 0) + len(event.data)
         self._received[key] = total
         if total > self.config.max_instance_bytes:
-            log.warning("association from %s aborted: instance larger than %d bytes",
-                        event.assoc.requestor.ae_title.strip(), self.config.max_instance_bytes)
+            log.warning(
+                "association from %s aborted: instance larger than %d bytes",
+                event.assoc.requestor.ae_title.strip(),
+                self.config.max_instance_bytes,
+            )
             self._received.pop(key, None)
             event.assoc.abort()
 
@@ -388,15 +403,22 @@ class Listener:
         try:
             ds = event.dataset
         except Exception as exc:  # pydicom raises many types on malformed input
-            log.warning("C-STORE refused (0x%04X): data set does not parse: %s", STATUS_CANNOT_PARSE,
-                        type(exc).__name__)
+            log.warning(
+                "C-STORE refused (0x%04X): data set does not parse: %s",
+                STATUS_CANNOT_PARSE,
+                type(exc).__name__,
+            )
             return STATUS_CANNOT_PARSE
         checked = inspect_dataset(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
         if isinstance(checked, Refusal):
             log.warning("C-STORE refused (0x%04X): %s", checked.status, checked.reason)
             return checked.status
-        sop_class, sop_uid, study_uid, series_uid = checked.sop_class, checked.sop_uid, checked.study_uid, \
-            checked.series_uid
+        sop_class, sop_uid, study_uid, series_uid = (
+            checked.sop_class,
+            checked.sop_uid,
+            checked.study_uid,
+            checked.series_uid,
+        )
         modality, geometry = checked.modality, checked.geometry
         called = event.assoc.acceptor.ae_title.strip()
         calling = event.assoc.requestor.ae_title.strip()
@@ -417,11 +439,16 @@ class Listener:
             log.error("C-STORE refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)
             return STATUS_OUT_OF_RESOURCES
         except OSError as exc:
-            log.error("C-STORE refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror)
+            log.error(
+                "C-STORE refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror
+            )
             return STATUS_OUT_OF_RESOURCES
         log.debug(
-            "stored instance of series %s from %s%s in %.1f ms", stored.key_hash, calling,
-            " (duplicate)" if stored.duplicate else "", 1000 * (time.perf_counter() - t0),
+            "stored instance of series %s from %s%s in %.1f ms",
+            stored.key_hash,
+            calling,
+            " (duplicate)" if stored.duplicate else "",
+            1000 * (time.perf_counter() - t0),
         )
         if not stored.duplicate:
             with self._touched_lock:

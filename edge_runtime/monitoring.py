@@ -63,7 +63,9 @@ def match_segments(ds: Dataset, labels: tuple[Label, ...]) -> tuple[dict[int, in
     unmatched = []
     for item in ds.SegmentSequence:
         number = int(item.SegmentNumber)
-        code = item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
+        code = (
+            item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
+        )
         key = (str(code.CodeValue), str(code.CodingSchemeDesignator)) if code is not None else None
         value = by_code.get(key) if key else None
         if value is None:
@@ -81,8 +83,10 @@ def compare_with_reference(
     """Metrics per label between our SEG and the reference, both read onto ``volume``."""
     mapping, unmatched = match_segments(reference, package.labels)
     if not mapping:
-        raise ValidationError("no-matching-segments",
-                              f"none of the reference segments ({', '.join(unmatched)}) is a label of the model")
+        raise ValidationError(
+            "no-matching-segments",
+            f"none of the reference segments ({', '.join(unmatched)}) is a label of the model",
+        )
     try:
         ours, _ = read_reference_seg(our_seg, volume)  # our segment numbers are label positions, 1-based
         ref_masks = read_reference_masks(reference, volume)
@@ -110,8 +114,9 @@ def append_history(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def validation_record(series_key: str, package: ModelPackage, metrics: dict[int, dict[str, Any]],
-                      unmatched: list[str]) -> dict[str, Any]:
+def validation_record(
+    series_key: str, package: ModelPackage, metrics: dict[int, dict[str, Any]], unmatched: list[str]
+) -> dict[str, Any]:
     names = {lab.value: lab.name for lab in package.labels}
     return {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -58,8 +58,9 @@ def read_reference_masks(
     within the plane; by default a quarter of the smallest slice step along the normal and a quarter of the
     pixel spacing within the plane (at least 0.01 mm).
     """
-    reader = _Reader(seg, volume, threshold=threshold, tolerance_mm=tolerance_mm,
-                     ignore_outside=ignore_outside)
+    reader = _Reader(
+        seg, volume, threshold=threshold, tolerance_mm=tolerance_mm, ignore_outside=ignore_outside
+    )
     masks = {number: np.zeros(volume.array.shape, dtype=bool) for number in reader.names}
     for k, frame_masks in reader.frames():
         for number, mask in frame_masks.items():
@@ -81,11 +82,14 @@ def read_reference_seg(
     overlap, the higher segment number wins; use :func:`read_reference_masks` to keep overlaps. Arguments
     as for :func:`read_reference_masks`.
     """
-    reader = _Reader(seg, volume, threshold=threshold, tolerance_mm=tolerance_mm,
-                     ignore_outside=ignore_outside)
+    reader = _Reader(
+        seg, volume, threshold=threshold, tolerance_mm=tolerance_mm, ignore_outside=ignore_outside
+    )
     if 0 in reader.names:
-        raise ValueError("segment 0 is a foreground segment of this label map (its background is another "
-                         "value); a label map with 0 as background cannot hold it: use read_reference_masks")
+        raise ValueError(
+            "segment 0 is a foreground segment of this label map (its background is another "
+            "value); a label map with 0 as background cannot hold it: use read_reference_masks"
+        )
     top = max(reader.names, default=0)
     labels = np.zeros(volume.array.shape, dtype=np.uint8 if top < 256 else np.uint16)
     for k, frame_masks in reader.frames():
@@ -97,8 +101,15 @@ def read_reference_seg(
 class _Reader:
     """Checks a SEG against a volume, then yields each frame's segment masks with its slice index."""
 
-    def __init__(self, seg: SegSource, volume: Volume, *, threshold: float, tolerance_mm: float | None,
-                 ignore_outside: bool):
+    def __init__(
+        self,
+        seg: SegSource,
+        volume: Volume,
+        *,
+        threshold: float,
+        tolerance_mm: float | None,
+        ignore_outside: bool,
+    ):
         ds = seg if isinstance(seg, Dataset) else pydicom.dcmread(seg)
         self.ds = ds
         self.volume = volume
@@ -117,8 +128,10 @@ class _Reader:
 
         shape = volume.array.shape
         if (int(ds.Rows), int(ds.Columns)) != shape[1:]:
-            raise ValueError(f"the SEG's frames are {ds.Rows}x{ds.Columns} (rows x columns); the volume's "
-                             f"slices are {shape[1]}x{shape[2]}")
+            raise ValueError(
+                f"the SEG's frames are {ds.Rows}x{ds.Columns} (rows x columns); the volume's "
+                f"slices are {shape[1]}x{shape[2]}"
+            )
         seg_for = ds.get("FrameOfReferenceUID")
         vol_for = volume.datasets[0].get("FrameOfReferenceUID")
         if seg_for and vol_for and str(seg_for) != str(vol_for):
@@ -173,14 +186,18 @@ class _Reader:
             iop = np.array([float(v) for v in orientation.ImageOrientationPatient])
             expected = np.concatenate([self.volume.row_direction, self.volume.column_direction])
             if iop.shape != (6,) or not np.allclose(iop, expected, atol=1e-3):
-                raise ValueError(f"frame {index + 1} has Image Orientation (Patient) "
-                                 f"{iop.round(4).tolist()}; the volume's is {expected.round(4).tolist()}")
+                raise ValueError(
+                    f"frame {index + 1} has Image Orientation (Patient) "
+                    f"{iop.round(4).tolist()}; the volume's is {expected.round(4).tolist()}"
+                )
         measures = self._group(index, "PixelMeasuresSequence")
         if measures is not None and "PixelSpacing" in measures:
             spacing = [float(v) for v in measures.PixelSpacing]
             if not np.allclose(spacing, self.volume.spacing[1:], rtol=1e-3, atol=1e-4):
-                raise ValueError(f"frame {index + 1} has Pixel Spacing {spacing}; the volume's is "
-                                 f"{list(self.volume.spacing[1:])}")
+                raise ValueError(
+                    f"frame {index + 1} has Pixel Spacing {spacing}; the volume's is "
+                    f"{list(self.volume.spacing[1:])}"
+                )
 
     def _segment_of(self, index: int) -> int:
         ident = self._group(index, "SegmentIdentificationSequence")
@@ -201,8 +218,10 @@ class _Reader:
             k = referenced.pop()
             if by_position != k and self._position(index) is not None:
                 where = "outside the volume" if by_position is None else f"on slice {by_position}"
-                raise ValueError(f"frame {index + 1} references source slice {k} but its Image Position "
-                                 f"(Patient) lies {where}")
+                raise ValueError(
+                    f"frame {index + 1} references source slice {k} but its Image Position "
+                    f"(Patient) lies {where}"
+                )
             return k
         if by_position is None and self._position(index) is None:
             detail = "several source slices" if referenced else "no instance of the volume"
@@ -224,12 +243,16 @@ class _Reader:
         if abs(self.slice_along[k] - along) > self.tol_along:
             return None
         shift = ipp - self.slice_origins[k]
-        in_plane = (abs(float(shift @ self.volume.row_direction)),
-                    abs(float(shift @ self.volume.column_direction)))
+        in_plane = (
+            abs(float(shift @ self.volume.row_direction)),
+            abs(float(shift @ self.volume.column_direction)),
+        )
         if max(in_plane) > self.tol_in_plane:
-            raise ValueError(f"frame {index + 1} is shifted by {in_plane[0]:.3g} mm along rows and "
-                             f"{in_plane[1]:.3g} mm along columns from slice {k}: not pixel-aligned with the "
-                             "volume")
+            raise ValueError(
+                f"frame {index + 1} is shifted by {in_plane[0]:.3g} mm along rows and "
+                f"{in_plane[1]:.3g} mm along columns from slice {k}: not pixel-aligned with the "
+                "volume"
+            )
         return k
 
     # -- pixels --------------------------------------------------------------------------------------
@@ -258,8 +281,10 @@ class _Reader:
                 continue
             yield k, masks
         if outside and not self.ignore_outside:
-            raise ValueError(f"{outside} frame(s) with foreground lie outside the volume (no slice within "
-                             f"{self.tol_along:.3g} mm); pass ignore_outside=True to drop them")
+            raise ValueError(
+                f"{outside} frame(s) with foreground lie outside the volume (no slice within "
+                f"{self.tol_along:.3g} mm); pass ignore_outside=True to drop them"
+            )
 
     def _masks(self, frame: np.ndarray, segment: int | None) -> dict[int, np.ndarray]:
         if self.kind == "LABELMAP":

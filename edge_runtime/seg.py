@@ -55,24 +55,41 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
         mask = None if box is None else labels[box] == label.value
         n = 0 if mask is None else int(np.count_nonzero(mask))
         if box is None or mask is None or n == 0:
-            out.append(SegmentMeasurement(seg_number, label.value, label.name, 0, 0.0, None, None, None, None,
-                                          None, None, False))
+            out.append(
+                SegmentMeasurement(
+                    seg_number, label.value, label.name, 0, 0.0, None, None, None, None, None, None, False
+                )
+            )
             continue
         values = volume.array[box][mask].astype(np.float64)
         lo = [s.start for s in box]
         hi = [s.stop - 1 for s in box]
         centre = [
-            lo[axis] + float(np.dot(mask.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(mask.shape[axis])))
+            lo[axis]
+            + float(
+                np.dot(mask.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(mask.shape[axis]))
+            )
             / n
             for axis in range(3)
         ]
         corners = np.array([_to_patient(volume, lo), _to_patient(volume, hi)])
-        truncated = any(a == 0 for a in lo) or any(b == d - 1 for b, d in zip(hi, labels.shape))
-        out.append(SegmentMeasurement(
-            seg_number, label.value, label.name, n, n * voxel_ml, float(values.mean()), float(values.std()),
-            float(values.min()), float(values.max()),
-            [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()], _to_patient(volume, centre), truncated,
-        ))
+        truncated = any(a == 0 for a in lo) or any(b == d - 1 for b, d in zip(hi, labels.shape, strict=False))
+        out.append(
+            SegmentMeasurement(
+                seg_number,
+                label.value,
+                label.name,
+                n,
+                n * voxel_ml,
+                float(values.mean()),
+                float(values.std()),
+                float(values.min()),
+                float(values.max()),
+                [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()],
+                _to_patient(volume, centre),
+                truncated,
+            )
+        )
     return out
 
 
@@ -80,8 +97,12 @@ def _to_patient(volume: Volume, index: object) -> list[float]:
     """Patient LPS position of a (slice, row, column) index; the slice axis follows the true positions."""
     z, y, x = (float(v) for v in index)  # type: ignore[union-attr]
     along = float(np.interp(z, np.arange(len(volume.positions)), volume.positions))
-    p = (volume.origin + volume.normal * along + volume.column_direction * y * volume.spacing[1]
-         + volume.row_direction * x * volume.spacing[2])
+    p = (
+        volume.origin
+        + volume.normal * along
+        + volume.column_direction * y * volume.spacing[1]
+        + volume.row_direction * x * volume.spacing[2]
+    )
     return [round(float(v), 3) for v in p]
 
 
@@ -178,8 +199,15 @@ def build_seg(
     )
 
 
-def write_measurements(path: Path, measurements: list[SegmentMeasurement], *, package: ModelPackage,
-                       volume: Volume, seg_sop_uid: str, extra: dict | None = None) -> None:
+def write_measurements(
+    path: Path,
+    measurements: list[SegmentMeasurement],
+    *,
+    package: ModelPackage,
+    volume: Volume,
+    seg_sop_uid: str,
+    extra: dict | None = None,
+) -> None:
     data = {
         "model": {"name": package.name, "version": package.version, "sha256": package.model_sha256},
         "seg_sop_instance_uid": seg_sop_uid,

@@ -60,48 +60,130 @@ SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.4")
 #: Study modules (the Patient and Study IEs of the CT, MR and PET image IODs), and of the Specimen module,
 #: which highdicom 0.28 copies from the first source image when present.
 _COPIED_FROM_SOURCE = (
-    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
-    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
-    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
-    "PatientAlternativeCalendar", "PatientSex", "QualityControlSubject", "StrainDescription",
-    "StrainNomenclature", "StrainStockSequence", "StrainAdditionalInformation", "StrainCodeSequence",
-    "GeneticModificationsSequence", "OtherPatientNames", "OtherPatientIDsSequence",
-    "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
-    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
-    "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
-    "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence", "ClinicalTrialSponsorName", "ClinicalTrialProtocolID",
-    "ClinicalTrialProtocolName", "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence",
-    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
-    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
-    "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
-    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber", "StudyDate", "StudyTime", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
-    "ConsultingPhysicianName", "ConsultingPhysicianIdentificationSequence", "StudyDescription",
-    "ProcedureCodeSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
-    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence",
-    "StudyInstanceUID", "StudyID", "RequestingService", "RequestingServiceCodeSequence",
-    "ReasonForPerformedProcedureCodeSequence", "AdmittingDiagnosesDescription",
-    "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize", "PatientSizeCodeSequence",
-    "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension", "PatientWeight",
-    "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
-    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit",
-    "ReasonForVisitCodeSequence", "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID",
-    "ServiceEpisodeDescription", "IssuerOfServiceEpisodeIDSequence", "PatientState",
-    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
-    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence",
-    "IssuerOfClinicalTrialTimePointID", "ConsentForClinicalTrialUseSequence",
+    "ReferencedPatientSequence",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar",
+    "PatientSex",
+    "QualityControlSubject",
+    "StrainDescription",
+    "StrainNomenclature",
+    "StrainStockSequence",
+    "StrainAdditionalInformation",
+    "StrainCodeSequence",
+    "GeneticModificationsSequence",
+    "OtherPatientNames",
+    "OtherPatientIDsSequence",
+    "ReferencedPatientPhotoSequence",
+    "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence",
+    "PatientBreedDescription",
+    "PatientBreedCodeSequence",
+    "BreedRegistrationSequence",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID",
+    "OtherClinicalTrialProtocolIDsSequence",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "IssuerOfClinicalTrialSiteID",
+    "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence",
+    "StudyDescription",
+    "ProcedureCodeSequence",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "ReferencedStudySequence",
+    "StudyInstanceUID",
+    "StudyID",
+    "RequestingService",
+    "RequestingServiceCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientSizeCodeSequence",
+    "PatientBodyMassIndex",
+    "MeasuredAPDimension",
+    "MeasuredLateralDimension",
+    "PatientWeight",
+    "MedicalAlerts",
+    "Allergies",
+    "Occupation",
+    "SmokingStatus",
+    "AdditionalPatientHistory",
+    "PregnancyStatus",
+    "LastMenstrualDate",
+    "PatientSexNeutered",
+    "ReasonForVisit",
+    "ReasonForVisitCodeSequence",
+    "AdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence",
+    "PatientState",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType",
+    "ClinicalTrialTimePointTypeCodeSequence",
+    "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
     # Specimen module
-    "ContainerIdentifier", "IssuerOfTheContainerIdentifierSequence", "AlternateContainerIdentifierSequence",
-    "ContainerTypeCodeSequence", "ContainerDescription", "ContainerComponentSequence",
+    "ContainerIdentifier",
+    "IssuerOfTheContainerIdentifierSequence",
+    "AlternateContainerIdentifierSequence",
+    "ContainerTypeCodeSequence",
+    "ContainerDescription",
+    "ContainerComponentSequence",
     "SpecimenDescriptionSequence",
 )
 
 #: type 2 attributes highdicom sets from the source before copying (empty when the source lacks them)
 _TYPE2_FROM_SOURCE = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate",
-    "StudyTime", "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,8 +220,11 @@ def _sq(tag: int, items: Sequence[bytes]) -> bytes:
 
 
 def _code(value: str, scheme: str, meaning: str) -> bytes:
-    return (_el(0x00080100, b"SH", value.encode()) + _el(0x00080102, b"SH", scheme.encode())
-            + _el(0x00080104, b"LO", meaning.encode()))
+    return (
+        _el(0x00080100, b"SH", value.encode())
+        + _el(0x00080102, b"SH", scheme.encode())
+        + _el(0x00080104, b"LO", meaning.encode())
+    )
 
 
 def _raw_sq(tag: int, value: bytes) -> RawDataElement:
@@ -213,8 +298,8 @@ def _pack_chunked(labels: np.ndarray, frame_slices: np.ndarray, frame_values: np
     step = max(8, (32 << 20) // max(per_frame, 1) // 8 * 8)
     parts = []
     for start in range(0, len(frame_slices), step):
-        s = frame_slices[start:start + step]
-        v = frame_values[start:start + step]
+        s = frame_slices[start : start + step]
+        v = frame_values[start : start + step]
         parts.append(np.packbits((labels[s] == v[:, None, None]).ravel(), bitorder="little").tobytes())
     return b"".join(parts)
 
@@ -232,14 +317,16 @@ def _contributing_equipment(source: Dataset, now: datetime.datetime) -> list[Dat
         items.append(hd.ContributingEquipment.for_image_acquisition(source))
     except Exception:  # noqa: BLE001 - highdicom skips sources without equipment information the same way
         pass
-    items.append(hd.ContributingEquipment(
-        manufacturer="edge-runtime",
-        manufacturer_model_name="edge_runtime.seg_binary",
-        software_versions=__version__,
-        contribution_datetime=now,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        contribution_description="Software library used to create this instance",
-    ))
+    items.append(
+        hd.ContributingEquipment(
+            manufacturer="edge-runtime",
+            manufacturer_model_name="edge_runtime.seg_binary",
+            software_versions=__version__,
+            contribution_datetime=now,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            contribution_description="Software library used to create this instance",
+        )
+    )
     return items
 
 
@@ -291,7 +378,7 @@ def encode_binary_seg(
     for k, box in enumerate(boxes):
         if box is not None:
             z0, occ = box[0], box[1]
-            present[k, z0:z0 + len(occ)] = occ
+            present[k, z0 : z0 + len(occ)] = occ
     nonempty = np.asarray(present.any(axis=0))
     empty_result = not nonempty.any()
     rank = np.zeros(n_slices, dtype=np.int64)
@@ -300,7 +387,7 @@ def encode_binary_seg(
         frame_slices = np.full(n_segments, order[0], dtype=np.int64)
         frame_segments = np.arange(1, n_segments + 1, dtype=np.int64)
         rank[order[0]] = 1
-        per_segment = [frame_slices[k:k + 1] for k in range(n_segments)]
+        per_segment = [frame_slices[k : k + 1] for k in range(n_segments)]
         included_sorted = order[:1]
     else:
         included_sorted = order[nonempty[order]]
@@ -321,7 +408,7 @@ def encode_binary_seg(
         for box, slices in zip(boxes, per_segment, strict=True):
             if box is not None and len(slices) and not empty_result:
                 z0, _, packed, (y0, y1, b0, b1) = box
-                frames[offset:offset + len(slices), y0:y1, b0:b1] = packed[slices - z0]
+                frames[offset : offset + len(slices), y0:y1, b0:b1] = packed[slices - z0]
             offset += len(slices)
         pixel_data = buffer.tobytes()
     else:
@@ -339,20 +426,32 @@ def encode_binary_seg(
     slice_parts: dict[int, tuple[bytes, bytes]] = {}
     for s in np.unique(frame_slices).tolist():
         d = sources[s]
-        source_item = (_el(0x00081150, b"UI", str(d.SOPClassUID).encode())
-                       + _el(0x00081155, b"UI", str(d.SOPInstanceUID).encode())
-                       + _el(0x0028135A, b"CS", b"YES") + purpose)
+        source_item = (
+            _el(0x00081150, b"UI", str(d.SOPClassUID).encode())
+            + _el(0x00081155, b"UI", str(d.SOPInstanceUID).encode())
+            + _el(0x0028135A, b"CS", b"YES")
+            + purpose
+        )
         derivation = _sq(0x00089124, [_sq(0x00082112, [source_item]) + derivation_code])
-        position = _sq(0x00209113, [_el(0x00200032, b"DS",
-                                         "\\".join(_ds(v) for v in d.ImagePositionPatient).encode())])
+        position = _sq(
+            0x00209113, [_el(0x00200032, b"DS", "\\".join(_ds(v) for v in d.ImagePositionPatient).encode())]
+        )
         slice_parts[s] = (derivation, position)
     per_frame_segment = n_segments > 1
     segment_ids = [
         _sq(0x0062000A, [_el(0x0062000B, b"US", struct.pack("<H", i))]) if per_frame_segment else b""
         for i in range(1, n_segments + 1)
     ]
-    content_head = _tag(0x00209111) + b"SQ\x00\x00" + struct.pack("<I", 24) + _ITEM + struct.pack("<I", 16) \
-        + _tag(0x00209157) + b"UL" + struct.pack("<H", 8)
+    content_head = (
+        _tag(0x00209111)
+        + b"SQ\x00\x00"
+        + struct.pack("<I", 24)
+        + _ITEM
+        + struct.pack("<I", 16)
+        + _tag(0x00209157)
+        + b"UL"
+        + struct.pack("<H", 8)
+    )
     item_parts: list[bytes] = []
     pack_ii = struct.Struct("<II").pack
     pack_i = struct.Struct("<I").pack
@@ -360,13 +459,23 @@ def encode_binary_seg(
     for s, seg in zip(frame_slices.tolist(), frame_segments.tolist(), strict=True):
         derivation, position = slice_parts[s]
         seg_id = segment_ids[seg - 1]
-        item_parts += (_ITEM, pack_i(len(derivation) + fixed + len(position) + len(seg_id)), derivation,
-                       content_head, pack_ii(seg, int(rank[s])), position, seg_id)
+        item_parts += (
+            _ITEM,
+            pack_i(len(derivation) + fixed + len(position) + len(seg_id)),
+            derivation,
+            content_head,
+            pack_ii(seg, int(rank[s])),
+            position,
+            seg_id,
+        )
     per_frame_groups = b"".join(item_parts)
 
     # -- source references -------------------------------------------------------------------------------
-    references = [_el(0x00081150, b"UI", str(d.SOPClassUID).encode())
-                  + _el(0x00081155, b"UI", str(d.SOPInstanceUID).encode()) for d in sources]
+    references = [
+        _el(0x00081150, b"UI", str(d.SOPClassUID).encode())
+        + _el(0x00081155, b"UI", str(d.SOPInstanceUID).encode())
+        for d in sources
+    ]
     by_series: dict[str, list[bytes]] = {}
     for d, ref in zip(sources, references, strict=True):
         by_series.setdefault(str(d.SeriesInstanceUID), []).append(ref)
@@ -447,8 +556,10 @@ def encode_binary_seg(
     organization.DimensionOrganizationUID = dim_uid
     ds.DimensionOrganizationSequence = [organization]
     dimensions = []
-    for pointer, group, label in ((0x0062000B, 0x0062000A, "Referenced Segment Number"),
-                                  (0x00200032, 0x00209113, "Image Position Patient")):
+    for pointer, group, label in (
+        (0x0062000B, 0x0062000A, "Referenced Segment Number"),
+        (0x00200032, 0x00209113, "Image Position Patient"),
+    ):
         item = Dataset()
         item.DimensionOrganizationUID = dim_uid
         item.DimensionIndexPointer = pointer
@@ -466,8 +577,9 @@ def encode_binary_seg(
     if src.get("SpacingBetweenSlices") not in (None, ""):
         measures.SpacingBetweenSlices = _ds(src.SpacingBetweenSlices)
     else:
-        spacing, _ = get_volume_positions(image_positions=positions.tolist(),
-                                          image_orientation=[float(v) for v in iop])
+        spacing, _ = get_volume_positions(
+            image_positions=positions.tolist(), image_orientation=[float(v) for v in iop]
+        )
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
     orientation = Dataset()
@@ -482,8 +594,11 @@ def encode_binary_seg(
         # highdicom calls a single segment on several regularly spaced planes a 3D organisation
         included = np.sort(included_sorted)
         if len(included) > 1:
-            spacing, _ = get_volume_positions(image_positions=positions[included].tolist(),
-                                              image_orientation=[float(v) for v in iop], sort=False)
+            spacing, _ = get_volume_positions(
+                image_positions=positions[included].tolist(),
+                image_orientation=[float(v) for v in iop],
+                sort=False,
+            )
             if spacing is not None and spacing > 0.0:
                 ds.DimensionOrganizationType = "3D"
     ds.SharedFunctionalGroupsSequence = [shared]
@@ -493,8 +608,9 @@ def encode_binary_seg(
     ds[0x00082112] = _raw_sq(0x00082112, b"".join(_item(r) for r in references))  # type: ignore[assignment]
     ds[0x52009230] = _raw_sq(0x52009230, per_frame_groups)  # type: ignore[assignment]
     ds[0x7FE00010] = DataElement(0x7FE00010, "OB", pixel_data)
-    charset = (convert_encodings(ds.SpecificCharacterSet) if ds.get("SpecificCharacterSet")
-               else default_encoding)
+    charset = (
+        convert_encodings(ds.SpecificCharacterSet) if ds.get("SpecificCharacterSet") else default_encoding
+    )
     # raw elements are written unchanged only when the dataset says it was encoded as the file will be
     ds.set_original_encoding(False, True, charset)
     return ds

@@ -36,7 +36,9 @@ class Destination:
     def parse(cls, text: str) -> Destination:
         m = _DESTINATION.match(text.strip())
         if not m or not 0 < int(m["port"]) < 65536 or not m["ae"].strip():
-            raise ValueError(f"destination {text!r} is not AE@host:port (AE title up to 16 characters, port 1-65535)")
+            raise ValueError(
+                f"destination {text!r} is not AE@host:port (AE title up to 16 characters, port 1-65535)"
+            )
         return cls(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
 
     def __str__(self) -> str:
@@ -54,8 +56,14 @@ class RetryPolicy:
 
 
 class Sender:
-    def __init__(self, spool: Spool, calling_ae: str, retry: RetryPolicy | None = None, timeout: float = 30.0,
-                 on_result: Callable[[bool], None] | None = None):
+    def __init__(
+        self,
+        spool: Spool,
+        calling_ae: str,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+        on_result: Callable[[bool], None] | None = None,
+    ):
         self.spool = spool
         self.on_result = on_result
         self.calling_ae = calling_ae
@@ -156,5 +164,11 @@ class Sender:
             self.on_result(False)
         delay = self.retry.delay(item.attempts)
         self.spool.mark_failed_attempt(item.id, why, time.time() + delay)
-        log.warning("send of result %d to %s failed (%s); attempt %d, retrying in %.0f s",
-                    item.result_id, dest, why, item.attempts + 1, delay)
+        log.warning(
+            "send of result %d to %s failed (%s); attempt %d, retrying in %.0f s",
+            item.result_id,
+            dest,
+            why,
+            item.attempts + 1,
+            delay,
+        )

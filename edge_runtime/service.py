@@ -43,9 +43,9 @@ from .package import ModelPackage
 from .runner import Runner, RunnerError, load_runner
 from .seg import build_seg, measure, write_measurements
 from .seg_binary import encode_binary_seg
-from .sr import build_sr
 from .sender import Sender
 from .spool import SeriesRow, SeriesState, Spool
+from .sr import build_sr
 from .systemd import Notifier
 from .volume import GeometryPolicy, SliceCache, SliceGeometry, VolumeError, load_volume, stack_evidence
 
@@ -84,13 +84,20 @@ class Service:
             on_status=self._count_status,
         )
         self.sender = Sender(
-            self.spool, calling_ae=config.ae_title,
+            self.spool,
+            calling_ae=config.ae_title,
             on_result=lambda ok: self.metrics.sends.labels("success" if ok else "failure").inc(),
         )
         self.health: HealthServer | None = None
         if config.http_port:
-            self.health = HealthServer(config.http_host, config.http_port, self.metrics, self._healthz,
-                                       self._readyz, before_scrape=self._update_gauges)
+            self.health = HealthServer(
+                config.http_host,
+                config.http_port,
+                self.metrics,
+                self._healthz,
+                self._readyz,
+                before_scrape=self._update_gauges,
+            )
         self._stop = threading.Event()
         self._tracker_wake = threading.Event()
         self._released: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -106,7 +113,8 @@ class Service:
         config = self.config
         if config.backend == "triton":
             options: dict[str, object] = {
-                "url": config.triton_url, "model_name": config.triton_model or self.package.name,
+                "url": config.triton_url,
+                "model_name": config.triton_model or self.package.name,
                 "shared_memory": "system" if config.triton_shared_memory else "none",
             }
         else:
@@ -116,8 +124,12 @@ class Service:
         except (RunnerError, ImportError) as exc:
             if not config.fallback_backend:
                 raise
-            log.error("BACKEND FALLBACK: %s could not start (%s); running on %s CPU as configured",
-                      config.backend, exc, config.fallback_backend)
+            log.error(
+                "BACKEND FALLBACK: %s could not start (%s); running on %s CPU as configured",
+                config.backend,
+                exc,
+                config.fallback_backend,
+            )
             self.fallback_reason = str(exc)
             return load_runner(self.package, config.fallback_backend, "cpu", threads=config.threads)
 
@@ -130,18 +142,28 @@ class Service:
         orphans = self.spool.remove_orphans()
         if orphans:
             log.info("removed %d unacknowledged file(s) left by an interrupted store", orphans)
-        log.info("model %s (%s) on %s", self.package.identity, self.package.model_sha256[:12], self.runner.describe())
+        log.info(
+            "model %s (%s) on %s",
+            self.package.identity,
+            self.package.model_sha256[:12],
+            self.runner.describe(),
+        )
         self.listener.start()
         self.sender.start()
         if self.health is not None:
             self.health.start()
-        for name, target in (("tracker", self._track), ("worker", self._work_loop), ("decoder", self._decode_loop)):
+        for name, target in (
+            ("tracker", self._track),
+            ("worker", self._work_loop),
+            ("decoder", self._decode_loop),
+        ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self._work.set()
-        self.notifier.ready(f"listening as {self.config.ae_title} on port {self.listener.port}; "
-                            f"model {self.package.identity}")
+        self.notifier.ready(
+            f"listening as {self.config.ae_title} on port {self.listener.port}; model {self.package.identity}"
+        )
         self.notifier.start_watchdog(self.healthy)
 
     def healthy(self) -> bool:
@@ -156,8 +178,11 @@ class Service:
 
     def _readyz(self) -> tuple[bool, dict[str, object]]:
         runner_ok, runner_state = self.runner.ready()
-        checks: dict[str, object] = {"listening": self.listener.serving(), "model": self.package.identity,
-                                     "runner": runner_state}
+        checks: dict[str, object] = {
+            "listening": self.listener.serving(),
+            "model": self.package.identity,
+            "runner": runner_state,
+        }
         if self.fallback_reason:
             checks["fallback"] = self.fallback_reason
         try:
@@ -245,7 +270,9 @@ class Service:
             evidence = stack_evidence(geometries, self.policy) if geometries else None
             if evidence is None or not evidence.complete:
                 why = evidence.reason if evidence else "no image slices"
-                log.info("series %s: association released, waiting for the quiet period (%s)", row.key_hash, why)
+                log.info(
+                    "series %s: association released, waiting for the quiet period (%s)", row.key_hash, why
+                )
                 continue
             if self.spool.queue_series(series_id, row.generation):
                 log.info("series %s complete on evidence: %s", row.key_hash, evidence.reason)
@@ -265,8 +292,12 @@ class Service:
                 self._work.set()
             queued = self.spool.queue_quiet_series(quiet)
             for row in queued:
-                log.info("series %s complete after %.1f s quiet: %d instance(s)", row.key_hash, quiet,
-                         row.instance_count)
+                log.info(
+                    "series %s complete after %.1f s quiet: %d instance(s)",
+                    row.key_hash,
+                    quiet,
+                    row.instance_count,
+                )
                 self.metrics.series_completed.labels("quiet").inc()
             if queued:
                 self._work.set()
@@ -317,40 +348,60 @@ class Service:
         result = segment(volume, self.package, self.runner)
         timings.update(result.timings)
 
-        seed = f"{row.called_ae}|{row.study_uid}|{row.series_uid}|{self.package.model_sha256}|{row.generation}"
+        seed = (
+            f"{row.called_ae}|{row.study_uid}|{row.series_uid}|{self.package.model_sha256}|{row.generation}"
+        )
         directory = self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{row.generation}"
         directory.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         if volume.multiframe:  # frames of one Enhanced source: highdicom pairs them with the source's frames
-            seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
+            seg = build_seg(
+                volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial
+            )
         else:
-            seg = encode_binary_seg(volume, result.labels, self.package, uid_seed=seed,
-                                    device_serial_number=self.serial)
+            seg = encode_binary_seg(
+                volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial
+            )
         seg_path = _write_dicom(seg, directory / "seg.dcm")
         timings["seg"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         measurements = measure(volume, result.labels, self.package)
-        sr = build_sr(seg, measurements, volume, self.package, uid_seed=seed, device_serial_number=self.serial)
+        sr = build_sr(
+            seg, measurements, volume, self.package, uid_seed=seed, device_serial_number=self.serial
+        )
         sr_path = _write_dicom(sr, directory / "sr.dcm")
         timings["measurements"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         write_measurements(
-            directory / "measurements.json", measurements, package=self.package, volume=volume,
+            directory / "measurements.json",
+            measurements,
+            package=self.package,
+            volume=volume,
             seg_sop_uid=str(seg.SOPInstanceUID),
-            extra={"sr_sop_instance_uid": str(sr.SOPInstanceUID),
-                   "timings_s": {k: round(v, 4) for k, v in timings.items()}, "windows": result.windows},
+            extra={
+                "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+                "timings_s": {k: round(v, 4) for k, v in timings.items()},
+                "windows": result.windows,
+            },
         )
         record = {"stages": timings, "started": started, "published": time.time()}
         result_id = self.spool.publish(
-            row.id, row.generation, self.package.identity, directory, [seg_path, sr_path],
-            [str(d) for d in self.config.destination], timings=json.dumps(record),
+            row.id,
+            row.generation,
+            self.package.identity,
+            directory,
+            [seg_path, sr_path],
+            [str(d) for d in self.config.destination],
+            timings=json.dumps(record),
         )
         if result_id is None:
             log.info("series %s grew while it was processed; its result is superseded", row.key_hash)
             return None
         log.info(
             "series %s segmented: %d slices, %d windows, %s",
-            row.key_hash, volume.array.shape[0], result.windows,
+            row.key_hash,
+            volume.array.shape[0],
+            result.windows,
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
         )
         self.metrics.series_segmented.inc()
@@ -370,7 +421,9 @@ class Service:
                 target = self.spool.find_series(row.called_ae, info.study_uid, info.series_uid)
                 results = self.spool.results(target.id) if target is not None else []
                 if target is None or not results:
-                    raise ValidationError("no-result", "the referenced series has no result from this service")
+                    raise ValidationError(
+                        "no-result", "the referenced series has no result from this service"
+                    )
                 _, _, model, directory = results[-1]
                 ours = directory / "seg.dcm"
                 if str(pydicom.dcmread(ours, stop_before_pixels=True).SOPInstanceUID) == info.sop_uid:
@@ -385,8 +438,11 @@ class Service:
             append_history(self.output / "validation.jsonl", record)
             for name, values in record["labels"].items():
                 self.metrics.validation_dice.labels(self.package.identity, name).set(values["dice"])
-            log.info("series %s: reference compared: %s", target.key_hash,
-                     ", ".join(f"{n} Dice {v['dice']:.3f}" for n, v in record["labels"].items()))
+            log.info(
+                "series %s: reference compared: %s",
+                target.key_hash,
+                ", ".join(f"{n} Dice {v['dice']:.3f}" for n, v in record["labels"].items()),
+            )
             compared += 1
         if compared:
             self.spool.finish(row.id, row.generation, f"reference compared ({compared} SEG)")

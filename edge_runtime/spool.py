@@ -143,7 +143,9 @@ class Spool:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+        has_tables = (
+            self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+        )
         if has_tables and version != SCHEMA_VERSION:
             self._db.close()
             raise RuntimeError(
@@ -191,7 +193,9 @@ class Spool:
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         if free < self.min_free_bytes:
-            raise SpoolFull(f"{free} bytes free on the spool's file system; the watermark is {self.min_free_bytes}")
+            raise SpoolFull(
+                f"{free} bytes free on the spool's file system; the watermark is {self.min_free_bytes}"
+            )
 
     def has_instance(self, called_ae: str, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         with self._lock:
@@ -229,7 +233,17 @@ class Spool:
                     "INSERT INTO series (called_ae, study_uid, series_uid, modality, key_hash, state, generation, "
                     "instance_count, first_received, last_received, updated) VALUES (?,?,?,?,?,?,0,0,?,?,?) "
                     "ON CONFLICT (called_ae, study_uid, series_uid) DO NOTHING",
-                    (called_ae, study_uid, series_uid, modality, key, SeriesState.RECEIVING.value, now, now, now),
+                    (
+                        called_ae,
+                        study_uid,
+                        series_uid,
+                        modality,
+                        key,
+                        SeriesState.RECEIVING.value,
+                        now,
+                        now,
+                        now,
+                    ),
                 )
                 series_id = db.execute(
                     "SELECT id FROM series WHERE called_ae=? AND study_uid=? AND series_uid=?",
@@ -238,8 +252,17 @@ class Spool:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO instances (series_id, sop_uid, sop_class, transfer_syntax, path, size, "
                     "calling_ae, received, geometry) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (series_id, sop_uid, sop_class, transfer_syntax, str(path.relative_to(self.root)), len(data),
-                     calling_ae, now, geometry),
+                    (
+                        series_id,
+                        sop_uid,
+                        sop_class,
+                        transfer_syntax,
+                        str(path.relative_to(self.root)),
+                        len(data),
+                        calling_ae,
+                        now,
+                        geometry,
+                    ),
                 )
                 duplicate = cur.rowcount == 0
                 if not duplicate:
@@ -289,13 +312,17 @@ class Spool:
 
     def instance_paths(self, series_id: int) -> list[Path]:
         with self._lock:
-            rows = self._db.execute("SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)).fetchall()
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)
+            ).fetchall()
         return [self.root / r[0] for r in rows]
 
     def instance_geometries(self, series_id: int) -> list[str | None]:
         """The slice geometry recorded at ingest for each instance of a series (None: not an image slice)."""
         with self._lock:
-            rows = self._db.execute("SELECT geometry FROM instances WHERE series_id=?", (series_id,)).fetchall()
+            rows = self._db.execute(
+                "SELECT geometry FROM instances WHERE series_id=?", (series_id,)
+            ).fetchall()
         return [r[0] for r in rows]
 
     # -- series -----------------------------------------------------------------------------------------
@@ -303,8 +330,10 @@ class Spool:
     def _row(self, r: tuple) -> SeriesRow:
         return SeriesRow(r[0], r[1], r[2], r[3], r[4], r[5], SeriesState(r[6]), r[7], r[8], r[9], r[10])
 
-    _COLUMNS = "id, called_ae, study_uid, series_uid, modality, key_hash, state, generation, instance_count, " \
-               "last_received, reason"
+    _COLUMNS = (
+        "id, called_ae, study_uid, series_uid, modality, key_hash, state, generation, instance_count, "
+        "last_received, reason"
+    )
 
     def series(self, series_id: int) -> SeriesRow:
         with self._lock:
@@ -333,7 +362,9 @@ class Spool:
                 (SeriesState.RECEIVING.value, now - quiet_seconds),
             ).fetchall()
             for r in rows:
-                db.execute("UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.QUEUED.value, now, r[0]))
+                db.execute(
+                    "UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.QUEUED.value, now, r[0])
+                )
         return [self._row(r) for r in rows]
 
     def queue_series(self, series_id: int, generation: int) -> bool:
@@ -362,7 +393,8 @@ class Spool:
             if r is None:
                 return None
             db.execute(
-                "UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.PROCESSING.value, time.time(), r[0])
+                "UPDATE series SET state=?, updated=? WHERE id=?",
+                (SeriesState.PROCESSING.value, time.time(), r[0]),
             )
         return replace(self._row(r), state=SeriesState.PROCESSING)
 
@@ -376,8 +408,10 @@ class Spool:
                 "UPDATE series SET state=?, updated=? WHERE state=?",
                 (SeriesState.QUEUED.value, now, SeriesState.PROCESSING.value),
             )
-            db.execute("UPDATE series SET last_received=? WHERE state=? AND last_received < ?",
-                       (now, SeriesState.RECEIVING.value, now))
+            db.execute(
+                "UPDATE series SET last_received=? WHERE state=? AND last_received < ?",
+                (now, SeriesState.RECEIVING.value, now),
+            )
         return cur.rowcount
 
     def fail(self, series_id: int, generation: int, reason: str) -> bool:
@@ -385,7 +419,14 @@ class Spool:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
-                (SeriesState.FAILED.value, reason, time.time(), series_id, generation, SeriesState.PROCESSING.value),
+                (
+                    SeriesState.FAILED.value,
+                    reason,
+                    time.time(),
+                    series_id,
+                    generation,
+                    SeriesState.PROCESSING.value,
+                ),
             )
         return cur.rowcount == 1
 
@@ -394,13 +435,26 @@ class Spool:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
-                (SeriesState.DONE.value, note, time.time(), series_id, generation, SeriesState.PROCESSING.value),
+                (
+                    SeriesState.DONE.value,
+                    note,
+                    time.time(),
+                    series_id,
+                    generation,
+                    SeriesState.PROCESSING.value,
+                ),
             )
         return cur.rowcount == 1
 
     def publish(
-        self, series_id: int, generation: int, model: str, directory: Path, files: list[Path],
-        destinations: list[str], timings: str = "{}",
+        self,
+        series_id: int,
+        generation: int,
+        model: str,
+        directory: Path,
+        files: list[Path],
+        destinations: list[str],
+        timings: str = "{}",
     ) -> int | None:
         """Commit a result and its outbox rows, if ``generation`` is still the series' current one."""
         now = time.time()
@@ -426,7 +480,8 @@ class Spool:
     def results(self, series_id: int) -> list[tuple[int, int, str, Path]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, generation, model, directory FROM results WHERE series_id=? ORDER BY id", (series_id,)
+                "SELECT id, generation, model, directory FROM results WHERE series_id=? ORDER BY id",
+                (series_id,),
             ).fetchall()
         return [(r[0], r[1], r[2], Path(r[3])) for r in rows]
 
@@ -449,10 +504,14 @@ class Spool:
             ids = [r[0] for r in rows]
             paths: list[str] = []
             for series_id in ids:
-                paths += [r[0] for r in db.execute("SELECT path FROM instances WHERE series_id=?", (series_id,))]
+                paths += [
+                    r[0] for r in db.execute("SELECT path FROM instances WHERE series_id=?", (series_id,))
+                ]
                 db.execute("DELETE FROM instances WHERE series_id=?", (series_id,))
-                db.execute("DELETE FROM outbox WHERE result_id IN (SELECT id FROM results WHERE series_id=?)",
-                           (series_id,))
+                db.execute(
+                    "DELETE FROM outbox WHERE result_id IN (SELECT id FROM results WHERE series_id=?)",
+                    (series_id,),
+                )
                 db.execute("DELETE FROM results WHERE series_id=?", (series_id,))
                 db.execute("DELETE FROM series WHERE id=?", (series_id,))
         for rel in paths:
@@ -490,7 +549,9 @@ class Spool:
 
     def mark_sent(self, item_id: int) -> None:
         with self._tx() as db:
-            db.execute("UPDATE outbox SET state='sent', sent=?, last_error=NULL WHERE id=?", (time.time(), item_id))
+            db.execute(
+                "UPDATE outbox SET state='sent', sent=?, last_error=NULL WHERE id=?", (time.time(), item_id)
+            )
 
     def mark_failed_attempt(self, item_id: int, error: str, retry_at: float) -> None:
         with self._tx() as db:

@@ -141,7 +141,9 @@ def build_sr(
         tracking_id = desc.get("TrackingID") or str(desc.get("SegmentLabel") or m.name)
         items = [
             hd.sr.Measurement(
-                name=codes.SCT.Volume, value=float(m.volume_ml), unit=ml,
+                name=codes.SCT.Volume,
+                value=float(m.volume_ml),
+                unit=ml,
                 method=codes.DCM.SumOfSegmentedVoxelMethodForVolume,
             ),
             hd.sr.Measurement(name=_concept(*VOXEL_COUNT), value=int(m.voxels), unit=voxels_unit),
@@ -150,32 +152,42 @@ def build_sr(
         if m.voxels > 0:
             if intensity is not None:
                 name, unit = intensity
-                for derivation, value in ((codes.SCT.Mean, m.mean), (codes.SCT.StandardDeviation, m.std),
-                                          (codes.SCT.Minimum, m.min), (codes.SCT.Maximum, m.max)):
+                for derivation, value in (
+                    (codes.SCT.Mean, m.mean),
+                    (codes.SCT.StandardDeviation, m.std),
+                    (codes.SCT.Minimum, m.min),
+                    (codes.SCT.Maximum, m.max),
+                ):
                     if value is not None:
-                        items.append(hd.sr.Measurement(name=name, value=float(value), unit=unit,
-                                                       derivation=derivation))
-            evaluations.append(hd.sr.QualitativeEvaluation(
-                name=codes.DCM.AnatomyCoverageIncomplete,
-                value=codes.SCT.Yes if m.truncated else codes.SCT.No,
-            ))
+                        items.append(
+                            hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation)
+                        )
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=codes.DCM.AnatomyCoverageIncomplete,
+                    value=codes.SCT.Yes if m.truncated else codes.SCT.No,
+                )
+            )
         finding = desc.SegmentedPropertyTypeCodeSequence[0]
         category = desc.SegmentedPropertyCategoryCodeSequence[0]
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=str(tracking_uid),
-                                                         identifier=str(tracking_id)[:64]),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=str(seg.SOPClassUID),
-                sop_instance_uid=str(seg.SOPInstanceUID),
-                segment_number=number,
-                source_series=hd.sr.SourceSeriesForSegmentation(source_series),
-            ),
-            finding_type=_coded(finding),
-            finding_category=_coded(category),
-            algorithm_id=algorithm,
-            measurements=items,
-            qualitative_evaluations=evaluations or None,
-        ))
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=str(tracking_uid), identifier=str(tracking_id)[:64]
+                ),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(seg.SOPInstanceUID),
+                    segment_number=number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(source_series),
+                ),
+                finding_type=_coded(finding),
+                finding_category=_coded(category),
+                algorithm_id=algorithm,
+                measurements=items,
+                qualitative_evaluations=evaluations or None,
+            )
+        )
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=generate_uid(prefix=UID_PREFIX, entropy_srcs=["edge-runtime device", device_serial_number]),
@@ -186,7 +198,8 @@ def build_sr(
     )
     context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.cid270.Device, observer_identifying_attributes=device,
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=device,
         ),
     )
     report = hd.sr.MeasurementReport(
@@ -212,8 +225,11 @@ def build_sr(
         manufacturer_model_name=package.name[:64],
         software_versions=f"edge-runtime {__version__}; model {package.version}",
         device_serial_number=device_serial_number,
-        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
-            designator=PRIVATE_SCHEME, name="edge-runtime private concepts",
-            responsible_organization="edge-runtime",
-        )],
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=PRIVATE_SCHEME,
+                name="edge-runtime private concepts",
+                responsible_organization="edge-runtime",
+            )
+        ],
     )

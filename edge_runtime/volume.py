@@ -28,10 +28,10 @@ rescaled to modality units (HU for CT) with each slice's own slope and intercept
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import json
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,7 +155,14 @@ class SliceGeometry:
     @classmethod
     def from_json(cls, text: str) -> SliceGeometry:
         d = json.loads(text)
-        return cls(**{**d, "iop": tuple(d["iop"]), "ipp": tuple(d["ipp"]), "pixel_spacing": tuple(d["pixel_spacing"])})
+        return cls(
+            **{
+                **d,
+                "iop": tuple(d["iop"]),
+                "ipp": tuple(d["ipp"]),
+                "pixel_spacing": tuple(d["pixel_spacing"]),
+            }
+        )
 
 
 @dataclass
@@ -211,7 +218,9 @@ def stack_evidence(geometries: Sequence[SliceGeometry], policy: GeometryPolicy |
     expected = {g.expected for g in geometries if g.expected}
     if expected and expected != {len(slices)}:
         return Evidence(False, f"{len(slices)} of {max(expected)} expected instances")
-    return Evidence(True, f"{len(slices)} slices, regular {step:.3g} mm" + (", count as expected" if expected else ""))
+    return Evidence(
+        True, f"{len(slices)} slices, regular {step:.3g} mm" + (", count as expected" if expected else "")
+    )
 
 
 def read_instances(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
@@ -252,7 +261,9 @@ class SliceCache:
             if intercept:
                 pixels += intercept
             del ds.PixelData
-        except Exception:  # a slice that does not decode is found again, and reported, when the volume is built
+        except (
+            Exception
+        ):  # a slice that does not decode is found again, and reported, when the volume is built
             return False
         with self._lock:
             if path not in self._items:
@@ -285,8 +296,9 @@ def load_volume(
     except VolumeError:
         raise
     except Exception as exc:  # a spooled file is untrusted input: pydicom raises many types on malformed data
-        raise VolumeError("malformed-instance", f"an instance of the series cannot be read: {type(exc).__name__}") \
-            from exc
+        raise VolumeError(
+            "malformed-instance", f"an instance of the series cannot be read: {type(exc).__name__}"
+        ) from exc
 
 
 def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | None) -> Volume:
@@ -313,14 +325,18 @@ def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | 
             slices, order, positions, regular, step_notes = _plan(stacks[0], policy)
         except VolumeError:
             raise exc from None  # the repeats are not whole stacks: the duplicate positions are the finding
-        notes.append(f"{len(stacks)} stacks at the same positions (echoes or temporal positions): "
-                     f"segmented the first ({len(slices)} slices)")
+        notes.append(
+            f"{len(stacks)} stacks at the same positions (echoes or temporal positions): "
+            f"segmented the first ({len(slices)} slices)"
+        )
     notes += step_notes
     array = _read_pixels([slices[i] for i in order], policy.max_voxels)
     sorted_slices = [slices[i] for i in order]
     for s in sorted_slices:
         if s.ds is not None and "SpecificCharacterSet" in s.ds and not s.ds.SpecificCharacterSet:
-            del s.ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
+            del (
+                s.ds.SpecificCharacterSet
+            )  # empty means the default repertoire; highdicom rejects the empty value
     multiframe = sorted_slices[0].frame is not None
     first = sorted_slices[0]
     row_spacing, col_spacing = first.geometry.pixel_spacing
@@ -361,7 +377,9 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
             continue
         if len(geometry.iop) != 6 or not all(map(math.isfinite, geometry.iop + geometry.ipp)):
             raise VolumeError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
-        stack = tuple(str(ds.get(k, "")) for k in ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber"))
+        stack = tuple(
+            str(ds.get(k, "")) for k in ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber")
+        )
         slices.append(_Slice(geometry, ds, stack=stack, path=path))
     notes = [f"set aside {n} instance(s): {why}" for why, n in sorted(set_aside.items())]
     if not slices:
@@ -409,10 +427,13 @@ def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
 
     slices = []
     for i in range(n):
-        orientation, position, measures = (find(i, k) for k in (
-            "PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence"))
+        orientation, position, measures = (
+            find(i, k) for k in ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
+        )
         if orientation is None or position is None or measures is None:
-            raise VolumeError("bad-geometry", f"frame {i + 1} lacks plane orientation, position or pixel measures")
+            raise VolumeError(
+                "bad-geometry", f"frame {i + 1} lacks plane orientation, position or pixel measures"
+            )
         transform = find(i, "PixelValueTransformationSequence")
         slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
         intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
@@ -439,8 +460,11 @@ def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
     return slices
 
 
-def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
+def _plan(
+    slices: list[_Slice], policy: GeometryPolicy
+) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
     """Check one stack; return the spatial order, positions along the normal and whether it is regular."""
+
     def stack_key(s: _Slice) -> tuple:
         g = s.geometry
         return (tuple(np.round(s.iop, 3)), g.rows, g.columns, tuple(round(v, 4) for v in g.pixel_spacing))
@@ -484,7 +508,8 @@ def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], n
     if np.all(np.abs(multiples - np.round(multiples)) < policy.spacing_rtol * 2) and np.all(multiples > 1.5):
         missing = int(np.sum(np.round(multiples) - 1))
         raise VolumeError(
-            "missing-slices", f"{missing} slice(s) missing from a regular {median:.3g} mm stack; series incomplete?"
+            "missing-slices",
+            f"{missing} slice(s) missing from a regular {median:.3g} mm stack; series incomplete?",
         )
     detail = f"slice steps range {steps.min():.3g}-{steps.max():.3g} mm (median {median:.3g} mm)"
     if policy.irregular_spacing == "refuse":
@@ -497,15 +522,19 @@ def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:
     first = slices[0].geometry
     voxels = len(slices) * first.rows * first.columns
     if voxels > max_voxels or first.rows > 16384 or first.columns > 16384:
-        raise VolumeError("too-large", f"{len(slices)} x {first.rows} x {first.columns} voxels; the limit is "
-                          f"{max_voxels} (and 16384 per image side)")
+        raise VolumeError(
+            "too-large",
+            f"{len(slices)} x {first.rows} x {first.columns} voxels; the limit is "
+            f"{max_voxels} (and 16384 per image side)",
+        )
     array = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}  # a multi-frame instance is decoded once
     for k, s in enumerate(slices):
         if s.pixels is not None:
             if s.pixels.shape != array.shape[1:]:
-                raise VolumeError("bad-pixels", f"pixel data of one slice is {s.pixels.shape}, expected "
-                                  f"{array.shape[1:]}")
+                raise VolumeError(
+                    "bad-pixels", f"pixel data of one slice is {s.pixels.shape}, expected {array.shape[1:]}"
+                )
             array[k] = s.pixels
             continue
         ds = s.ds
@@ -514,7 +543,9 @@ def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:
             decoded[id(ds)] = _decode(ds, s.path)
         pixels = decoded[id(ds)] if s.frame is None else decoded[id(ds)][s.frame]
         if pixels.shape != array.shape[1:]:
-            raise VolumeError("bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}")
+            raise VolumeError(
+                "bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}"
+            )
         if s.rescale is not None:
             slope, intercept = s.rescale
         else:
@@ -536,5 +567,6 @@ def _decode(ds: Dataset, path: Path | None = None) -> np.ndarray:
     except Exception as exc:  # decoders raise RuntimeError, ValueError, NotImplementedError and their own
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = syntax.name if syntax is not None else "unknown transfer syntax"
-        raise VolumeError("undecodable-pixels", f"pixel data in {name} could not be decoded: "
-                          f"{type(exc).__name__}") from exc
+        raise VolumeError(
+            "undecodable-pixels", f"pixel data in {name} could not be decoded: {type(exc).__name__}"
+        ) from exc

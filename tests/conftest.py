@@ -68,7 +68,9 @@ class StoreSCP:
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["storescp", "-od", str(folder), "-aet", ae_title, "--fork", str(self.port)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port, 20, self.proc)
 
@@ -87,8 +89,11 @@ class StoreSCP:
                 if "ReferencedSeriesSequence" in ds:
                     refs = {str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)}
                 else:  # SR: the evidence sequence names the source series (and the SEG's)
-                    refs = {str(s.SeriesInstanceUID) for study in ds.CurrentRequestedProcedureEvidenceSequence
-                            for s in study.ReferencedSeriesSequence}
+                    refs = {
+                        str(s.SeriesInstanceUID)
+                        for study in ds.CurrentRequestedProcedureEvidenceSequence
+                        for s in study.ReferencedSeriesSequence
+                    }
             except Exception:
                 continue  # storescp may still be writing it
             for ref in refs:
@@ -118,11 +123,21 @@ class StoreSCP:
             self.proc.kill()
 
 
-def storescu(port: int, paths: list[Path], ae_title: str = "EDGE", extra: list[str] | None = None,
-             check: bool = True) -> subprocess.CompletedProcess:
+def storescu(
+    port: int, paths: list[Path], ae_title: str = "EDGE", extra: list[str] | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     require_tool("storescu")
-    cmd = ["storescu", "-aec", ae_title, "-aet", "SCANNER", *(extra or []), "127.0.0.1", str(port),
-           *map(str, paths)]
+    cmd = [
+        "storescu",
+        "-aec",
+        ae_title,
+        "-aet",
+        "SCANNER",
+        *(extra or []),
+        "127.0.0.1",
+        str(port),
+        *map(str, paths),
+    ]
     return subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=300, check=check)
 
 
@@ -139,9 +154,25 @@ class ServiceProcess:
         self.output = workdir / "out"
         self.log_path = workdir / "service.log"
         self._log = open(self.log_path, "ab")
-        cmd = [sys.executable, "-m", "edge_runtime", "serve", "--port", str(self.port), "--host", "127.0.0.1",
-               "--ae-title", ae_title, "--spool", str(self.spool), "--output", str(self.output),
-               "--http-port", str(self.http_port), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_runtime",
+            "serve",
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--ae-title",
+            ae_title,
+            "--spool",
+            str(self.spool),
+            "--output",
+            str(self.output),
+            "--http-port",
+            str(self.http_port),
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
         try:
             wait_port(self.port, 90, self.proc)

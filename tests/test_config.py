@@ -22,13 +22,18 @@ def test_toml_takes_the_command_line_keys(tmp_path: Path) -> None:
     )
     cfg = build_config(load_toml(f))
     assert cfg.ae_title == "SEGBOX" and cfg.port == 4242 and cfg.quiet_seconds == 2.5
-    assert cfg.destination == (Destination("PACS", "10.0.0.5", 104), Destination("VIEW", "viewer.local", 11112))
+    assert cfg.destination == (
+        Destination("PACS", "10.0.0.5", 104),
+        Destination("VIEW", "viewer.local", 11112),
+    )
     assert cfg.allowed_calling_aets == ("CT1",)
 
 
 def test_every_problem_is_reported_with_key_value_and_what_is_allowed() -> None:
     with pytest.raises(ConfigError) as err:
-        build_config({"port": 70000, "quiet_seconds": -1, "device": "gpu", "destination": "PACS:104", "colour": 1})
+        build_config(
+            {"port": 70000, "quiet_seconds": -1, "device": "gpu", "destination": "PACS:104", "colour": 1}
+        )
     text = str(err.value)
     assert "port = 70000 is not allowed: an integer 0-65535" in text
     assert "quiet_seconds = -1 is not allowed" in text

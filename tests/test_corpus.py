@@ -25,22 +25,43 @@ pytestmark = pytest.mark.e2e
 
 DOCUMENTED_STATUSES = {0x0000, 0xA700, 0xA900, 0xC210, 0xC220, 0xC221}
 DOCUMENTED_REASONS = {
-    "mixed-stacks", "duplicate-positions", "too-few-slices", "gantry-tilt", "missing-slices", "irregular-spacing",
-    "undecodable-pixels", "multiframe", "no-images", "bad-geometry", "bad-pixels", "modality-not-served",
-    "no-result", "own-result", "no-matching-segments", "reference-geometry", "no-referenced-series",
-    "not-a-reference", "malformed-instance", "decoder-failed", "too-large",
+    "mixed-stacks",
+    "duplicate-positions",
+    "too-few-slices",
+    "gantry-tilt",
+    "missing-slices",
+    "irregular-spacing",
+    "undecodable-pixels",
+    "multiframe",
+    "no-images",
+    "bad-geometry",
+    "bad-pixels",
+    "modality-not-served",
+    "no-result",
+    "own-result",
+    "no-matching-segments",
+    "reference-geometry",
+    "no-referenced-series",
+    "not-a-reference",
+    "malformed-instance",
+    "decoder-failed",
+    "too-large",
 }
 
 
 def corpus_files() -> list[Path]:
     if not SHARED_DATA.is_dir():
         pytest.skip("the shared corpus (../shared/data) is not present")
-    return sorted(p for p in SHARED_DATA.rglob("*") if p.is_file() and p.suffix not in (".md", ".tsv", ".nrrd"))
+    return sorted(
+        p for p in SHARED_DATA.rglob("*") if p.is_file() and p.suffix not in (".md", ".tsv", ".nrrd")
+    )
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(tmp_path_factory.mktemp("corpus"), "--quiet-seconds", "1", "--early-completion", "false")
+    svc = ServiceProcess(
+        tmp_path_factory.mktemp("corpus"), "--quiet-seconds", "1", "--early-completion", "false"
+    )
     yield svc
     svc.stop()
 
@@ -110,8 +131,13 @@ def test_every_corpus_file_gets_a_documented_answer(service: ServiceProcess) -> 
 
 
 def status(service: ServiceProcess) -> list[tuple[str, str]]:
-    out = subprocess.run([sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     rows = []
     for line in out.stdout.splitlines()[1:]:
         if line.startswith("outbox:"):

@@ -40,8 +40,9 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(tmp_path_factory.mktemp("svc"), "--destination", pacs.address,
-                         "--quiet-seconds", str(QUIET))
+    svc = ServiceProcess(
+        tmp_path_factory.mktemp("svc"), "--destination", pacs.address, "--quiet-seconds", str(QUIET)
+    )
     yield svc
     code = svc.stop()
     assert code == 0, svc.log()
@@ -54,8 +55,13 @@ def new_series(folder: Path, seed: int, **kwargs: object) -> SeriesInfo:
 
 
 def status_rows(service: ServiceProcess) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return out.stdout.splitlines()
 
 
@@ -63,38 +69,55 @@ def check_seg(seg_path: Path, info: SeriesInfo) -> None:
     """dciodvfy-clean, every frame references a pushed instance, and the pixels are the runner's label map."""
     assert dciodvfy_errors(seg_path) == []
     ds = pydicom.dcmread(seg_path)
-    refs = {str(s.ReferencedSOPInstanceUID) for fr in ds.PerFrameFunctionalGroupsSequence
-            for d in fr.DerivationImageSequence for s in d.SourceImageSequence}
+    refs = {
+        str(s.ReferencedSOPInstanceUID)
+        for fr in ds.PerFrameFunctionalGroupsSequence
+        for d in fr.DerivationImageSequence
+        for s in d.SourceImageSequence
+    }
     assert refs <= set(info.sop_instance_uids)
-    referenced = {str(i.ReferencedSOPInstanceUID) for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {
+        str(i.ReferencedSOPInstanceUID) for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
     assert referenced == set(info.sop_instance_uids), "the SEG must cover every slice of the series"
     package = ModelPackage.load(DEFAULT_PACKAGE)
     expected = segment(load_volume(info.paths), package, load_runner(package, threads=1)).labels
     seg = hd.seg.segread(seg_path)
-    got = seg.get_pixels_by_source_instance(source_sop_instance_uids=list(info.sop_instance_uids),
-                                            combine_segments=True, skip_overlap_checks=True)
+    got = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(info.sop_instance_uids), combine_segments=True, skip_overlap_checks=True
+    )
     np.testing.assert_array_equal(got, expected)
 
 
-def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+def test_shuffled_series_gives_one_correct_seg(
+    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
     info = new_series(tmp_path, seed=1, shuffle_files=True, instance_number_order="random")
     storescu(service.port, sorted(tmp_path.glob("*.dcm")))
     seg = pacs.wait_for_seg(info.series_uid, timeout=60)
     check_seg(seg, info)
-    results = [p for p in service.output.glob("*/measurements.json")
-               if pydicom.dcmread(p.parent / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
-               == pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID]
+    results = [
+        p
+        for p in service.output.glob("*/measurements.json")
+        if pydicom.dcmread(p.parent / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
+        == pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID
+    ]
     assert len(results) == 1, "results are also written to the output folder"
     data = json.loads(results[0].read_text())
-    assert {s["name"] for s in data["segments"]} == {lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels}
+    assert {s["name"] for s in data["segments"]} == {
+        lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels
+    }
     sr = pacs.wait_for(SR_SOP_CLASS, info.series_uid, timeout=30)
     assert dciodvfy_errors(sr) == []
     sr_ds = pydicom.dcmread(sr)
     assert str(sr_ds.SOPInstanceUID) == data["sr_sop_instance_uid"]
     seg_uid = str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
-    refs = {str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-            for item in _walk(sr_ds.ContentSequence) if "ReferencedSOPSequence" in item
-            and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SEG_SOP_CLASS}
+    refs = {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in _walk(sr_ds.ContentSequence)
+        if "ReferencedSOPSequence" in item
+        and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SEG_SOP_CLASS
+    }
     assert refs == {seg_uid}, "the SR's measurement groups reference the SEG"
 
 
@@ -160,16 +183,20 @@ def test_reference_seg_pushed_back_is_compared_with_our_result(
     assert 'edge_validation_dice{label="Lung"' in metrics
 
 
-def test_two_series_interleaved_in_one_association(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+def test_two_series_interleaved_in_one_association(
+    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
     a = new_series(tmp_path / "a", seed=2)
     b = new_series(tmp_path / "b", seed=3)
-    interleaved = [p for pair in zip(a.paths, b.paths) for p in pair]
+    interleaved = [p for pair in zip(a.paths, b.paths, strict=False) for p in pair]
     storescu(service.port, interleaved)
     for info in (a, b):
         check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
 
 
-def test_series_split_across_two_associations(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
+def test_series_split_across_two_associations(
+    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
     info = new_series(tmp_path, seed=4)
     storescu(service.port, list(info.paths[::2]))
     storescu(service.port, list(info.paths[1::2]))
@@ -189,6 +216,7 @@ def test_resent_series_gives_exactly_one_seg(service: ServiceProcess, pacs: Stor
 
 
 # -- bad input: the documented status or reason, and the service keeps serving everyone else ----------------
+
 
 def send_file_raw(port: int, path: Path, sop_class: str) -> int | None:
     """C-STORE a file's bytes as they are (pynetdicom reads the command UIDs from its file meta)."""
@@ -227,8 +255,9 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
 
     # A data set without its Series Instance UID: 0xC220.
     raw_ds = raw[meta_end:]
-    (tmp_path / "no-uids.dcm").write_bytes(raw[:meta_end] + b"\x08\x00\x16\x00UI\x1a\x00" + sop_class.encode()
-                                           + b"\x00" * (26 - len(sop_class)))
+    (tmp_path / "no-uids.dcm").write_bytes(
+        raw[:meta_end] + b"\x08\x00\x16\x00UI\x1a\x00" + sop_class.encode() + b"\x00" * (26 - len(sop_class))
+    )
     assert send_file_raw(service.port, tmp_path / "no-uids.dcm", sop_class) == 0xC220
     assert raw_ds
 
@@ -260,7 +289,9 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
             break
         time.sleep(0.3)
     rows = status_rows(service)
-    assert any("failed" in line and "gantry-tilt: slices are sheared by 20.0 degrees" in line for line in rows), rows
+    assert any(
+        "failed" in line and "gantry-tilt: slices are sheared by 20.0 degrees" in line for line in rows
+    ), rows
     assert tilted.series_uid not in pacs.segs()
     log = service.log()
     for uid in (info.series_uid, info.study_uid, tilted.series_uid, "PHANTOM"):
@@ -269,11 +300,13 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
 
 # -- completion on evidence: no waiting for the quiet period when the stack is complete ---------------------
 
+
 @pytest.fixture(scope="module")
 def patient_service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
     """A service with a long quiet period: a SEG that arrives quickly was completed on evidence."""
-    svc = ServiceProcess(tmp_path_factory.mktemp("svc-long-quiet"), "--destination", pacs.address,
-                         "--quiet-seconds", "30")
+    svc = ServiceProcess(
+        tmp_path_factory.mktemp("svc-long-quiet"), "--destination", pacs.address, "--quiet-seconds", "30"
+    )
     yield svc
     svc.stop()
 
@@ -299,7 +332,7 @@ def test_split_series_with_a_pause_gives_one_seg_of_all_slices(
     storescu(patient_service.port, list(contiguous.paths[: n // 2]) + list(interleaved.paths[::2]))
     time.sleep(2.0)
     assert contiguous.series_uid not in pacs.segs() and interleaved.series_uid not in pacs.segs()
-    storescu(patient_service.port, list(contiguous.paths[n // 2:]) + list(interleaved.paths[1::2]))
+    storescu(patient_service.port, list(contiguous.paths[n // 2 :]) + list(interleaved.paths[1::2]))
     for info in (contiguous, interleaved):
         check_seg(pacs.wait_for_seg(info.series_uid, timeout=25), info)
     assert len(pacs.segs()[contiguous.series_uid]) == 1 and len(pacs.segs()[interleaved.series_uid]) == 1

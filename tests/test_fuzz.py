@@ -21,8 +21,12 @@ from edge_runtime.listener import STATUS_CANNOT_PARSE, InstanceInfo, Refusal, in
 from edge_runtime.phantom import write_series
 from edge_runtime.volume import GeometryPolicy, VolumeError, load_volume
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
-                derandomize=True)
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,9 @@ edits_strategy = st.lists(st.tuples(st.integers(128, 10**6), st.integers(0, 255)
 
 @FUZZ
 @given(edits=edits_strategy, cut=st.one_of(st.none(), st.integers(132, 4000)))
-def test_inspection_never_raises(seed_series: list[bytes], edits: list[tuple[int, int]], cut: int | None) -> None:
+def test_inspection_never_raises(
+    seed_series: list[bytes], edits: list[tuple[int, int]], cut: int | None
+) -> None:
     ds = parse(mutate(seed_series[0], edits, cut))
     if ds is None:
         return
@@ -67,8 +73,11 @@ def test_inspection_never_raises(seed_series: list[bytes], edits: list[tuple[int
 
 @FUZZ
 @given(edits=st.lists(st.tuples(st.integers(0, 3), edits_strategy), max_size=4))
-def test_assembly_returns_a_volume_or_a_reason(seed_series: list[bytes], tmp_path_factory: pytest.TempPathFactory,
-                                               edits: list[tuple[int, list[tuple[int, int]]]]) -> None:
+def test_assembly_returns_a_volume_or_a_reason(
+    seed_series: list[bytes],
+    tmp_path_factory: pytest.TempPathFactory,
+    edits: list[tuple[int, list[tuple[int, int]]]],
+) -> None:
     folder = tmp_path_factory.mktemp("case")
     series = list(seed_series)
     for index, changes in edits:
@@ -94,8 +103,12 @@ def test_assembly_returns_a_volume_or_a_reason(seed_series: list[bytes], tmp_pat
     iop=st.lists(st.floats(-1, 1, allow_nan=False), min_size=6, max_size=6),
     spacing=st.tuples(st.floats(0.01, 10), st.floats(0.01, 10)),
 )
-def test_arbitrary_geometry_is_assembled_or_refused(tmp_path_factory: pytest.TempPathFactory, positions: list[float],
-                                                    iop: list[float], spacing: tuple[float, float]) -> None:
+def test_arbitrary_geometry_is_assembled_or_refused(
+    tmp_path_factory: pytest.TempPathFactory,
+    positions: list[float],
+    iop: list[float],
+    spacing: tuple[float, float],
+) -> None:
     folder = tmp_path_factory.mktemp("geo")
     hu = np.zeros((len(positions), 8, 8), dtype=np.float32)
     with warnings.catch_warnings():

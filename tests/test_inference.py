@@ -43,16 +43,23 @@ def make_package(**changes: object) -> ModelPackage:
 def make_volume(array: np.ndarray, spacing=(2.0, 1.0, 1.0), positions=None) -> Volume:  # noqa: ANN001
     n = array.shape[0]
     pos = np.arange(n) * spacing[0] if positions is None else np.asarray(positions, dtype=float)
-    return Volume(array=array.astype(np.float32), spacing=spacing, positions=pos - pos[0], origin=np.zeros(3),
-                  row_direction=np.array([1.0, 0, 0]), column_direction=np.array([0, 1.0, 0]), datasets=[],
-                  regular=positions is None)
+    return Volume(
+        array=array.astype(np.float32),
+        spacing=spacing,
+        positions=pos - pos[0],
+        origin=np.zeros(3),
+        row_direction=np.array([1.0, 0, 0]),
+        column_direction=np.array([0, 1.0, 0]),
+        datasets=[],
+        regular=positions is None,
+    )
 
 
 def test_window_starts_cover_and_overlap() -> None:
     assert window_starts(10, 16, 0.5) == [0]
     starts = window_starts(100, 32, 0.5)
     assert starts[0] == 0 and starts[-1] == 68
-    assert all(b - a <= 16 for a, b in zip(starts, starts[1:]))
+    assert all(b - a <= 16 for a, b in zip(starts, starts[1:], strict=False))
 
 
 def test_gaussian_importance_peaks_in_the_centre_and_is_never_zero() -> None:
@@ -120,7 +127,9 @@ def test_ct_window_normalisation() -> None:
 def test_batch_size_does_not_change_the_result(batch: int) -> None:
     rng = np.random.default_rng(2)
     image = rng.normal(size=(12, 20, 20)).astype(np.float32)
-    a, _ = sliding_window(image, make_package(batch_size=batch), ThresholdRunner(make_package(batch_size=batch)))
+    a, _ = sliding_window(
+        image, make_package(batch_size=batch), ThresholdRunner(make_package(batch_size=batch))
+    )
     b, _ = sliding_window(image, make_package(batch_size=2), ThresholdRunner(make_package(batch_size=2)))
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
@@ -129,7 +138,9 @@ def test_segment_leaves_the_volume_untouched() -> None:
     """The volume's intensities are measured after segmentation: normalisation must not leak into them."""
     array = np.linspace(-1000, 1000, 8 * 16 * 16).reshape(8, 16, 16)
     volume = make_volume(array)
-    package = make_package(normalization=Normalization("ct_window", -1000, 1000, 0, 1000), target_spacing=None)
+    package = make_package(
+        normalization=Normalization("ct_window", -1000, 1000, 0, 1000), target_spacing=None
+    )
     before = volume.array.copy()
     first = segment(volume, package, ThresholdRunner(package)).labels
     np.testing.assert_array_equal(volume.array, before)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_runtime.listener import Listener, ListenerConfig
@@ -18,8 +19,6 @@ from edge_runtime.phantom import write_series
 from edge_runtime.spool import Spool
 
 from .conftest import dcmtk_env, free_port, require_tool
-
-import numpy as np
 
 
 def make_certs(folder: Path) -> dict[str, Path]:
@@ -30,16 +29,67 @@ def make_certs(folder: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=Test CA")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+    )
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={'localhost' if name == 'server' else 'scanner'}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={'localhost' if name == 'server' else 'scanner'}",
+        )
         (folder / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out", "rogue.pem", "-days", "2",
-        "-subj", "/CN=rogue")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "rogue.key",
+        "-out",
+        "rogue.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rogue",
+    )
     return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
 
 
@@ -49,8 +99,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def start(tmp_path: Path, **kwargs: object) -> Listener:
-    config = ListenerConfig(ae_title="EDGE", host="127.0.0.1", port=free_port(), modalities=("CT",),
-                            **kwargs)  # type: ignore[arg-type]
+    config = ListenerConfig(ae_title="EDGE", host="127.0.0.1", port=free_port(), modalities=("CT",), **kwargs)  # type: ignore[arg-type]
     listener = Listener(config, Spool(tmp_path / "spool"))
     listener.start()
     return listener
@@ -58,8 +107,14 @@ def start(tmp_path: Path, **kwargs: object) -> Listener:
 
 @pytest.fixture
 def tls_listener(tmp_path: Path, certs: dict[str, Path]) -> Iterator[Listener]:
-    listener = start(tmp_path, tls_port=free_port(), tls_cert=str(certs["server_pem"]),
-                     tls_key=str(certs["server_key"]), tls_ca=str(certs["ca_pem"]), max_associations=4)
+    listener = start(
+        tmp_path,
+        tls_port=free_port(),
+        tls_cert=str(certs["server_pem"]),
+        tls_key=str(certs["server_key"]),
+        tls_ca=str(certs["ca_pem"]),
+        max_associations=4,
+    )
     yield listener
     listener.stop()
 
@@ -67,8 +122,13 @@ def tls_listener(tmp_path: Path, certs: dict[str, Path]) -> Iterator[Listener]:
 def echo(port: int, *tls: str) -> tuple[bool, float]:
     require_tool("echoscu")
     t0 = time.monotonic()
-    out = subprocess.run(["/usr/bin/echoscu", "-aec", "EDGE", "-to", "5", *tls, "127.0.0.1", str(port)],
-                         env=dcmtk_env(), capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["/usr/bin/echoscu", "-aec", "EDGE", "-to", "5", *tls, "127.0.0.1", str(port)],
+        env=dcmtk_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return out.returncode == 0, time.monotonic() - t0
 
 
@@ -76,8 +136,9 @@ def tls_args(certs: dict[str, Path], who: str = "client") -> list[str]:
     return ["+tls", str(certs[f"{who}_key"]), str(certs[f"{who}_pem"]), "+cf", str(certs["ca_pem"])]
 
 
-def test_stalled_and_idle_peers_do_not_block_a_legitimate_echo(tls_listener: Listener,
-                                                                certs: dict[str, Path]) -> None:
+def test_stalled_and_idle_peers_do_not_block_a_legitimate_echo(
+    tls_listener: Listener, certs: dict[str, Path]
+) -> None:
     peers = []
     for port in (tls_listener.port, tls_listener.tls_port):
         for _ in range(6):  # more than max_associations (4), on each port
@@ -85,7 +146,9 @@ def test_stalled_and_idle_peers_do_not_block_a_legitimate_echo(tls_listener: Lis
             peers.append(s)  # idle: opens TCP and never speaks
         for _ in range(6):
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(b"\x01\x00\x00\x00\x03\xe8\x00\x01")  # A-ASSOCIATE-RQ header announcing 1000 bytes, then 2
+            s.sendall(
+                b"\x01\x00\x00\x00\x03\xe8\x00\x01"
+            )  # A-ASSOCIATE-RQ header announcing 1000 bytes, then 2
             peers.append(s)
     time.sleep(0.5)
     try:
@@ -103,8 +166,15 @@ def test_tls_store_with_a_trusted_client_and_refusal_of_an_untrusted_one(
 ) -> None:
     require_tool("storescu")
     info = write_series(np.zeros((3, 16, 16), np.float32), (2.0, 1.0, 1.0), tmp_path / "ct")
-    cmd = ["/usr/bin/storescu", "-aec", "EDGE", *tls_args(certs), "127.0.0.1", str(tls_listener.tls_port),
-           str(info.paths[0])]
+    cmd = [
+        "/usr/bin/storescu",
+        "-aec",
+        "EDGE",
+        *tls_args(certs),
+        "127.0.0.1",
+        str(tls_listener.tls_port),
+        str(info.paths[0]),
+    ]
     out = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     (row,) = tls_listener.spool.all_series()
@@ -137,7 +207,11 @@ def test_oversized_instance_aborts_its_association_and_nothing_is_stored(tmp_pat
     try:
         run = lambda p: subprocess.run(  # noqa: E731
             ["/usr/bin/storescu", "-aec", "EDGE", "127.0.0.1", str(listener.port), str(p)],
-            env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert run(large.paths[0]).returncode != 0
         assert run(small.paths[0]).returncode == 0
         (row,) = listener.spool.all_series()

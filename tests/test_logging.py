@@ -29,7 +29,9 @@ def test_json_lines_and_uids_masked(restore_logging, capsys: pytest.CaptureFixtu
     assert lines[1]["msg"] == "series 3f9a0c1d2e4b segmented" and lines[1]["logger"] == "edge_runtime.service"
 
 
-def test_library_chatter_that_quotes_values_stays_out(restore_logging, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_library_chatter_that_quotes_values_stays_out(
+    restore_logging, capsys: pytest.CaptureFixture[str]
+) -> None:  # noqa: ANN001
     setup_logging("debug", as_json=False)
     logging.getLogger("pydicom").warning("Invalid value for VR PN: 'DOE^JANE'")
     logging.getLogger("pynetdicom.dsutils").debug("(0010,0010) PN [DOE^JANE]")

@@ -35,10 +35,24 @@ def corpus(path: Path) -> Path:
 # -- NRRD (the subset dcmqi writes: one file, raw or gzip, LPS or RAS, axis-aligned) -----------------------
 
 NRRD_TYPES = {
-    "short": "i2", "int16": "i2", "signed short": "i2",
-    "ushort": "u2", "unsigned short": "u2", "uint16": "u2",
-    "uchar": "u1", "unsigned char": "u1", "uint8": "u1", "char": "i1", "int8": "i1", "signed char": "i1",
-    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4", "float": "f4", "double": "f8",
+    "short": "i2",
+    "int16": "i2",
+    "signed short": "i2",
+    "ushort": "u2",
+    "unsigned short": "u2",
+    "uint16": "u2",
+    "uchar": "u1",
+    "unsigned char": "u1",
+    "uint8": "u1",
+    "char": "i1",
+    "int8": "i1",
+    "signed char": "i1",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "double": "f8",
 }
 
 
@@ -54,7 +68,7 @@ def read_nrrd(path: Path) -> tuple[dict[str, str], np.ndarray]:
             continue
         key, value = line.split(":", 1)
         header[key.strip()] = value.strip()
-    payload = raw[end + 2:]
+    payload = raw[end + 2 :]
     encoding = header.get("encoding", "raw")
     if encoding in ("gzip", "gz"):
         payload = gzip.decompress(payload)
@@ -141,8 +155,12 @@ def hd_ct() -> Volume:
     return Volume(
         array=array.astype(np.float32),
         spacing=(float(np.median(np.diff(along))), *(float(v) for v in datasets[0].PixelSpacing)),
-        positions=along - along[0], origin=ipp[0], row_direction=iop[:3], column_direction=iop[3:],
-        datasets=datasets, regular=False,
+        positions=along - along[0],
+        origin=ipp[0],
+        row_direction=iop[:3],
+        column_direction=iop[3:],
+        datasets=datasets,
+        regular=False,
     )
 
 
@@ -150,13 +168,16 @@ def uids(volume: Volume) -> list[str]:
     return [str(d.SOPInstanceUID) for d in volume.datasets]
 
 
-def highdicom_masks(path: Path, volume: Volume, threshold: float = 0.5,
-                    numbers: list[int] | None = None) -> dict[int, np.ndarray]:
+def highdicom_masks(
+    path: Path, volume: Volume, threshold: float = 0.5, numbers: list[int] | None = None
+) -> dict[int, np.ndarray]:
     """What highdicom itself reads from a SEG, per segment, on the volume's source instances."""
     seg = hd.seg.segread(path)
     numbers = list(seg.segment_numbers) if numbers is None else numbers
     pixels = seg.get_pixels_by_source_instance(
-        uids(volume), segment_numbers=numbers, assert_missing_frames_are_empty=True,
+        uids(volume),
+        segment_numbers=numbers,
+        assert_missing_frames_are_empty=True,
         # dcmqi writes no Spatial Locations Preserved; its frames are pixel-aligned with their sources
         ignore_spatial_locations=True,
     )
@@ -262,8 +283,13 @@ def test_fractional_threshold_is_a_parameter(hd_ct: Volume) -> None:
 # -- LABELMAP (sparse) ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,truth", [("sparse-labelmap-noppv.dcm", "sparse_labelmap_noppv_seg.nrrd"),
-                                        ("sparse-labelmap-ppv5.dcm", "sparse_labelmap_ppv5_seg.nrrd")])
+@pytest.mark.parametrize(
+    "name,truth",
+    [
+        ("sparse-labelmap-noppv.dcm", "sparse_labelmap_noppv_seg.nrrd"),
+        ("sparse-labelmap-ppv5.dcm", "sparse_labelmap_ppv5_seg.nrrd"),
+    ],
+)
 def test_dcmqi_sparse_labelmaps_match_their_nrrd(name: str, truth: str) -> None:
     path = corpus(DCMQI / name)
     ds = pydicom.dcmread(path)
@@ -330,8 +356,10 @@ def _shifted(ds: Dataset) -> None:
 
 def _inconsistent(ds: Dataset) -> None:
     a, b = ds.PerFrameFunctionalGroupsSequence[0], ds.PerFrameFunctionalGroupsSequence[2]
-    a.PlanePositionSequence, b.PlanePositionSequence = deepcopy(b.PlanePositionSequence), deepcopy(
-        a.PlanePositionSequence)
+    a.PlanePositionSequence, b.PlanePositionSequence = (
+        deepcopy(b.PlanePositionSequence),
+        deepcopy(a.PlanePositionSequence),
+    )
 
 
 def _unplaceable(ds: Dataset) -> None:
@@ -344,15 +372,18 @@ def _undescribed_segment(ds: Dataset) -> None:
     ds.PerFrameFunctionalGroupsSequence[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber = 7
 
 
-@pytest.mark.parametrize("change,message", [
-    (_other_frame_of_reference, "Frame of Reference"),
-    (_tilted, "Orientation"),
-    (_other_spacing, "Pixel Spacing"),
-    (_shifted, "not pixel-aligned"),
-    (_inconsistent, "references source slice"),
-    (_unplaceable, "no Image Position"),
-    (_undescribed_segment, "does not describe"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (_other_frame_of_reference, "Frame of Reference"),
+        (_tilted, "Orientation"),
+        (_other_spacing, "Pixel Spacing"),
+        (_shifted, "not pixel-aligned"),
+        (_inconsistent, "references source slice"),
+        (_unplaceable, "no Image Position"),
+        (_undescribed_segment, "does not describe"),
+    ],
+)
 def test_a_seg_that_does_not_fit_the_volume_is_refused(ct_3slice: Volume, change, message: str) -> None:  # noqa: ANN001
     ds = _liver()
     change(ds)

@@ -26,7 +26,9 @@ def test_onnxruntime_cpu_runs_the_bundled_model(package: ModelPackage) -> None:
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
 def test_missing_gpu_provider_is_an_error_not_a_cpu_fallback(package: ModelPackage) -> None:
-    with pytest.raises(BackendUnavailable, match="Requested provider was: CUDAExecutionProvider, but available"):
+    with pytest.raises(
+        BackendUnavailable, match="Requested provider was: CUDAExecutionProvider, but available"
+    ):
         load_runner(package, "onnxruntime", "cuda")
 
 

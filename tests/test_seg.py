@@ -54,10 +54,12 @@ def test_seg_is_valid_and_reads_back_voxel_for_voxel(case, package, tmp_path: Pa
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert ds.SegmentationType == "BINARY"
     assert [s.SegmentLabel for s in ds.SegmentSequence] == [lab.name for lab in package.labels]
-    for item, label in zip(ds.SegmentSequence, package.labels):
+    for item, label in zip(ds.SegmentSequence, package.labels, strict=False):
         assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == label.type.value
         assert item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
-        assert item.SegmentAlgorithmType == "AUTOMATIC" and item.SegmentAlgorithmName == package.algorithm_name
+        assert (
+            item.SegmentAlgorithmType == "AUTOMATIC" and item.SegmentAlgorithmName == package.algorithm_name
+        )
     source_uids = [str(d.SOPInstanceUID) for d in volume.datasets]
     for frame in ds.PerFrameFunctionalGroupsSequence:
         ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -123,15 +125,21 @@ def test_enhanced_multiframe_ct_volume_and_seg(tmp_path: Path, package: ModelPac
     singles = [pydicom.dcmread(p) for p in info.paths]
     order = [5, 0, 9, 3, 15, 1, 2, 4, 6, 7, 8, 10, 11, 12, 13, 14]
     enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        [singles[i] for i in order], series_instance_uid=pydicom.uid.generate_uid(), series_number=2,
-        sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        [singles[i] for i in order],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
     )
     path = tmp_path / "enhanced.dcm"
     enhanced.save_as(path, enforce_file_format=True)
 
     volume = load_volume([path])
     reference = load_volume(info.paths)
-    z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in enhanced.PerFrameFunctionalGroupsSequence]
+    z = [
+        float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+        for f in enhanced.PerFrameFunctionalGroupsSequence
+    ]
     assert volume.multiframe and volume.frames == list(np.argsort(z))
     np.testing.assert_allclose(volume.array, reference.array)  # rescale from the functional groups
     assert volume.spacing == pytest.approx(reference.spacing)
@@ -143,7 +151,9 @@ def test_enhanced_multiframe_ct_volume_and_seg(tmp_path: Path, package: ModelPac
     assert dciodvfy_errors(out) == []
     back = roundtrip(seg)
     frames = back.get_pixels_by_source_frame(
-        source_sop_instance_uid=str(enhanced.SOPInstanceUID), source_frame_numbers=list(range(1, 17)),
-        combine_segments=True, skip_overlap_checks=True,
+        source_sop_instance_uid=str(enhanced.SOPInstanceUID),
+        source_frame_numbers=list(range(1, 17)),
+        combine_segments=True,
+        skip_overlap_checks=True,
     )
     np.testing.assert_array_equal(frames[volume.frames], labels)

@@ -22,24 +22,67 @@ from .conftest import dciodvfy_errors
 
 #: top-level attributes that must be the same in both encoders' output
 SAME_ATTRIBUTES = [
-    "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "Modality", "Manufacturer", "ReferringPhysicianName", "SeriesDescription",
-    "ManufacturerModelName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "DeviceSerialNumber", "SoftwareVersions", "StudyInstanceUID", "SeriesInstanceUID", "StudyID",
-    "SeriesNumber", "InstanceNumber", "FrameOfReferenceUID", "PositionReferenceIndicator",
-    "DimensionOrganizationType", "SamplesPerPixel", "PhotometricInterpretation", "NumberOfFrames", "Rows",
-    "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "LossyImageCompression",
-    "SegmentationType", "SegmentsOverlap", "ContentLabel", "ContentDescription", "ContentCreatorName",
+    "SpecificCharacterSet",
+    "ImageType",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "Manufacturer",
+    "ReferringPhysicianName",
+    "SeriesDescription",
+    "ManufacturerModelName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "DimensionOrganizationType",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "LossyImageCompression",
+    "SegmentationType",
+    "SegmentsOverlap",
+    "ContentLabel",
+    "ContentDescription",
+    "ContentCreatorName",
     "PresentationLUTShape",
 ]
 SAME_SEQUENCES = [
-    "ReferencedSeriesSequence", "SourceImageSequence", "SegmentSequence", "SharedFunctionalGroupsSequence",
+    "ReferencedSeriesSequence",
+    "SourceImageSequence",
+    "SegmentSequence",
+    "SharedFunctionalGroupsSequence",
     "PerFrameFunctionalGroupsSequence",
 ]
 #: differ on purpose: creation times, a deterministic Dimension Organization UID, this encoder as equipment
-MAY_DIFFER = {"InstanceCreationTime", "InstanceCreationDate", "ContentDate", "ContentTime",
-              "DimensionOrganizationSequence", "DimensionIndexSequence", "ContributingEquipmentSequence",
-              "PixelData"}
+MAY_DIFFER = {
+    "InstanceCreationTime",
+    "InstanceCreationDate",
+    "ContentDate",
+    "ContentTime",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+    "ContributingEquipmentSequence",
+    "PixelData",
+}
 
 
 def package_with(n: int, order: list[int] | None = None) -> ModelPackage:
@@ -47,8 +90,9 @@ def package_with(n: int, order: list[int] | None = None) -> ModelPackage:
     base = ModelPackage.load(DEFAULT_PACKAGE)
     codes_ = [(lab.category, lab.type) for lab in base.labels]
     labels = tuple(
-        Label(v, f"Structure {v}", *codes_[v % len(codes_)],
-              ((37 * v) % 256, (91 * v) % 256, (151 * v) % 256))
+        Label(
+            v, f"Structure {v}", *codes_[v % len(codes_)], ((37 * v) % 256, (91 * v) % 256, (151 * v) % 256)
+        )
         for v in (order or range(1, n + 1))
     )
     return dataclasses.replace(base, labels=labels)
@@ -101,12 +145,12 @@ def read_back(path: Path, volume: Volume) -> np.ndarray:
     seg = hd.seg.segread(path)
     return seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(d.SOPInstanceUID) for d in volume.datasets],
-        combine_segments=True, skip_overlap_checks=True,
+        combine_segments=True,
+        skip_overlap_checks=True,
     )
 
 
-def highdicom_file(volume: Volume, labels: np.ndarray, package: ModelPackage, path: Path,
-                   **kwargs) -> Path:  # noqa: ANN003
+def highdicom_file(volume: Volume, labels: np.ndarray, package: ModelPackage, path: Path, **kwargs) -> Path:  # noqa: ANN003
     build_seg(volume, labels, package, **kwargs).save_as(path, enforce_file_format=True)
     return path
 
@@ -121,7 +165,10 @@ def assert_same_as_highdicom(ours: pydicom.Dataset, theirs: pydicom.Dataset) -> 
             assert a.to_json_dict() == b.to_json_dict(), keyword
     for a, b in zip(ours.DimensionIndexSequence, theirs.DimensionIndexSequence, strict=True):
         assert (a.DimensionIndexPointer, a.FunctionalGroupPointer, a.DimensionDescriptionLabel) == (
-            b.DimensionIndexPointer, b.FunctionalGroupPointer, b.DimensionDescriptionLabel)
+            b.DimensionIndexPointer,
+            b.FunctionalGroupPointer,
+            b.DimensionDescriptionLabel,
+        )
         assert a.DimensionOrganizationUID == ours.DimensionOrganizationSequence[0].DimensionOrganizationUID
     assert len(ours.DimensionIndexSequence) == len(theirs.DimensionIndexSequence)
     assert ours.ContributingEquipmentSequence[0] == theirs.ContributingEquipmentSequence[0]
@@ -150,8 +197,10 @@ def test_valid_reads_back_and_matches_highdicom(volume: Volume, tmp_path: Path) 
     for item in back.SegmentSequence:
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         assert item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
-    assert 3 not in {f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-                     for f in back.PerFrameFunctionalGroupsSequence}
+    assert 3 not in {
+        f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        for f in back.PerFrameFunctionalGroupsSequence
+    }
     expected_frames = sum(int(np.any(labels[z] == v)) for v in (1, 2, 4, 5) for z in range(labels.shape[0]))
     assert back.NumberOfFrames == expected_frames
     # frames are contiguous bits: only the end is padded, to an even length
@@ -172,8 +221,9 @@ def test_segment_numbers_follow_the_package_order(aligned_volume: Volume, tmp_pa
     for number, label in enumerate(package.labels, start=1):
         lut[label.value] = number
     np.testing.assert_array_equal(read_back(path, aligned_volume), lut[labels])
-    theirs = pydicom.dcmread(highdicom_file(aligned_volume, labels, package, tmp_path / "hd.dcm",
-                                            uid_seed="order"))
+    theirs = pydicom.dcmread(
+        highdicom_file(aligned_volume, labels, package, tmp_path / "hd.dcm", uid_seed="order")
+    )
     assert_same_as_highdicom(pydicom.dcmread(path), theirs)
 
 
@@ -194,10 +244,12 @@ def test_a_single_segment_is_identified_in_the_shared_groups(aligned_volume: Vol
     package = package_with(1)
     labels = np.zeros(aligned_volume.array.shape, np.uint8)
     labels[2:6, 3:9, 4:20] = 1  # consecutive, regularly spaced planes: highdicom calls it 3D
-    ours = pydicom.dcmread(write(encode_binary_seg(aligned_volume, labels, package, uid_seed="one"),
-                                 tmp_path / "ours.dcm"))
-    theirs = pydicom.dcmread(highdicom_file(aligned_volume, labels, package, tmp_path / "hd.dcm",
-                                            uid_seed="one"))
+    ours = pydicom.dcmread(
+        write(encode_binary_seg(aligned_volume, labels, package, uid_seed="one"), tmp_path / "ours.dcm")
+    )
+    theirs = pydicom.dcmread(
+        highdicom_file(aligned_volume, labels, package, tmp_path / "hd.dcm", uid_seed="one")
+    )
     assert ours.DimensionOrganizationType == "3D"
     shared = ours.SharedFunctionalGroupsSequence[0]
     assert shared.SegmentIdentificationSequence[0].ReferencedSegmentNumber == 1
@@ -214,8 +266,10 @@ def test_an_empty_label_map_gives_a_valid_seg(volume: Volume, tmp_path: Path) ->
     assert len(ds.SegmentSequence) == 3
     # one empty frame per segment (highdicom would encode every plane of every segment)
     assert ds.NumberOfFrames == 3
-    assert [f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
-            for f in ds.PerFrameFunctionalGroupsSequence] == [1, 2, 3]
+    assert [
+        f.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ] == [1, 2, 3]
     assert not any(ds.PixelData)
     np.testing.assert_array_equal(read_back(path, volume), labels)
 
@@ -231,8 +285,11 @@ def test_uids_series_number_and_the_returned_dataset(odd_volume: Volume) -> None
     assert a.SeriesInstanceUID == reference.SeriesInstanceUID != c.SeriesInstanceUID
     assert a.file_meta.MediaStorageSOPInstanceUID == a.SOPInstanceUID
     uid = a.DimensionOrganizationSequence[0].DimensionOrganizationUID
-    assert uid == b.DimensionOrganizationSequence[0].DimensionOrganizationUID != (
-        c.DimensionOrganizationSequence[0].DimensionOrganizationUID)
+    assert (
+        uid
+        == b.DimensionOrganizationSequence[0].DimensionOrganizationUID
+        != (c.DimensionOrganizationSequence[0].DimensionOrganizationUID)
+    )
     assert a.SeriesNumber == reference.SeriesNumber == 5000 + int(odd_volume.datasets[0].SeriesNumber)
     assert b.SeriesNumber == 42
     # the raw-encoded sequences parse on access, and the dataset survives a write and a read
@@ -242,7 +299,8 @@ def test_uids_series_number_and_the_returned_dataset(odd_volume: Volume) -> None
     pydicom.dcmwrite(buf, a, enforce_file_format=True)
     back = pydicom.dcmread(BytesIO(buf.getvalue()))
     assert back.PerFrameFunctionalGroupsSequence[0].to_json_dict() == (
-        a.PerFrameFunctionalGroupsSequence[0].to_json_dict())
+        a.PerFrameFunctionalGroupsSequence[0].to_json_dict()
+    )
 
 
 def test_labels_must_match_the_volume(odd_volume: Volume) -> None:
@@ -253,8 +311,13 @@ def test_labels_must_match_the_volume(odd_volume: Volume) -> None:
 def test_package_order_codes_are_kept(odd_volume: Volume) -> None:
     # a label with its own codes and colour comes out as build_seg describes it
     base = package_with(1)
-    label = Label(1, "Liver", Code("123037004", "SCT", "Anatomical Structure"),
-                  Code("10200004", "SCT", "Liver"), (221, 130, 101))
+    label = Label(
+        1,
+        "Liver",
+        Code("123037004", "SCT", "Anatomical Structure"),
+        Code("10200004", "SCT", "Liver"),
+        (221, 130, 101),
+    )
     package = dataclasses.replace(base, labels=(label,))
     labels = blobs(odd_volume.array.shape, [1])
     ours = encode_binary_seg(odd_volume, labels, package, uid_seed="liver").SegmentSequence[0]
@@ -268,8 +331,11 @@ def test_copied_attributes_follow_highdicom() -> None:
     standard = pytest.importorskip("highdicom._standard_utils")
     from edge_runtime.seg_binary import _COPIED_FROM_SOURCE
 
-    iods, modules, attributes = (standard.get_sop_class_iod_map(), standard.get_iod_module_map(),
-                                 standard.get_module_attribute_map())
+    iods, modules, attributes = (
+        standard.get_sop_class_iod_map(),
+        standard.get_iod_module_map(),
+        standard.get_module_attribute_map(),
+    )
     ct, mr, pet = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.128"
     for sop_class in (ct, mr, pet):
         wanted = [

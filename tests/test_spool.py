@@ -11,9 +11,17 @@ from edge_runtime.spool import SeriesState, Spool, SpoolFull
 
 
 def store(spool: Spool, sop: str, series: str = "1.2.3.2", data: bytes = b"DICM-data") -> object:
-    return spool.store(data, called_ae="EDGE", calling_ae="CT", study_uid="1.2.3.1", series_uid=series,
-                       sop_uid=sop, sop_class="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
-                       modality="CT")
+    return spool.store(
+        data,
+        called_ae="EDGE",
+        calling_ae="CT",
+        study_uid="1.2.3.1",
+        series_uid=series,
+        sop_uid=sop,
+        sop_class="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        modality="CT",
+    )
 
 
 def test_store_is_durable_indexed_and_never_named_from_uids(tmp_path: Path) -> None:
@@ -42,8 +50,17 @@ def test_series_keyed_by_called_ae_study_series(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     a = store(spool, "1.1", series="9.1")
     b = store(spool, "1.2", series="9.2")
-    c = spool.store(b"x", called_ae="OTHER", calling_ae="CT", study_uid="1.2.3.1", series_uid="9.1", sop_uid="1.3",
-                    sop_class="1.2", transfer_syntax="1.2", modality="CT")
+    c = spool.store(
+        b"x",
+        called_ae="OTHER",
+        calling_ae="CT",
+        study_uid="1.2.3.1",
+        series_uid="9.1",
+        sop_uid="1.3",
+        sop_class="1.2",
+        transfer_syntax="1.2",
+        modality="CT",
+    )
     assert len({a.series_id, b.series_id, c.series_id}) == 3
     assert a.key_hash != b.key_hash and "9.1" not in a.key_hash
 

@@ -57,8 +57,9 @@ def _values(group) -> dict[str, float]:  # noqa: ANN001
 
 
 def _coverage(group) -> str | None:  # noqa: ANN001
-    found = [q.value for q in group.get_qualitative_evaluations()
-             if q.name == codes.DCM.AnatomyCoverageIncomplete]
+    found = [
+        q.value for q in group.get_qualitative_evaluations() if q.name == codes.DCM.AnatomyCoverageIncomplete
+    ]
     return found[0].meaning if found else None
 
 
@@ -83,8 +84,12 @@ def test_sr_is_valid_references_the_seg_and_carries_the_measurements(ct, package
     assert ds.PatientID == volume.datasets[0].PatientID
     assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED"
     assert ds.SeriesNumber == 6000 + int(volume.datasets[0].SeriesNumber)
-    evidence = {str(i.ReferencedSOPInstanceUID) for s in ds.CurrentRequestedProcedureEvidenceSequence
-                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    evidence = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in ds.CurrentRequestedProcedureEvidenceSequence
+        for r in s.ReferencedSeriesSequence
+        for i in r.ReferencedSOPSequence
+    }
     assert str(seg.SOPInstanceUID) in evidence
 
     groups = _groups(path)
@@ -101,8 +106,12 @@ def test_sr_is_valid_references_the_seg_and_carries_the_measurements(ct, package
         values = _values(group)
         assert values["Volume"] == (pytest.approx(m.volume_ml, rel=1e-12), "ml")
         assert values["Number of voxels"] == (m.voxels, "{voxels}")
-        for stat, expected in (("Mean", m.mean), ("Standard Deviation", m.std), ("Minimum", m.min),
-                               ("Maximum", m.max)):
+        for stat, expected in (
+            ("Mean", m.mean),
+            ("Standard Deviation", m.std),
+            ("Minimum", m.min),
+            ("Maximum", m.max),
+        ):
             value = values[f"Attenuation Coefficient/{stat}"]
             assert value == (pytest.approx(expected, rel=1e-12), "[hnsf'U]")
         assert _coverage(group) == ("Yes" if m.truncated else "No")

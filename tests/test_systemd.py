@@ -27,7 +27,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip("the edge-runtime console script is not installed in this environment")
     local = tmp_path / "edge-runtime.service"
     local.write_text(unit.replace("/opt/edge-runtime/.venv/bin/edge-runtime", str(exe)))
-    out = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
     problems = [line for line in (out.stdout + out.stderr).splitlines() if "edge-runtime.service" in line]
     assert out.returncode == 0 and problems == [], out.stdout + out.stderr
 
@@ -40,9 +42,25 @@ def test_service_sends_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     port = free_port()
     env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge_runtime", "serve", "--port", str(port), "--host", "127.0.0.1",
-         "--spool", str(tmp_path / "spool"), "--output", str(tmp_path / "out"), "--http-port", "0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "edge_runtime",
+            "serve",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--spool",
+            str(tmp_path / "spool"),
+            "--output",
+            str(tmp_path / "out"),
+            "--http-port",
+            "0",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     messages: list[str] = []
     try:

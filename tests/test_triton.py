@@ -551,8 +551,19 @@ def test_service_segments_a_pushed_series_through_triton(server: TritonServer, t
     from .test_e2e import check_seg, new_series
 
     pacs = StoreSCP(tmp_path / "pacs")
-    svc = ServiceProcess(tmp_path / "svc", "--destination", pacs.address, "--quiet-seconds", "1",
-                         "--backend", "triton", "--triton-url", server.url, "--triton-model", server.model_name)
+    svc = ServiceProcess(
+        tmp_path / "svc",
+        "--destination",
+        pacs.address,
+        "--quiet-seconds",
+        "1",
+        "--backend",
+        "triton",
+        "--triton-url",
+        server.url,
+        "--triton-model",
+        server.model_name,
+    )
     try:
         code, body = svc.http_get("/readyz")
         assert code == 200 and "ready" in json.loads(body)["runner"]
@@ -570,13 +581,30 @@ def test_service_without_triton_fails_or_falls_back_loudly(tmp_path: Path, packa
 
     url = f"127.0.0.1:{free_port()}"  # nothing listens there
     out = subprocess.run(
-        [sys.executable, "-m", "edge_runtime", "serve", "--backend", "triton", "--triton-url", url,
-         "--spool", str(tmp_path / "s"), "--output", str(tmp_path / "o"), "--port", str(free_port())],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "edge_runtime",
+            "serve",
+            "--backend",
+            "triton",
+            "--triton-url",
+            url,
+            "--spool",
+            str(tmp_path / "s"),
+            "--output",
+            str(tmp_path / "o"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2 and "not reachable" in out.stderr
-    svc = ServiceProcess(tmp_path / "fb", "--backend", "triton", "--triton-url", url,
-                         "--fallback-backend", "onnxruntime")
+    svc = ServiceProcess(
+        tmp_path / "fb", "--backend", "triton", "--triton-url", url, "--fallback-backend", "onnxruntime"
+    )
     try:
         assert "BACKEND FALLBACK" in svc.log()
         code, body = svc.http_get("/readyz")

@@ -79,8 +79,14 @@ def test_gantry_tilt_is_refused(tmp_path: Path) -> None:
 
 def test_mixed_orientations_are_refused(tmp_path: Path) -> None:
     a = write_series(ramp(), SPACING, tmp_path / "a")
-    b = write_series(ramp(), SPACING, tmp_path / "b", iop=(1, 0, 0, 0, 0, -1), study_uid=a.study_uid,
-                     series_uid=a.series_uid)
+    b = write_series(
+        ramp(),
+        SPACING,
+        tmp_path / "b",
+        iop=(1, 0, 0, 0, 0, -1),
+        study_uid=a.study_uid,
+        series_uid=a.series_uid,
+    )
     with pytest.raises(VolumeError) as err:
         load_volume(files(a) + files(b))
     assert err.value.code == "mixed-stacks"
@@ -113,6 +119,7 @@ def test_affine_maps_indices_to_patient_positions(tmp_path: Path) -> None:
 
 
 # -- real files from other tools and scanners (../shared/data; skipped where absent) --------------------------
+
 
 def shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
@@ -150,6 +157,7 @@ def test_real_problem_series_are_refused_with_a_reason(folder: tuple[str, ...], 
 
 # -- evidence that a stack is complete (used to finish a series before its quiet period) -------------------
 
+
 def geometries(info) -> list:  # noqa: ANN001
     from edge_runtime.volume import SliceGeometry
 
@@ -180,9 +188,15 @@ def test_partial_stacks_are_not_evidence(tmp_path: Path) -> None:
 
 def test_repeated_echoes_are_split_and_the_first_stack_used(tmp_path: Path) -> None:
     first = write_series(ramp(), SPACING, tmp_path / "e1", extra={"EchoNumbers": 1})
-    second = write_series(ramp() + 1000, SPACING, tmp_path / "e2", study_uid=first.study_uid,
-                          series_uid=first.series_uid, frame_of_reference_uid=first.frame_of_reference_uid,
-                          extra={"EchoNumbers": 2})
+    second = write_series(
+        ramp() + 1000,
+        SPACING,
+        tmp_path / "e2",
+        study_uid=first.study_uid,
+        series_uid=first.series_uid,
+        frame_of_reference_uid=first.frame_of_reference_uid,
+        extra={"EchoNumbers": 2},
+    )
     vol = load_volume(files(second) + files(first))
     assert vol.array.shape[0] == 8 and vol.array.max() < 1000  # echo 1
     assert "2 stacks at the same positions" in vol.notes[0]

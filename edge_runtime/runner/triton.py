@@ -171,8 +171,9 @@ class TritonRunner(Runner):
         try:
             self._check_server()
             timeout = min(self.timeout_s, 10.0)
-            ok = self._client.is_model_ready(self.model_name, self.model_version, headers=self.headers,
-                                             client_timeout=timeout)
+            ok = self._client.is_model_ready(
+                self.model_name, self.model_version, headers=self.headers, client_timeout=timeout
+            )
         except (BackendUnavailable, self._error_type) as exc:
             return False, str(exc)
         return bool(ok), self._where() + (" ready" if ok else " not ready")
