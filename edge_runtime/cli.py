@@ -96,17 +96,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         choices=("true", "false"),
         help="pass tensors through system shared memory (Triton on this host)",
     )
-    p.add_argument(
-        "--fallback-backend", help="if the backend cannot start, run on onnxruntime CPU (logged loudly)"
-    )
-    p.add_argument(
-        "--quiet-seconds", type=float, help="a series is complete after this long without a new instance"
-    )
+    p.add_argument("--fallback-backend", help="if the backend cannot start, run on onnxruntime CPU (logged loudly)")
+    p.add_argument("--quiet-seconds", type=float, help="a series is complete after this long without a new instance")
     p.add_argument(
         "--early-completion",
         choices=("true", "false"),
         help="complete a series when its association is released and its stack is geometrically "
         "complete, before the quiet period (default true)",
+    )
+    p.add_argument(
+        "--release-grace-seconds",
+        type=float,
+        help="after a release that leaves a complete stack, wait this long for the sender to come back (default 0.5)",
     )
     p.add_argument("--allowed-calling-aets", help="comma-separated AE titles allowed to send (default: any)")
     p.add_argument("--max-associations", type=int)
@@ -127,13 +128,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="delete spooled instances of finished series after this long (default 72)",
     )
-    p.add_argument(
-        "--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space"
-    )
+    p.add_argument("--min-free-mb", type=int, help="refuse instances (0xA700) below this much free spool space")
     p.add_argument("--http-host", help="address of /healthz, /readyz and /metrics (default 127.0.0.1)")
-    p.add_argument(
-        "--http-port", type=int, help="port of /healthz, /readyz and /metrics (default 8190; 0 disables)"
-    )
+    p.add_argument("--http-port", type=int, help="port of /healthz, /readyz and /metrics (default 8190; 0 disables)")
     p.add_argument("--log-level")
     p.add_argument("--log-json", action="store_const", const=True, help="one JSON object per log line")
 
@@ -157,6 +154,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "fallback_backend",
         "quiet_seconds",
         "early_completion",
+        "release_grace_seconds",
         "allowed_calling_aets",
         "max_associations",
         "allowed_networks",
@@ -237,9 +235,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="edge-runtime", description="Edge inference runtime for medical imaging"
-    )
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="Edge inference runtime for medical imaging")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the DICOM listener daemon")

@@ -50,6 +50,8 @@ class Config:
     fallback_backend: str | None = None
     quiet_seconds: float = 5.0
     early_completion: bool = True
+    #: after a release that leaves a complete stack, wait this long for the sender to come back before finishing
+    release_grace_seconds: float = 0.5
     allowed_calling_aets: tuple[str, ...] = ()
     max_associations: int = 16
     allowed_networks: tuple[str, ...] = ()
@@ -118,6 +120,7 @@ def build_config(values: dict[str, Any]) -> Config:
     take("threads", lambda v: _int_range(v, 0, 1024), "an integer >= 0 (0: one per core)")
     take("quiet_seconds", _positive_float, "a number of seconds > 0")
     take("early_completion", _bool, "true or false")
+    take("release_grace_seconds", lambda v: _nonnegative_float(v), "a number of seconds >= 0")
     take("allowed_calling_aets", _ae_list, "a list of AE titles")
     take("allowed_networks", _networks, "a list of networks such as 10.1.0.0/16 or 192.168.4.7")
     take("max_instance_mb", lambda v: _int_range(v, 1, 1024 * 1024), "an integer >= 1 (MiB)")
@@ -191,6 +194,15 @@ def _positive_float(v: Any) -> float:
         raise TypeError
     f = float(v)
     if not math.isfinite(f) or f <= 0:
+        raise ValueError
+    return f
+
+
+def _nonnegative_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise TypeError
+    f = float(v)
+    if not math.isfinite(f) or f < 0:
         raise ValueError
     return f
 

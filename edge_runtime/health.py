@@ -46,12 +46,8 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(
-            "edge_queue_depth", "Series or results waiting, by queue", ["queue"], registry=r
-        )
-        self.sends = Counter(
-            "edge_sends", "C-STORE of results to destinations, by outcome", ["outcome"], registry=r
-        )
+        self.queue_depth = Gauge("edge_queue_depth", "Series or results waiting, by queue", ["queue"], registry=r)
+        self.sends = Counter("edge_sends", "C-STORE of results to destinations, by outcome", ["outcome"], registry=r)
         self.validation_dice = Gauge(
             "edge_validation_dice",
             "Dice against the latest reference segmentation, per model and label",

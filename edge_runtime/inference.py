@@ -166,9 +166,7 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return [int(round(v)) for v in np.linspace(0, size - patch, count)]
 
 
-def _windows(
-    shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float
-) -> Iterator[tuple[slice, ...]]:
+def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> Iterator[tuple[slice, ...]]:
     for z in window_starts(shape[0], patch[0], overlap):
         for y in window_starts(shape[1], patch[1], overlap):
             for x in window_starts(shape[2], patch[2], overlap):
@@ -184,9 +182,7 @@ def sliding_window(image: np.ndarray, package: ModelPackage, runner: Runner) -> 
         if any(after for _, after in pad)
         else image
     )
-    weights = (
-        gaussian_importance(patch) if package.blending == "gaussian" else np.ones(patch, dtype=np.float32)
-    )
+    weights = gaussian_importance(patch) if package.blending == "gaussian" else np.ones(patch, dtype=np.float32)
     k = package.num_classes
     logits = np.zeros((k, *padded.shape), dtype=np.float32)
     norm = np.zeros(padded.shape, dtype=np.float32)

@@ -247,9 +247,7 @@ class ConnectionGuard:
                 return False
         with self._lock:
             if self._pending >= self.max_pending:
-                log.warning(
-                    "connection from %s refused: %d connections waiting to associate", host, self._pending
-                )
+                log.warning("connection from %s refused: %d connections waiting to associate", host, self._pending)
                 return False
             self._pending += 1
         return True
@@ -283,7 +281,7 @@ class Listener:
         config: ListenerConfig,
         spool: Spool,
         on_stored: Callable[[int, Path], None] | None = None,
-        on_released: Callable[[set[int]], None] | None = None,
+        on_released: Callable[[set[int], str], None] | None = None,
         on_status: Callable[[int], None] | None = None,
     ):
         self.config = config
@@ -336,9 +334,7 @@ class Listener:
                 raise ValueError("a TLS port needs tls_cert and tls_key")
             ports.append((cfg.tls_port, tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)))
         for port, tls in ports:
-            server = self.ae.make_server(
-                (cfg.host, port), evt_handlers=handlers, server_class=GuardedAssociationServer
-            )
+            server = self.ae.make_server((cfg.host, port), evt_handlers=handlers, server_class=GuardedAssociationServer)
             server.guard = ConnectionGuard(
                 networks,
                 max_pending=4 * cfg.max_associations + 16,
@@ -359,6 +355,15 @@ class Listener:
                 server.server_address[1],
                 " (TLS)" if tls else "",
             )
+
+    def peers_associated(self) -> set[str]:
+        """Calling AE titles with an association open right now."""
+        return {
+            a.requestor.ae_title.strip()
+            for server in self.servers
+            for a in server.active_associations
+            if a.is_established
+        }
 
     def serving(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -439,9 +444,7 @@ class Listener:
             log.error("C-STORE refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)
             return STATUS_OUT_OF_RESOURCES
         except OSError as exc:
-            log.error(
-                "C-STORE refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror
-            )
+            log.error("C-STORE refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror)
             return STATUS_OUT_OF_RESOURCES
         log.debug(
             "stored instance of series %s from %s%s in %.1f ms",
@@ -463,7 +466,7 @@ class Listener:
         with self._touched_lock:
             series = self._touched.pop(id(event.assoc), set())
         if series and self.on_released is not None:
-            self.on_released(series)
+            self.on_released(series, event.assoc.requestor.ae_title.strip())
 
     def _on_aborted(self, event: evt.Event) -> None:
         self._received.pop(id(event.assoc), None)

@@ -244,9 +244,7 @@ def overlap_counts(
     return {label: tally.counts(idx) for label, idx in tally.index_of.items()}
 
 
-def surface_distances(
-    pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]
-) -> SurfaceDistances:
+def surface_distances(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]) -> SurfaceDistances:
     """Surface-to-surface distances in mm between two binary masks (nonzero = inside).
 
     Works on the bounding box of the union of both masks plus a margin, so the cost depends on the
@@ -334,9 +332,7 @@ def _tally(pred: np.ndarray, ref: np.ndarray, labels: Iterable[int] | None, work
         index_of = None if wanted is None else {lab: lab for lab in wanted}
     else:
         # Large label values: re-index the labels of interest to 1..K, every other value to 0.
-        values = (
-            np.union1d(_unique_nonzero(pred), _unique_nonzero(ref)) if wanted is None else np.asarray(wanted)
-        )
+        values = np.union1d(_unique_nonzero(pred), _unique_nonzero(ref)) if wanted is None else np.asarray(wanted)
         work_pred, work_ref = _reindex(pred, values), _reindex(ref, values)
         max_index = int(values.size)
         index_to_label = np.concatenate(([0], values))
@@ -355,9 +351,7 @@ def _reindex(arr: np.ndarray, values: np.ndarray) -> np.ndarray:
     for sl in _slabs(arr.shape):
         chunk = arr[sl].astype(np.int64)
         pos = np.searchsorted(values, chunk)
-        hit = (
-            values[np.minimum(pos, values.size - 1)] == chunk if values.size else np.zeros(chunk.shape, bool)
-        )
+        hit = values[np.minimum(pos, values.size - 1)] == chunk if values.size else np.zeros(chunk.shape, bool)
         out[sl] = np.where(hit, pos + 1, 0)
     return out
 
@@ -439,9 +433,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def _surface_distances_in_box(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]
-) -> SurfaceDistances:
+def _surface_distances_in_box(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...]) -> SurfaceDistances:
     """Surface distances of two boolean masks already cropped (with margin, or at the volume border)."""
     surf_pred = _surface(pred)
     surf_ref = _surface(ref)
@@ -462,9 +454,7 @@ def _ratio(num: int, den: int) -> float:
     return num / den if den else math.nan
 
 
-def _label_metrics(
-    label: int, c: ConfusionCounts, dist: SurfaceDistances | None, voxel_ml: float
-) -> LabelMetrics:
+def _label_metrics(label: int, c: ConfusionCounts, dist: SurfaceDistances | None, voxel_ml: float) -> LabelMetrics:
     perfect_empty = c.tp + c.fp + c.fn == 0
     dice = 1.0 if perfect_empty else 2 * c.tp / (2 * c.tp + c.fp + c.fn)
     jaccard = 1.0 if perfect_empty else c.tp / (c.tp + c.fp + c.fn)

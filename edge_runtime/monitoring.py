@@ -63,9 +63,7 @@ def match_segments(ds: Dataset, labels: tuple[Label, ...]) -> tuple[dict[int, in
     unmatched = []
     for item in ds.SegmentSequence:
         number = int(item.SegmentNumber)
-        code = (
-            item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
-        )
+        code = item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
         key = (str(code.CodeValue), str(code.CodingSchemeDesignator)) if code is not None else None
         value = by_code.get(key) if key else None
         if value is None:

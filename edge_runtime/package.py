@@ -205,9 +205,7 @@ class _Parser:
             self.problems.append(f"'inference.overlap' must be in [0, 1), got {overlap!r}")
         blending = self.get("inference.blending", str, "gaussian")
         if blending not in BLENDING_KINDS:
-            self.problems.append(
-                f"'inference.blending' is {blending!r}; allowed: {', '.join(BLENDING_KINDS)}"
-            )
+            self.problems.append(f"'inference.blending' is {blending!r}; allowed: {', '.join(BLENDING_KINDS)}")
         batch = self.get("inference.batch_size", int, 1)
         if batch < 1:
             self.problems.append(f"'inference.batch_size' must be >= 1, got {batch}")
@@ -265,9 +263,7 @@ class _Parser:
         if None in values.values():
             return None
         if values["std"] <= 0 or values["lower"] >= values["upper"]:
-            self.problems.append(
-                f"'preprocessing.normalization' needs lower < upper and std > 0, got {values}"
-            )
+            self.problems.append(f"'preprocessing.normalization' needs lower < upper and std > 0, got {values}")
         return Normalization(kind, **{k: float(v) for k, v in values.items()})
 
     def _labels(self) -> list[Label]:
@@ -287,21 +283,14 @@ class _Parser:
             codes = []
             for key in ("category", "type"):
                 c = item.get(key)
-                if not (
-                    isinstance(c, dict)
-                    and all(isinstance(c.get(k), str) for k in ("value", "scheme", "meaning"))
-                ):
-                    self.problems.append(
-                        f"'{where}.{key}' must be a code object with value, scheme and meaning"
-                    )
+                if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ("value", "scheme", "meaning"))):
+                    self.problems.append(f"'{where}.{key}' must be a code object with value, scheme and meaning")
                     codes.append(None)
                 else:
                     codes.append(Code(c["value"], c["scheme"], c["meaning"]))
             color = item.get("color", [255, 0, 0])
             if not (
-                isinstance(color, list)
-                and len(color) == 3
-                and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
+                isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
             ):
                 self.problems.append(f"'{where}.color' must be three integers 0-255, got {color!r}")
                 color = [255, 0, 0]

@@ -158,9 +158,7 @@ class _Jitter:
     def harmonics(self, amp: float, orders: Sequence[int] = (2, 3, 4)) -> list[tuple[int, float, float]]:
         if not self.variety:
             return []
-        return [
-            (k, amp * float(self.rng.uniform(-1, 1)), float(self.rng.uniform(0, 2 * np.pi))) for k in orders
-        ]
+        return [(k, amp * float(self.rng.uniform(-1, 1)), float(self.rng.uniform(0, 2 * np.pi))) for k in orders]
 
 
 @dataclass
@@ -525,9 +523,7 @@ def _paint_spine(g: _Grid, tissue: np.ndarray, labels: np.ndarray, sp: dict[str,
     post = (arch | spinous | transverse) & ~canal
     body = qb <= 1.0
 
-    def template(
-        body_code: int | None, shell_code: int | None, with_post: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def template(body_code: int | None, shell_code: int | None, with_post: bool) -> tuple[np.ndarray, np.ndarray]:
         t = np.full(qb.shape, _KEEP, np.uint8)
         lab = np.full(qb.shape, _KEEP, np.uint8)
         if with_post:
@@ -673,10 +669,7 @@ def _paint_tube(
     zeta = g.zeta[zs]
     cu, cv = centre_fn(zeta)
     bb = _Grid.box(
-        (g.u >= cu.min() - r - 2)
-        & (g.u <= cu.max() + r + 2)
-        & (g.v >= cv.min() - r - 2)
-        & (g.v <= cv.max() + r + 2)
+        (g.u >= cu.min() - r - 2) & (g.u <= cu.max() + r + 2) & (g.v >= cv.min() - r - 2) & (g.v <= cv.max() + r + 2)
     )
     if bb is None:
         return
@@ -759,9 +752,7 @@ def _paint_anatomy(g: _Grid, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
     _paint_ellipsoid(g, tissue, labels, p["spleen"], _T_SPLEEN, _SPLEEN, below_diaphragm=6.0)
     core = 1.0 - p["kidney_cortex"] / 20.0
     for k in p["kidneys"]:
-        _paint_ellipsoid(
-            g, tissue, labels, k, _T_KID_CORT, _KIDNEY, below_diaphragm=6.0, core=(core, _T_KID_MED)
-        )
+        _paint_ellipsoid(g, tissue, labels, k, _T_KID_CORT, _KIDNEY, below_diaphragm=6.0, core=(core, _T_KID_MED))
     _paint_lungs(g, tissue, labels, p)
     _paint_ellipsoid(g, tissue, labels, p["heart"], _T_BLOOD, 0, above_diaphragm=True)
     ao = p["aorta"]
@@ -1027,9 +1018,7 @@ def write_series(
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")
     if instance_number_order not in ("spatial", "reversed", "random"):
-        raise ValueError(
-            f"instance_number_order must be spatial, reversed or random, got {instance_number_order!r}"
-        )
+        raise ValueError(f"instance_number_order must be spatial, reversed or random, got {instance_number_order!r}")
     ts = UID(str(transfer_syntax))
     if not ts.is_transfer_syntax:
         raise ValueError(f"{ts} is not a transfer syntax UID")

@@ -20,9 +20,7 @@ class PushReport:
     failures: list[str] = field(default_factory=list)
 
 
-def push_folder(
-    folder: Path, dest: Destination, *, calling_ae: str = "PUSH", timeout: float = 30.0
-) -> PushReport:
+def push_folder(folder: Path, dest: Destination, *, calling_ae: str = "PUSH", timeout: float = 30.0) -> PushReport:
     report = PushReport()
     files: list[tuple[Path, str, str]] = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
@@ -56,9 +54,7 @@ def push_folder(
                 report.sent += 1
             else:
                 report.failed += 1
-                report.failures.append(
-                    f"{path.name}: " + ("no response" if code is None else f"status 0x{code:04X}")
-                )
+                report.failures.append(f"{path.name}: " + ("no response" if code is None else f"status 0x{code:04X}"))
     finally:
         if assoc.is_established:
             assoc.release()

@@ -58,9 +58,7 @@ def read_reference_masks(
     within the plane; by default a quarter of the smallest slice step along the normal and a quarter of the
     pixel spacing within the plane (at least 0.01 mm).
     """
-    reader = _Reader(
-        seg, volume, threshold=threshold, tolerance_mm=tolerance_mm, ignore_outside=ignore_outside
-    )
+    reader = _Reader(seg, volume, threshold=threshold, tolerance_mm=tolerance_mm, ignore_outside=ignore_outside)
     masks = {number: np.zeros(volume.array.shape, dtype=bool) for number in reader.names}
     for k, frame_masks in reader.frames():
         for number, mask in frame_masks.items():
@@ -82,9 +80,7 @@ def read_reference_seg(
     overlap, the higher segment number wins; use :func:`read_reference_masks` to keep overlaps. Arguments
     as for :func:`read_reference_masks`.
     """
-    reader = _Reader(
-        seg, volume, threshold=threshold, tolerance_mm=tolerance_mm, ignore_outside=ignore_outside
-    )
+    reader = _Reader(seg, volume, threshold=threshold, tolerance_mm=tolerance_mm, ignore_outside=ignore_outside)
     if 0 in reader.names:
         raise ValueError(
             "segment 0 is a foreground segment of this label map (its background is another "
@@ -195,8 +191,7 @@ class _Reader:
             spacing = [float(v) for v in measures.PixelSpacing]
             if not np.allclose(spacing, self.volume.spacing[1:], rtol=1e-3, atol=1e-4):
                 raise ValueError(
-                    f"frame {index + 1} has Pixel Spacing {spacing}; the volume's is "
-                    f"{list(self.volume.spacing[1:])}"
+                    f"frame {index + 1} has Pixel Spacing {spacing}; the volume's is {list(self.volume.spacing[1:])}"
                 )
 
     def _segment_of(self, index: int) -> int:
@@ -219,8 +214,7 @@ class _Reader:
             if by_position != k and self._position(index) is not None:
                 where = "outside the volume" if by_position is None else f"on slice {by_position}"
                 raise ValueError(
-                    f"frame {index + 1} references source slice {k} but its Image Position "
-                    f"(Patient) lies {where}"
+                    f"frame {index + 1} references source slice {k} but its Image Position (Patient) lies {where}"
                 )
             return k
         if by_position is None and self._position(index) is None:

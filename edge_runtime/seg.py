@@ -66,10 +66,7 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
         hi = [s.stop - 1 for s in box]
         centre = [
             lo[axis]
-            + float(
-                np.dot(mask.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(mask.shape[axis]))
-            )
-            / n
+            + float(np.dot(mask.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(mask.shape[axis]))) / n
             for axis in range(3)
         ]
         corners = np.array([_to_patient(volume, lo), _to_patient(volume, hi)])

@@ -190,9 +190,7 @@ _TYPE2_FROM_SOURCE = (
 # Explicit VR Little Endian encoding of the few element types the long sequences use
 # ---------------------------------------------------------------------------------------------------
 
-_LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 _ITEM = b"\xfe\xff\x00\xe0"
 
 
@@ -433,9 +431,7 @@ def encode_binary_seg(
             + purpose
         )
         derivation = _sq(0x00089124, [_sq(0x00082112, [source_item]) + derivation_code])
-        position = _sq(
-            0x00209113, [_el(0x00200032, b"DS", "\\".join(_ds(v) for v in d.ImagePositionPatient).encode())]
-        )
+        position = _sq(0x00209113, [_el(0x00200032, b"DS", "\\".join(_ds(v) for v in d.ImagePositionPatient).encode())])
         slice_parts[s] = (derivation, position)
     per_frame_segment = n_segments > 1
     segment_ids = [
@@ -472,8 +468,7 @@ def encode_binary_seg(
 
     # -- source references -------------------------------------------------------------------------------
     references = [
-        _el(0x00081150, b"UI", str(d.SOPClassUID).encode())
-        + _el(0x00081155, b"UI", str(d.SOPInstanceUID).encode())
+        _el(0x00081150, b"UI", str(d.SOPClassUID).encode()) + _el(0x00081155, b"UI", str(d.SOPInstanceUID).encode())
         for d in sources
     ]
     by_series: dict[str, list[bytes]] = {}
@@ -577,9 +572,7 @@ def encode_binary_seg(
     if src.get("SpacingBetweenSlices") not in (None, ""):
         measures.SpacingBetweenSlices = _ds(src.SpacingBetweenSlices)
     else:
-        spacing, _ = get_volume_positions(
-            image_positions=positions.tolist(), image_orientation=[float(v) for v in iop]
-        )
+        spacing, _ = get_volume_positions(image_positions=positions.tolist(), image_orientation=[float(v) for v in iop])
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
     orientation = Dataset()
@@ -608,9 +601,7 @@ def encode_binary_seg(
     ds[0x00082112] = _raw_sq(0x00082112, b"".join(_item(r) for r in references))  # type: ignore[assignment]
     ds[0x52009230] = _raw_sq(0x52009230, per_frame_groups)  # type: ignore[assignment]
     ds[0x7FE00010] = DataElement(0x7FE00010, "OB", pixel_data)
-    charset = (
-        convert_encodings(ds.SpecificCharacterSet) if ds.get("SpecificCharacterSet") else default_encoding
-    )
+    charset = convert_encodings(ds.SpecificCharacterSet) if ds.get("SpecificCharacterSet") else default_encoding
     # raw elements are written unchanged only when the dataset says it was encoded as the file will be
     ds.set_original_encoding(False, True, charset)
     return ds

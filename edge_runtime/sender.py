@@ -36,9 +36,7 @@ class Destination:
     def parse(cls, text: str) -> Destination:
         m = _DESTINATION.match(text.strip())
         if not m or not 0 < int(m["port"]) < 65536 or not m["ae"].strip():
-            raise ValueError(
-                f"destination {text!r} is not AE@host:port (AE title up to 16 characters, port 1-65535)"
-            )
+            raise ValueError(f"destination {text!r} is not AE@host:port (AE title up to 16 characters, port 1-65535)")
         return cls(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
 
     def __str__(self) -> str:

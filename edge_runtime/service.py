@@ -100,7 +100,9 @@ class Service:
             )
         self._stop = threading.Event()
         self._tracker_wake = threading.Event()
-        self._released: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._released: queue.SimpleQueue[tuple[int, str, float]] = queue.SimpleQueue()
+        #: series complete on evidence, waiting out the release grace: id -> (generation, calling AE, deadline)
+        self._graced: dict[int, tuple[int, str, float]] = {}
         #: slices decoded as they arrive, by a thread of their own, so the worker starts from memory
         self.cache = SliceCache(max_bytes=config.decode_cache_mb * 1024 * 1024)
         self._to_decode: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
@@ -250,19 +252,24 @@ class Service:
                 return
             self.cache.add(path)
 
-    def _on_released(self, series_ids: set[int]) -> None:
+    def _on_released(self, series_ids: set[int], calling_ae: str) -> None:
+        deadline = time.monotonic() + self.config.release_grace_seconds
         for series_id in series_ids:
-            self._released.put(series_id)
+            self._released.put((series_id, calling_ae, deadline))
         self._tracker_wake.set()
 
     def _complete_on_evidence(self) -> bool:
-        """Queue series whose association was released and whose stack is geometrically complete."""
-        queued = False
+        """Queue series whose association was released and whose stack is geometrically complete.
+
+        A complete-looking stack only counts once the release grace has passed without its sender coming back:
+        a sender that opens one association per instance (or per chunk) releases after every one of them, and
+        what it has sent so far is a regular stack at every step.
+        """
         while True:
             try:
-                series_id = self._released.get_nowait()
+                series_id, calling_ae, deadline = self._released.get_nowait()
             except queue.Empty:
-                return queued
+                break
             row = self.spool.series(series_id)
             if row.state is not SeriesState.RECEIVING:
                 continue
@@ -270,14 +277,26 @@ class Service:
             evidence = stack_evidence(geometries, self.policy) if geometries else None
             if evidence is None or not evidence.complete:
                 why = evidence.reason if evidence else "no image slices"
-                log.info(
-                    "series %s: association released, waiting for the quiet period (%s)", row.key_hash, why
-                )
+                log.info("series %s: association released, waiting for the quiet period (%s)", row.key_hash, why)
+                self._graced.pop(series_id, None)
                 continue
-            if self.spool.queue_series(series_id, row.generation):
-                log.info("series %s complete on evidence: %s", row.key_hash, evidence.reason)
+            self._graced[series_id] = (row.generation, calling_ae, deadline)
+        queued = False
+        now = time.monotonic()
+        for series_id, (generation, calling_ae, deadline) in list(self._graced.items()):
+            if now < deadline:
+                continue
+            del self._graced[series_id]
+            if calling_ae in self.listener.peers_associated():
+                continue  # its sender is back: it may be sending more of this series; the quiet period decides
+            if self.spool.queue_series(series_id, generation):
+                row = self.spool.series(series_id)
+                log.info(
+                    "series %s complete on evidence: %d slices, association released", row.key_hash, row.instance_count
+                )
                 self.metrics.series_completed.labels("evidence").inc()
                 queued = True
+        return queued
 
     def _track(self) -> None:
         quiet = self.config.quiet_seconds
@@ -303,6 +322,9 @@ class Service:
                 self._work.set()
             deadline = self.spool.next_receiving_deadline(quiet)
             wait = 1.0 if deadline is None else min(1.0, max(0.02, deadline - time.time()))
+            if self._graced:
+                soonest = min(d for _, _, d in self._graced.values())
+                wait = min(wait, max(0.01, soonest - time.monotonic()))
             self._tracker_wake.wait(wait)
             self._tracker_wake.clear()
 
@@ -348,16 +370,12 @@ class Service:
         result = segment(volume, self.package, self.runner)
         timings.update(result.timings)
 
-        seed = (
-            f"{row.called_ae}|{row.study_uid}|{row.series_uid}|{self.package.model_sha256}|{row.generation}"
-        )
+        seed = f"{row.called_ae}|{row.study_uid}|{row.series_uid}|{self.package.model_sha256}|{row.generation}"
         directory = self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{row.generation}"
         directory.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         if volume.multiframe:  # frames of one Enhanced source: highdicom pairs them with the source's frames
-            seg = build_seg(
-                volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial
-            )
+            seg = build_seg(volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial)
         else:
             seg = encode_binary_seg(
                 volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial
@@ -366,9 +384,7 @@ class Service:
         timings["seg"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         measurements = measure(volume, result.labels, self.package)
-        sr = build_sr(
-            seg, measurements, volume, self.package, uid_seed=seed, device_serial_number=self.serial
-        )
+        sr = build_sr(seg, measurements, volume, self.package, uid_seed=seed, device_serial_number=self.serial)
         sr_path = _write_dicom(sr, directory / "sr.dcm")
         timings["measurements"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
@@ -421,9 +437,7 @@ class Service:
                 target = self.spool.find_series(row.called_ae, info.study_uid, info.series_uid)
                 results = self.spool.results(target.id) if target is not None else []
                 if target is None or not results:
-                    raise ValidationError(
-                        "no-result", "the referenced series has no result from this service"
-                    )
+                    raise ValidationError("no-result", "the referenced series has no result from this service")
                 _, _, model, directory = results[-1]
                 ours = directory / "seg.dcm"
                 if str(pydicom.dcmread(ours, stop_before_pixels=True).SOPInstanceUID) == info.sop_uid:

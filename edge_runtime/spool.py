@@ -143,9 +143,7 @@ class Spool:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        has_tables = (
-            self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
-        )
+        has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
         if has_tables and version != SCHEMA_VERSION:
             self._db.close()
             raise RuntimeError(
@@ -193,9 +191,7 @@ class Spool:
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         if free < self.min_free_bytes:
-            raise SpoolFull(
-                f"{free} bytes free on the spool's file system; the watermark is {self.min_free_bytes}"
-            )
+            raise SpoolFull(f"{free} bytes free on the spool's file system; the watermark is {self.min_free_bytes}")
 
     def has_instance(self, called_ae: str, study_uid: str, series_uid: str, sop_uid: str) -> bool:
         with self._lock:
@@ -312,17 +308,13 @@ class Spool:
 
     def instance_paths(self, series_id: int) -> list[Path]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)
-            ).fetchall()
+            rows = self._db.execute("SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)).fetchall()
         return [self.root / r[0] for r in rows]
 
     def instance_geometries(self, series_id: int) -> list[str | None]:
         """The slice geometry recorded at ingest for each instance of a series (None: not an image slice)."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT geometry FROM instances WHERE series_id=?", (series_id,)
-            ).fetchall()
+            rows = self._db.execute("SELECT geometry FROM instances WHERE series_id=?", (series_id,)).fetchall()
         return [r[0] for r in rows]
 
     # -- series -----------------------------------------------------------------------------------------
@@ -362,9 +354,7 @@ class Spool:
                 (SeriesState.RECEIVING.value, now - quiet_seconds),
             ).fetchall()
             for r in rows:
-                db.execute(
-                    "UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.QUEUED.value, now, r[0])
-                )
+                db.execute("UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.QUEUED.value, now, r[0]))
         return [self._row(r) for r in rows]
 
     def queue_series(self, series_id: int, generation: int) -> bool:
@@ -504,9 +494,7 @@ class Spool:
             ids = [r[0] for r in rows]
             paths: list[str] = []
             for series_id in ids:
-                paths += [
-                    r[0] for r in db.execute("SELECT path FROM instances WHERE series_id=?", (series_id,))
-                ]
+                paths += [r[0] for r in db.execute("SELECT path FROM instances WHERE series_id=?", (series_id,))]
                 db.execute("DELETE FROM instances WHERE series_id=?", (series_id,))
                 db.execute(
                     "DELETE FROM outbox WHERE result_id IN (SELECT id FROM results WHERE series_id=?)",
@@ -549,9 +537,7 @@ class Spool:
 
     def mark_sent(self, item_id: int) -> None:
         with self._tx() as db:
-            db.execute(
-                "UPDATE outbox SET state='sent', sent=?, last_error=NULL WHERE id=?", (time.time(), item_id)
-            )
+            db.execute("UPDATE outbox SET state='sent', sent=?, last_error=NULL WHERE id=?", (time.time(), item_id))
 
     def mark_failed_attempt(self, item_id: int, error: str, retry_at: float) -> None:
         with self._tx() as db:

@@ -159,9 +159,7 @@ def build_sr(
                     (codes.SCT.Maximum, m.max),
                 ):
                     if value is not None:
-                        items.append(
-                            hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation)
-                        )
+                        items.append(hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation))
             evaluations.append(
                 hd.sr.QualitativeEvaluation(
                     name=codes.DCM.AnatomyCoverageIncomplete,
@@ -172,9 +170,7 @@ def build_sr(
         category = desc.SegmentedPropertyCategoryCodeSequence[0]
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=str(tracking_uid), identifier=str(tracking_id)[:64]
-                ),
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=str(tracking_uid), identifier=str(tracking_id)[:64]),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=str(seg.SOPClassUID),
                     sop_instance_uid=str(seg.SOPInstanceUID),

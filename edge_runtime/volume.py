@@ -218,9 +218,7 @@ def stack_evidence(geometries: Sequence[SliceGeometry], policy: GeometryPolicy |
     expected = {g.expected for g in geometries if g.expected}
     if expected and expected != {len(slices)}:
         return Evidence(False, f"{len(slices)} of {max(expected)} expected instances")
-    return Evidence(
-        True, f"{len(slices)} slices, regular {step:.3g} mm" + (", count as expected" if expected else "")
-    )
+    return Evidence(True, f"{len(slices)} slices, regular {step:.3g} mm" + (", count as expected" if expected else ""))
 
 
 def read_instances(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
@@ -261,9 +259,7 @@ class SliceCache:
             if intercept:
                 pixels += intercept
             del ds.PixelData
-        except (
-            Exception
-        ):  # a slice that does not decode is found again, and reported, when the volume is built
+        except Exception:  # a slice that does not decode is found again, and reported, when the volume is built
             return False
         with self._lock:
             if path not in self._items:
@@ -334,9 +330,7 @@ def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | 
     sorted_slices = [slices[i] for i in order]
     for s in sorted_slices:
         if s.ds is not None and "SpecificCharacterSet" in s.ds and not s.ds.SpecificCharacterSet:
-            del (
-                s.ds.SpecificCharacterSet
-            )  # empty means the default repertoire; highdicom rejects the empty value
+            del s.ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
     multiframe = sorted_slices[0].frame is not None
     first = sorted_slices[0]
     row_spacing, col_spacing = first.geometry.pixel_spacing
@@ -377,9 +371,7 @@ def _image_slices(headers: list[tuple[Path, Dataset]]) -> tuple[list[_Slice], li
             continue
         if len(geometry.iop) != 6 or not all(map(math.isfinite, geometry.iop + geometry.ipp)):
             raise VolumeError("bad-geometry", "ImageOrientationPatient/ImagePositionPatient are malformed")
-        stack = tuple(
-            str(ds.get(k, "")) for k in ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber")
-        )
+        stack = tuple(str(ds.get(k, "")) for k in ("EchoNumbers", "TemporalPositionIdentifier", "AcquisitionNumber"))
         slices.append(_Slice(geometry, ds, stack=stack, path=path))
     notes = [f"set aside {n} instance(s): {why}" for why, n in sorted(set_aside.items())]
     if not slices:
@@ -431,9 +423,7 @@ def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
             find(i, k) for k in ("PlaneOrientationSequence", "PlanePositionSequence", "PixelMeasuresSequence")
         )
         if orientation is None or position is None or measures is None:
-            raise VolumeError(
-                "bad-geometry", f"frame {i + 1} lacks plane orientation, position or pixel measures"
-            )
+            raise VolumeError("bad-geometry", f"frame {i + 1} lacks plane orientation, position or pixel measures")
         transform = find(i, "PixelValueTransformationSequence")
         slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
         intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
@@ -460,9 +450,7 @@ def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
     return slices
 
 
-def _plan(
-    slices: list[_Slice], policy: GeometryPolicy
-) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
+def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
     """Check one stack; return the spatial order, positions along the normal and whether it is regular."""
 
     def stack_key(s: _Slice) -> tuple:
@@ -543,9 +531,7 @@ def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:
             decoded[id(ds)] = _decode(ds, s.path)
         pixels = decoded[id(ds)] if s.frame is None else decoded[id(ds)][s.frame]
         if pixels.shape != array.shape[1:]:
-            raise VolumeError(
-                "bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}"
-            )
+            raise VolumeError("bad-pixels", f"pixel data of one slice is {pixels.shape}, expected {array.shape[1:]}")
         if s.rescale is not None:
             slope, intercept = s.rescale
         else:

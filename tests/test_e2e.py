@@ -336,3 +336,15 @@ def test_split_series_with_a_pause_gives_one_seg_of_all_slices(
     for info in (contiguous, interleaved):
         check_seg(pacs.wait_for_seg(info.series_uid, timeout=25), info)
     assert len(pacs.segs()[contiguous.series_uid]) == 1 and len(pacs.segs()[interleaved.series_uid]) == 1
+
+
+def test_one_association_per_instance_gives_one_seg_of_all_slices(
+    patient_service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    """Some senders open an association per image: every release leaves a regular stack, none is the series."""
+    info = new_series(tmp_path, seed=13)
+    for path in info.paths:
+        storescu(patient_service.port, [path])
+    check_seg(pacs.wait_for_seg(info.series_uid, timeout=25), info)
+    time.sleep(2.0)
+    assert len(pacs.segs()[info.series_uid]) == 1

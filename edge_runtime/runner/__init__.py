@@ -14,9 +14,7 @@ BACKENDS = ("onnxruntime", "triton")
 DEVICES = ("cpu", "cuda", "tensorrt")
 
 
-def load_runner(
-    package: ModelPackage, backend: str = "onnxruntime", device: str = "cpu", **options: object
-) -> Runner:
+def load_runner(package: ModelPackage, backend: str = "onnxruntime", device: str = "cpu", **options: object) -> Runner:
     """Build the runner for ``backend`` on ``device``; fails loudly when either is not available here.
 
     Options go to the backend: ``threads`` for ONNX Runtime; ``url``, ``model_name``, ``timeout_s``,
@@ -30,9 +28,7 @@ def load_runner(
         from .triton import TritonRunner
 
         return TritonRunner(package, **options)  # type: ignore[arg-type]
-    raise BackendUnavailable(
-        f"Requested backend was: {backend!r}, but available backends are: {', '.join(BACKENDS)}"
-    )
+    raise BackendUnavailable(f"Requested backend was: {backend!r}, but available backends are: {', '.join(BACKENDS)}")
 
 
 __all__ = ["BACKENDS", "DEVICES", "BackendUnavailable", "Runner", "RunnerError", "load_runner"]

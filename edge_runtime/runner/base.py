@@ -30,9 +30,7 @@ class Runner(abc.ABC):
         if batch.dtype != np.float32:
             raise RunnerError(f"batch dtype is {batch.dtype}; runners take float32")
         if batch.ndim != 5 or batch.shape[1] != self.package.input_channels:
-            raise RunnerError(
-                f"batch shape is {batch.shape}; expected (N, {self.package.input_channels}, Z, Y, X)"
-            )
+            raise RunnerError(f"batch shape is {batch.shape}; expected (N, {self.package.input_channels}, Z, Y, X)")
         out = self._infer(np.ascontiguousarray(batch))
         expected = (batch.shape[0], self.package.num_classes, *batch.shape[2:])
         if out.shape != expected:

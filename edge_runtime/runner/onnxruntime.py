@@ -62,9 +62,7 @@ class OnnxRuntimeRunner(Runner):
         if self.package.input_name not in inputs:
             problems.append(f"input {self.package.input_name!r} not in the model (it has {sorted(inputs)})")
         if self.package.output_name not in outputs:
-            problems.append(
-                f"output {self.package.output_name!r} not in the model (it has {sorted(outputs)})"
-            )
+            problems.append(f"output {self.package.output_name!r} not in the model (it has {sorted(outputs)})")
         else:
             shape = outputs[self.package.output_name].shape
             if len(shape) == 5 and isinstance(shape[1], int) and shape[1] != self.package.num_classes:

@@ -159,9 +159,7 @@ class TritonRunner(Runner):
                 self.model_name, self.model_version, headers=self.headers, client_timeout=timeout
             )
         except self._error_type as exc:
-            raise BackendUnavailable(
-                f"cannot read the config of {self._where()}: {_describe_error(exc)}"
-            ) from exc
+            raise BackendUnavailable(f"cannot read the config of {self._where()}: {_describe_error(exc)}") from exc
         self._platform = metadata.platform or config.backend or config.platform
         self._served_version = metadata.versions[-1] if metadata.versions else "?"
         self._check_signature(config)
@@ -210,9 +208,7 @@ class TritonRunner(Runner):
                 continue
             t = tensors[name]
             if t.data_type != fp32:
-                problems.append(
-                    f"{what} {name!r} is {self._type_name(t.data_type)}; this runner needs TYPE_FP32"
-                )
+                problems.append(f"{what} {name!r} is {self._type_name(t.data_type)}; this runner needs TYPE_FP32")
             dims = [int(d) for d in t.dims]
             per_item = dims if batched else dims[1:]
             if len(per_item) != 4:
@@ -226,8 +222,7 @@ class TritonRunner(Runner):
                 problems.append(f"the served {what} {name!r} has {per_item[0]} channels; {needs} {channels}")
             if any(d != -1 and d != p for d, p in zip(per_item[1:], pkg.patch_size, strict=True)):
                 problems.append(
-                    f"{what} {name!r} has fixed spatial dims {per_item[1:]}, "
-                    f"not the patch size {list(pkg.patch_size)}"
+                    f"{what} {name!r} has fixed spatial dims {per_item[1:]}, not the patch size {list(pkg.patch_size)}"
                 )
         sha = config.parameters[SHA_PARAMETER].string_value if SHA_PARAMETER in config.parameters else ""
         if sha and pkg.model_sha256 and sha != pkg.model_sha256:
@@ -353,9 +348,7 @@ class TritonRunner(Runner):
         if batch.dtype != np.float32:
             raise RunnerError(f"batch dtype is {batch.dtype}; runners take float32")
         if batch.ndim != 5 or batch.shape[1] != self.package.input_channels:
-            raise RunnerError(
-                f"batch shape is {batch.shape}; expected (N, {self.package.input_channels}, Z, Y, X)"
-            )
+            raise RunnerError(f"batch shape is {batch.shape}; expected (N, {self.package.input_channels}, Z, Y, X)")
 
     def _pipeline(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Send chunks with at most ``max_in_flight`` outstanding; yield their outputs in order."""
@@ -434,9 +427,7 @@ class TritonRunner(Runner):
                     continue
                 raise self._failure(exc, req.attempt) from exc
             except FutureTimeout as exc:  # (not the builtin TimeoutError on Python 3.10)
-                raise RunnerError(
-                    f"no answer from {self._where()} within {self.timeout_s + 5.0:.0f} s"
-                ) from exc
+                raise RunnerError(f"no answer from {self._where()} within {self.timeout_s + 5.0:.0f} s") from exc
             ok = False
             try:
                 out = self._read_output(result, req.slot)
@@ -641,9 +632,7 @@ class _ShmSlot:
     def read(self, shape: tuple[int, ...]) -> np.ndarray:
         nbytes = int(np.prod(shape)) * 4
         if nbytes > self.out_bytes:
-            raise RunnerError(
-                f"the output {shape} does not fit the shared-memory region ({self.out_bytes} bytes)"
-            )
+            raise RunnerError(f"the output {shape} does not fit the shared-memory region ({self.out_bytes} bytes)")
         view = self._shm.get_contents_as_numpy(self.out_handle, np.float32, shape)
         out = np.array(view, copy=True)  # the region is reused by the next request
         del view
