@@ -19,6 +19,8 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, build_config, load_toml
+from .validate import add_parser as add_validate_parser
+from .validate import cmd_validate
 
 log = logging.getLogger("edge_runtime")
 
@@ -246,8 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     push.add_argument("--calling-ae", default="PUSH")
     status = sub.add_parser("status", help="list the series in a spool")
     status.add_argument("--spool", type=Path, default=Config().spool)
+    add_validate_parser(sub)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "push": cmd_push, "status": cmd_status}[args.command](args)
+    return {"serve": cmd_serve, "push": cmd_push, "status": cmd_status, "validate": cmd_validate}[args.command](args)
 
 
 if __name__ == "__main__":
