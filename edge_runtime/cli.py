@@ -91,6 +91,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", help="inference backend (default onnxruntime)")
     p.add_argument("--device", help="cpu, cuda or tensorrt (default cpu)")
     p.add_argument("--threads", type=int, help="inference threads (default: one per core)")
+    p.add_argument("--precision", help="engine precision for --backend tensorrt: fp32, fp16 (default) or int8")
+    p.add_argument(
+        "--rebuild-engine",
+        choices=("true", "false"),
+        help="rebuild a TensorRT engine whose key (model, TensorRT, GPU, precision) does not match",
+    )
     p.add_argument("--triton-url", help="Triton gRPC endpoint host:port for --backend triton")
     p.add_argument("--triton-model", help="model name in the Triton repository (default: the package name)")
     p.add_argument(
@@ -150,6 +156,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "backend",
         "device",
         "threads",
+        "precision",
+        "rebuild_engine",
         "triton_url",
         "triton_model",
         "triton_shared_memory",

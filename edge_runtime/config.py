@@ -43,6 +43,9 @@ class Config:
     backend: str = "onnxruntime"
     device: str = "cpu"
     threads: int = 0
+    #: native TensorRT backend: engine precision, and whether to rebuild an engine whose key does not match
+    precision: str = "fp16"
+    rebuild_engine: bool = False
     triton_url: str = "127.0.0.1:8001"
     triton_model: str | None = None
     triton_shared_memory: bool = False
@@ -117,6 +120,8 @@ def build_config(values: dict[str, Any]) -> Config:
     take("triton_model", _str, "the model name in the Triton repository (default: the package name)")
     take("triton_shared_memory", _bool, "true or false (system shared memory; client and server on one host)")
     take("fallback_backend", lambda v: _choice(v, ("onnxruntime",)), "onnxruntime (CPU), or unset to fail")
+    take("precision", lambda v: _choice(v, ("fp32", "fp16", "int8")), "fp32, fp16 or int8")
+    take("rebuild_engine", _bool, "true or false")
     take("threads", lambda v: _int_range(v, 0, 1024), "an integer >= 0 (0: one per core)")
     take("quiet_seconds", _positive_float, "a number of seconds > 0")
     take("early_completion", _bool, "true or false")

@@ -119,6 +119,8 @@ class Service:
                 "model_name": config.triton_model or self.package.name,
                 "shared_memory": "system" if config.triton_shared_memory else "none",
             }
+        elif config.backend == "tensorrt":
+            options = {"precision": config.precision, "rebuild": config.rebuild_engine}
         else:
             options = {"threads": config.threads}
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..package import ModelPackage
 from .base import BackendUnavailable, Runner, RunnerError
 
-BACKENDS = ("onnxruntime", "triton")
+BACKENDS = ("onnxruntime", "triton", "tensorrt")
 DEVICES = ("cpu", "cuda", "tensorrt")
 
 
@@ -18,7 +18,9 @@ def load_runner(package: ModelPackage, backend: str = "onnxruntime", device: str
     """Build the runner for ``backend`` on ``device``; fails loudly when either is not available here.
 
     Options go to the backend: ``threads`` for ONNX Runtime; ``url``, ``model_name``, ``timeout_s``,
-    ``shared_memory`` ... for Triton (where the server's instance groups decide the device).
+    ``shared_memory`` ... for Triton (where the server's instance groups decide the device); ``precision``,
+    ``engine``, ``rebuild`` for native TensorRT (pycuda, first GPU), whose engine is keyed by model, TensorRT
+    version, GPU and precision. ``device`` applies to ONNX Runtime only.
     """
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeRunner
@@ -28,6 +30,10 @@ def load_runner(package: ModelPackage, backend: str = "onnxruntime", device: str
         from .triton import TritonRunner
 
         return TritonRunner(package, **options)  # type: ignore[arg-type]
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(package, **options)  # type: ignore[arg-type]
     raise BackendUnavailable(f"Requested backend was: {backend!r}, but available backends are: {', '.join(BACKENDS)}")
 
 

@@ -40,7 +40,7 @@ class OnnxRuntimeRunner(Runner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
-        providers = [wanted] if wanted == "CPUExecutionProvider" else [wanted, "CPUExecutionProvider"]
+        providers = self._providers(wanted, available)
         try:
             self.session = ort.InferenceSession(str(package.model_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own C++ exception types
@@ -54,6 +54,28 @@ class OnnxRuntimeRunner(Runner):
             )
         self.device = device
         self._check_signature()
+
+    def _providers(self, wanted: str, available: list[str]) -> list:
+        """The provider list: TensorRT with an engine cache, fp16 and profiles for the window shapes, then CUDA
+        (for the nodes TensorRT rejects), then the CPU; CUDA then CPU; or the CPU alone."""
+        if wanted == "CPUExecutionProvider":
+            return [wanted]
+        if wanted == "CUDAExecutionProvider":
+            return [wanted, "CPUExecutionProvider"]
+        patch = "x".join(str(v) for v in self.package.patch_size)
+        name, channels = self.package.input_name, self.package.input_channels
+        cache = self.package.root / "trt-cache"
+        trt_options = {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_fp16_enable": "True",
+            "trt_profile_min_shapes": f"{name}:1x{channels}x{patch}",
+            "trt_profile_opt_shapes": f"{name}:{self.package.batch_size}x{channels}x{patch}",
+            "trt_profile_max_shapes": f"{name}:{max(2, 2 * self.package.batch_size)}x{channels}x{patch}",
+        }
+        rest = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        return [(wanted, trt_options), *rest]
 
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}

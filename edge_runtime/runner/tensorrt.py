@@ -80,6 +80,8 @@ class TensorRTRunner(Runner):
             self._load(path)
         except BaseException:
             self._ctx.pop()
+            self._ctx.detach()
+            self._ctx = None
             raise
         self._ctx.pop()
 
