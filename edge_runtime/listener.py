@@ -291,6 +291,8 @@ class Listener:
         self.on_status = on_status
         #: series that received new instances, per association still open
         self._touched: dict[int, set[int]] = {}
+        #: open associations: calling AE title and when they were accepted (monotonic)
+        self._opened: dict[int, tuple[str, float]] = {}
         self._touched_lock = threading.Lock()
         self.servers: list[GuardedAssociationServer] = []
         self._threads: list[threading.Thread] = []
@@ -323,6 +325,7 @@ class Listener:
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_DATA_RECV, self._on_data),
@@ -356,14 +359,14 @@ class Listener:
                 " (TLS)" if tls else "",
             )
 
-    def peers_associated(self) -> set[str]:
-        """Calling AE titles with an association open right now."""
-        return {
-            a.requestor.ae_title.strip()
-            for server in self.servers
-            for a in server.active_associations
-            if a.is_established
-        }
+    def sender_activity(self, calling_ae: str, series_id: int, since: float) -> str:
+        """What ``calling_ae``'s open associations are doing: ``"this-series"`` if one has sent instances of
+        ``series_id``, ``"new"`` if one opened after ``since`` (monotonic) and may be about to, else ``"none"``."""
+        with self._touched_lock:
+            open_now = [(key, t) for key, (ae, t) in self._opened.items() if ae == calling_ae]
+            if any(series_id in self._touched.get(key, ()) for key, _ in open_now):
+                return "this-series"
+        return "new" if any(t > since for _, t in open_now) else "none"
 
     def serving(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads)
@@ -460,10 +463,15 @@ class Listener:
                 self.on_stored(stored.series_id, stored.path)
         return STATUS_SUCCESS
 
+    def _on_accepted(self, event: evt.Event) -> None:
+        with self._touched_lock:
+            self._opened[id(event.assoc)] = (event.assoc.requestor.ae_title.strip(), time.monotonic())
+
     def _on_released(self, event: evt.Event) -> None:
         """A sender that releases properly has said: that is all I have for now (evidence, not proof)."""
         self._received.pop(id(event.assoc), None)
         with self._touched_lock:
+            self._opened.pop(id(event.assoc), None)
             series = self._touched.pop(id(event.assoc), set())
         if series and self.on_released is not None:
             self.on_released(series, event.assoc.requestor.ae_title.strip())
@@ -471,4 +479,5 @@ class Listener:
     def _on_aborted(self, event: evt.Event) -> None:
         self._received.pop(id(event.assoc), None)
         with self._touched_lock:
+            self._opened.pop(id(event.assoc), None)
             self._touched.pop(id(event.assoc), None)

@@ -101,8 +101,9 @@ class Service:
         self._stop = threading.Event()
         self._tracker_wake = threading.Event()
         self._released: queue.SimpleQueue[tuple[int, str, float]] = queue.SimpleQueue()
-        #: series complete on evidence, waiting out the release grace: id -> (generation, calling AE, deadline)
-        self._graced: dict[int, tuple[int, str, float]] = {}
+        #: series complete on evidence, waiting out the release grace:
+        #: id -> (generation, calling AE, release time, deadline), monotonic times
+        self._graced: dict[int, tuple[int, str, float, float]] = {}
         #: slices decoded as they arrive, by a thread of their own, so the worker starts from memory
         self.cache = SliceCache(max_bytes=config.decode_cache_mb * 1024 * 1024)
         self._to_decode: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
@@ -282,15 +283,26 @@ class Service:
                 log.info("series %s: association released, waiting for the quiet period (%s)", row.key_hash, why)
                 self._graced.pop(series_id, None)
                 continue
-            self._graced[series_id] = (row.generation, calling_ae, deadline)
+            self._graced[series_id] = (
+                row.generation,
+                calling_ae,
+                deadline - self.config.release_grace_seconds,
+                deadline,
+            )
         queued = False
         now = time.monotonic()
-        for series_id, (generation, calling_ae, deadline) in list(self._graced.items()):
+        grace = self.config.release_grace_seconds
+        for series_id, (generation, calling_ae, released, deadline) in list(self._graced.items()):
             if now < deadline:
                 continue
+            activity = self.listener.sender_activity(calling_ae, series_id, since=released)
+            if activity == "new" and deadline < released + 2 * grace:
+                # its sender just associated again: one more grace for it to send more of this series
+                self._graced[series_id] = (generation, calling_ae, released, released + 2 * grace)
+                continue
             del self._graced[series_id]
-            if calling_ae in self.listener.peers_associated():
-                continue  # its sender is back: it may be sending more of this series; the quiet period decides
+            if activity != "none":
+                continue  # its sender is sending more of this series: the quiet period decides
             if self.spool.queue_series(series_id, generation):
                 row = self.spool.series(series_id)
                 log.info(
@@ -309,8 +321,11 @@ class Service:
                 purged, files = self.spool.purge(time.time() - self.config.retention_hours * 3600)
                 if purged:
                     log.info("retention: deleted %d file(s) of %d finished series", files, purged)
-            if self.config.early_completion and self._complete_on_evidence():
-                self._work.set()
+            try:
+                if self.config.early_completion and self._complete_on_evidence():
+                    self._work.set()
+            except Exception:  # the quiet period still completes every series; keep tracking
+                log.exception("completion on evidence failed")
             queued = self.spool.queue_quiet_series(quiet)
             for row in queued:
                 log.info(
@@ -325,7 +340,7 @@ class Service:
             deadline = self.spool.next_receiving_deadline(quiet)
             wait = 1.0 if deadline is None else min(1.0, max(0.02, deadline - time.time()))
             if self._graced:
-                soonest = min(d for _, _, d in self._graced.values())
+                soonest = min(d for _, _, _, d in self._graced.values())
                 wait = min(wait, max(0.01, soonest - time.monotonic()))
             self._tracker_wake.wait(wait)
             self._tracker_wake.clear()

@@ -24,7 +24,7 @@ from edge_runtime.phantom import SeriesInfo, make_phantom, write_reference_seg, 
 from edge_runtime.runner import load_runner
 from edge_runtime.volume import load_volume
 
-from .conftest import SEG_SOP_CLASS, SR_SOP_CLASS, ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+from .conftest import SEG_SOP_CLASS, SR_SOP_CLASS, ServiceProcess, StoreSCP, dciodvfy_errors, dcmtk_env, storescu
 
 pytestmark = pytest.mark.e2e
 QUIET = 1.0
@@ -40,9 +40,7 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
-    svc = ServiceProcess(
-        tmp_path_factory.mktemp("svc"), "--destination", pacs.address, "--quiet-seconds", str(QUIET)
-    )
+    svc = ServiceProcess(tmp_path_factory.mktemp("svc"), "--destination", pacs.address, "--quiet-seconds", str(QUIET))
     yield svc
     code = svc.stop()
     assert code == 0, svc.log()
@@ -76,9 +74,7 @@ def check_seg(seg_path: Path, info: SeriesInfo) -> None:
         for s in d.SourceImageSequence
     }
     assert refs <= set(info.sop_instance_uids)
-    referenced = {
-        str(i.ReferencedSOPInstanceUID) for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence
-    }
+    referenced = {str(i.ReferencedSOPInstanceUID) for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(info.sop_instance_uids), "the SEG must cover every slice of the series"
     package = ModelPackage.load(DEFAULT_PACKAGE)
     expected = segment(load_volume(info.paths), package, load_runner(package, threads=1)).labels
@@ -89,9 +85,7 @@ def check_seg(seg_path: Path, info: SeriesInfo) -> None:
     np.testing.assert_array_equal(got, expected)
 
 
-def test_shuffled_series_gives_one_correct_seg(
-    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
-) -> None:
+def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
     info = new_series(tmp_path, seed=1, shuffle_files=True, instance_number_order="random")
     storescu(service.port, sorted(tmp_path.glob("*.dcm")))
     seg = pacs.wait_for_seg(info.series_uid, timeout=60)
@@ -104,9 +98,7 @@ def test_shuffled_series_gives_one_correct_seg(
     ]
     assert len(results) == 1, "results are also written to the output folder"
     data = json.loads(results[0].read_text())
-    assert {s["name"] for s in data["segments"]} == {
-        lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels
-    }
+    assert {s["name"] for s in data["segments"]} == {lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels}
     sr = pacs.wait_for(SR_SOP_CLASS, info.series_uid, timeout=30)
     assert dciodvfy_errors(sr) == []
     sr_ds = pydicom.dcmread(sr)
@@ -115,8 +107,7 @@ def test_shuffled_series_gives_one_correct_seg(
     refs = {
         str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         for item in _walk(sr_ds.ContentSequence)
-        if "ReferencedSOPSequence" in item
-        and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SEG_SOP_CLASS
+        if "ReferencedSOPSequence" in item and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SEG_SOP_CLASS
     }
     assert refs == {seg_uid}, "the SR's measurement groups reference the SEG"
 
@@ -183,9 +174,7 @@ def test_reference_seg_pushed_back_is_compared_with_our_result(
     assert 'edge_validation_dice{label="Lung"' in metrics
 
 
-def test_two_series_interleaved_in_one_association(
-    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
-) -> None:
+def test_two_series_interleaved_in_one_association(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
     a = new_series(tmp_path / "a", seed=2)
     b = new_series(tmp_path / "b", seed=3)
     interleaved = [p for pair in zip(a.paths, b.paths, strict=False) for p in pair]
@@ -194,9 +183,7 @@ def test_two_series_interleaved_in_one_association(
         check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
 
 
-def test_series_split_across_two_associations(
-    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
-) -> None:
+def test_series_split_across_two_associations(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:
     info = new_series(tmp_path, seed=4)
     storescu(service.port, list(info.paths[::2]))
     storescu(service.port, list(info.paths[1::2]))
@@ -289,9 +276,7 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
             break
         time.sleep(0.3)
     rows = status_rows(service)
-    assert any(
-        "failed" in line and "gantry-tilt: slices are sheared by 20.0 degrees" in line for line in rows
-    ), rows
+    assert any("failed" in line and "gantry-tilt: slices are sheared by 20.0 degrees" in line for line in rows), rows
     assert tilted.series_uid not in pacs.segs()
     log = service.log()
     for uid in (info.series_uid, info.study_uid, tilted.series_uid, "PHANTOM"):
@@ -348,3 +333,19 @@ def test_one_association_per_instance_gives_one_seg_of_all_slices(
     check_seg(pacs.wait_for_seg(info.series_uid, timeout=25), info)
     time.sleep(2.0)
     assert len(pacs.segs()[info.series_uid]) == 1
+
+
+def test_concurrent_associations_from_one_sender_each_complete_on_evidence(
+    patient_service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    """A PACS runs store jobs in parallel under one AE title: neither series waits for the 30 s quiet period."""
+    a = new_series(tmp_path / "a", seed=14)
+    b = new_series(tmp_path / "b", seed=15)
+    t0 = time.monotonic()
+    cmd = ["/usr/bin/storescu", "-aec", "EDGE", "-aet", "SCANNER", "127.0.0.1", str(patient_service.port)]
+    slow = subprocess.Popen([*cmd, *map(str, b.paths)], env=dcmtk_env())  # still open while a completes
+    storescu(patient_service.port, list(a.paths))
+    assert slow.wait(60) == 0
+    for info in (a, b):
+        pacs.wait_for_seg(info.series_uid, timeout=25)
+    assert time.monotonic() - t0 < 25
