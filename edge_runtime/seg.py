@@ -61,7 +61,11 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
                 )
             )
             continue
-        values = volume.array[box][mask].astype(np.float64)
+        values = volume.array[box][mask]
+        total = values.astype(np.float64)
+        mean = float(total.sum()) / n
+        std = float(np.sqrt(max(float(np.dot(total, total)) / n - mean * mean, 0.0)))
+        del total
         lo = [s.start for s in box]
         hi = [s.stop - 1 for s in box]
         centre = [
@@ -78,8 +82,8 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
                 label.name,
                 n,
                 n * voxel_ml,
-                float(values.mean()),
-                float(values.std()),
+                mean,
+                std,
                 float(values.min()),
                 float(values.max()),
                 [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()],
