@@ -61,11 +61,7 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
                 )
             )
             continue
-        values = volume.array[box][mask]
-        total = values.astype(np.float64)
-        mean = float(total.sum()) / n
-        std = float(np.sqrt(max(float(np.dot(total, total)) / n - mean * mean, 0.0)))
-        del total
+        mean, std, vmin, vmax = _masked_stats(volume.array[box], mask, n)
         lo = [s.start for s in box]
         hi = [s.stop - 1 for s in box]
         centre = [
@@ -84,14 +80,30 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
                 n * voxel_ml,
                 mean,
                 std,
-                float(values.min()),
-                float(values.max()),
+                vmin,
+                vmax,
                 [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()],
                 _to_patient(volume, centre),
                 truncated,
             )
         )
     return out
+
+
+def _masked_stats(values: np.ndarray, mask: np.ndarray, n: int, slab: int = 16) -> tuple[float, float, float, float]:
+    """Mean, standard deviation, min and max of ``values[mask]``, slab by slab: memory stays bounded by one slab
+    however large the segment (float64 sums, so the variance of HU values keeps its precision)."""
+    total = squares = 0.0
+    vmin, vmax = np.inf, -np.inf
+    for z in range(0, values.shape[0], slab):
+        picked = values[z : z + slab][mask[z : z + slab]]
+        if picked.size:
+            as64 = picked.astype(np.float64)
+            total += float(as64.sum())
+            squares += float(np.dot(as64, as64))
+            vmin, vmax = min(vmin, float(picked.min())), max(vmax, float(picked.max()))
+    mean = total / n
+    return mean, float(np.sqrt(max(squares / n - mean * mean, 0.0))), vmin, vmax
 
 
 def _to_patient(volume: Volume, index: object) -> list[float]:
