@@ -1,7 +1,9 @@
 """``edge-export``: build model packages from PyTorch modules.
 
 Commands:
-  default-model --out DIR   build the bundled CT package from ``export.models.threshold``
+  default-model --out DIR                  build the bundled CT package from the trained phantom U-Net
+                                           (``export/models/phantom_unet.pt``, written by ``export.train``)
+  default-model --kind threshold --out DIR the hand-made lung/bone threshold module (no training)
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,25 +23,201 @@ from edge_runtime._deps import require
 
 log = logging.getLogger("export")
 
+#: the trained phantom U-Net's weights, architecture and training recipe (written by ``export.train``)
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "phantom_unet.pt"
+
+_ORGAN = {"value": "91772007", "scheme": "SCT", "meaning": "Organ"}
+_TISSUE = {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
+
 DEFAULT_LABELS = [
     {
         "value": 1,
         "name": "Lung",
-        "category": {"value": "91772007", "scheme": "SCT", "meaning": "Organ"},
+        "category": _ORGAN,
         "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
         "color": [197, 165, 145],
     },
     {
         "value": 2,
         "name": "Bone",
-        "category": {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"},
+        "category": _TISSUE,
         "type": {"value": "272673000", "scheme": "SCT", "meaning": "Bone"},
         "color": [241, 214, 145],
     },
 ]
 
+#: labels of the phantom U-Net: the values of ``edge_runtime.phantom.LABELS``, SNOMED CT coded
+PHANTOM_LABELS = [
+    {
+        "value": 1,
+        "name": "Lung",
+        "category": _ORGAN,
+        "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
+        "color": [197, 165, 145],
+    },
+    {
+        "value": 2,
+        "name": "Liver",
+        "category": _ORGAN,
+        "type": {"value": "10200004", "scheme": "SCT", "meaning": "Liver"},
+        "color": [221, 130, 101],
+    },
+    {
+        "value": 3,
+        "name": "Spleen",
+        "category": _ORGAN,
+        "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"},
+        "color": [157, 108, 162],
+    },
+    {
+        "value": 4,
+        "name": "Kidney",
+        "category": _ORGAN,
+        "type": {"value": "64033007", "scheme": "SCT", "meaning": "Kidney"},
+        "color": [185, 102, 83],
+    },
+    {
+        "value": 5,
+        "name": "Bone",
+        "category": _TISSUE,
+        "type": {"value": "272673000", "scheme": "SCT", "meaning": "Bone"},
+        "color": [241, 214, 145],
+    },
+]
 
-def build_default_model(out: Path) -> int:
+UNET_NAME = "phantom-ct-unet"
+UNET_VERSION = "1.0.0"
+
+
+def build_default_model(out: Path, kind: str = "unet", checkpoint: Path | None = None) -> int:
+    """Build the bundled package: the trained phantom U-Net (default) or the threshold module."""
+    if kind == "threshold":
+        return build_threshold_model(out)
+    if kind == "unet":
+        require("torch", feature="edge-export", extra="export")
+        ckpt = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+        if not ckpt.is_file():
+            print(
+                f"edge-export: no trained checkpoint at {ckpt}; train one with "
+                "'python -m export.train --out DIR' (or use --kind threshold)",
+                file=sys.stderr,
+            )
+            return 1
+        _package, report = build_unet_package(out, ckpt)
+        print(report.table())
+        if not report.passed:
+            print(f"parity gate failed (needed atol {report.needed_atol:.3g})", file=sys.stderr)
+            return 1
+        print(f"wrote {out} ({_package.identity})")
+        return 0
+    raise ValueError(f"unknown model kind {kind!r} (unet or threshold)")
+
+
+def unet_manifest(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The package manifest of the phantom U-Net; geometry and normalisation come from its training recipe."""
+    data = recipe["data"]
+    norm = data["normalization"]
+    inference = recipe["inference"]
+    return {
+        "name": UNET_NAME,
+        "version": UNET_VERSION,
+        "description": (
+            "Demonstration model: a compact 3D U-Net trained on the CPU, only on synthetic CT torso phantoms "
+            "(edge_runtime.phantom), to segment lung, liver, spleen, kidney and bone. It has never seen a "
+            "patient scan and is not a clinical model. Training recipe and held-out phantom Dice: training.json."
+        ),
+        "model": {"input": "image", "output": "logits", "input_channels": 1, "activation": "softmax"},
+        "series_filter": {"modalities": ["CT"]},
+        "preprocessing": {
+            "target_spacing": [float(v) for v in data["target_spacing"]],
+            "normalization": {
+                "kind": "ct_window",
+                "lower": norm["lower"],
+                "upper": norm["upper"],
+                "mean": norm["mean"],
+                "std": norm["std"],
+            },
+        },
+        "inference": {
+            "patch_size": [int(v) for v in data["patch_size"]],
+            "overlap": float(inference["overlap"]),
+            "blending": "gaussian",
+            "batch_size": int(inference["batch_size"]),
+        },
+        "labels": PHANTOM_LABELS,
+        "algorithm": {"name": UNET_NAME, "version": UNET_VERSION, "family": "artificial-intelligence"},
+        "source": {
+            "kind": "checkpoint",
+            "factory": "export.models.unet:UNet3D",
+            "checkpoint": "export/models/phantom_unet.pt",
+            "training": "training.json",
+        },
+    }
+
+
+def unet_parity_inputs(recipe: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Random and phantom inputs for the parity check, in the model's normalised units and patch size."""
+    from edge_runtime.phantom import make_phantom
+
+    data = recipe["data"]
+    norm = data["normalization"]
+    patch = tuple(int(v) for v in data["patch_size"])
+    spacing = tuple(float(v) for v in data["target_spacing"])
+    lo = (norm["lower"] - norm["mean"]) / norm["std"]
+    hi = (norm["upper"] - norm["mean"]) / norm["std"]
+    rng = np.random.default_rng(0)
+    # a whole phantom at the model's spacing, cropped to one patch around the body centre
+    fov = (max(patch[0] * spacing[0], 300.0), 380.0, 380.0)
+    shape = tuple(max(p, int(round(f / s))) for p, f, s in zip(patch, fov, spacing))
+    phantom = make_phantom(shape, spacing, rng=10_000_019)
+    start = [(n - p) // 2 for n, p in zip(shape, patch)]
+    crop = tuple(slice(s, s + p) for s, p in zip(start, patch))
+    image = (np.clip(phantom.hu[crop], norm["lower"], norm["upper"]) - norm["mean"]) / norm["std"]
+    small = tuple(max(16, p // 2) for p in patch)
+    return {
+        "random": rng.uniform(lo, hi, (2, 1, *small)).astype(np.float32),
+        "phantom": np.ascontiguousarray(image.astype(np.float32)[None, None]),
+    }
+
+
+def build_unet_package(out: Path, checkpoint: Path, *, quiet: bool = True) -> tuple[Any, Any]:
+    """Export a trained U-Net checkpoint to ``out``: model.onnx (BatchNorm folded), manifest, parity.json and
+    training.json (the recipe stored in the checkpoint). Returns (package, parity report)."""
+    import contextlib
+    import io
+
+    from .models.unet import load_checkpoint
+    from .onnx import export_onnx
+    from .package import add_file, write_package
+    from .parity import check_parity
+
+    model, ckpt = load_checkpoint(checkpoint)
+    recipe = ckpt["recipe"]
+    manifest = unet_manifest(recipe)
+    patch = tuple(int(v) for v in recipe["data"]["patch_size"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("parity.json", "training.json"):
+        (out / stale).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink):
+            onnx_path = export_onnx(model.fused(), Path(tmp) / "model.onnx", example_shape=(1, 1, *patch))
+        package = write_package(out, onnx_path, manifest)
+    # reference: the trained module itself (BatchNorm not folded), so the check covers the folding too
+    report = check_parity(model, str(package.model_path), unet_parity_inputs(recipe))
+    (out / "parity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    add_file(out, out / "parity.json")
+    (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    add_file(out, out / "training.json")
+    if not quiet:
+        print(report.table())
+    from edge_runtime.package import ModelPackage
+
+    return ModelPackage.load(out), report
+
+
+def build_threshold_model(out: Path) -> int:
     require("torch", feature="edge-export", extra="export")
     from edge_runtime.phantom import make_phantom
 
@@ -92,10 +271,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("default-model", help="build the bundled CT package")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--kind",
+        choices=("unet", "threshold"),
+        default="unet",
+        help="unet: the trained phantom U-Net (default); threshold: the hand-made lung/bone module",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=f"trained U-Net checkpoint from export.train (default: {DEFAULT_CHECKPOINT.name} in export/models)",
+    )
+    from .commands import add_commands  # light: torch is imported only when a command runs
+    from .triton import add_triton_parser
+
+    handlers = add_commands(sub)
+    add_triton_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "default-model":
-        return build_default_model(args.out)
+        return build_default_model(args.out, kind=args.kind, checkpoint=args.checkpoint)
+    if args.command == "triton":
+        return args.func(args)
+    if args.command in handlers:
+        return handlers[args.command](args)
     return 2
 
 

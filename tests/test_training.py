@@ -1,0 +1,111 @@
+"""The training script works end to end, and the bundled package is the trained, parity-checked U-Net."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.phantom import LABELS
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+
+
+# torch.onnx's dynamo exporter warns about its own API (dynamic_axes, pytree internals) on every export
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_tiny_training_runs_end_to_end(tmp_path: Path) -> None:
+    from export.train import main
+
+    out = tmp_path / "run"
+    code = main(
+        [
+            "--out", str(out),
+            "--minutes", "0.3",
+            "--small",
+            "--pool", "4",
+            "--target-spacing", "6", "6", "6",
+            "--patch", "16", "32", "32",
+            "--channels", "4", "8", "16",
+            "--val", "1",
+            "--val-every", "5",
+            "--fov-z", "200", "300",
+            "--fov-xy", "300", "400",
+            "--heldout", "small",
+        ]
+    )
+    assert code == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["training"]["steps"] > 0
+    assert recipe["training"]["wall_seconds"]["total"] < 0.3 * 60 + 60
+    assert recipe["validation"]["history"], "at least the final validation ran"
+    held = recipe["heldout"]
+    assert set(held["mean_dice"]) == set(LABELS.values())
+    assert held["cases"] and all(0.0 <= d <= 1.0 for c in held["cases"] for d in c["dice"].values())
+    assert all(0.0 <= v <= 1.0 for v in held["mean_dice"].values())  # 18 s of training proves the path, not Dice
+
+    package = ModelPackage.load(out / "package")
+    assert package.patch_size == (16, 32, 32) and package.target_spacing == (6.0, 6.0, 6.0)
+    assert [lab.name for lab in package.labels] == ["Lung", "Liver", "Spleen", "Kidney", "Bone"]
+    assert json.loads((out / "package" / "parity.json").read_text())["passed"]
+    assert json.loads((out / "package" / "training.json").read_text()) == recipe
+
+    # the checkpoint re-exports to the same package without retraining
+    from export.cli import main as export_main
+
+    assert export_main(["default-model", "--out", str(tmp_path / "again"), "--checkpoint", str(out / "phantom_unet.pt")]) == 0
+    again = ModelPackage.load(tmp_path / "again")
+    assert again.manifest["preprocessing"] == package.manifest["preprocessing"]
+    assert json.loads((tmp_path / "again" / "training.json").read_text()) == recipe
+
+
+PHANTOM_PACKAGE = DEFAULT_PACKAGE.parent / "phantom-unet"
+
+
+def test_shipped_phantom_unet_package_records_its_training_heldout_dice_and_parity() -> None:
+    """The trained U-Net ships beside the default package until every held-out Dice reaches 0.90."""
+    DEFAULT_PACKAGE = PHANTOM_PACKAGE  # noqa: N806 - the same checks the default package will have to pass
+    package = ModelPackage.load(DEFAULT_PACKAGE)
+    assert [lab.name for lab in package.labels] == ["Lung", "Liver", "Spleen", "Kidney", "Bone"]
+    assert [lab.type.value for lab in package.labels] == ["39607008", "10200004", "78961009", "64033007", "272673000"]
+    assert {lab.category.meaning for lab in package.labels[:4]} == {"Organ"}
+    assert package.labels[4].category.value == "85756007"
+    assert "not a clinical model" in package.description.lower()
+    assert (DEFAULT_PACKAGE / "model.onnx").stat().st_size <= 10 * 1024 * 1024
+    assert not list(DEFAULT_PACKAGE.glob("*.pt")), "training checkpoints do not belong in the runtime package"
+
+    parity = json.loads((DEFAULT_PACKAGE / "parity.json").read_text())
+    assert parity["passed"]
+    assert {r["input"] for r in parity["results"]} >= {"random", "phantom"}
+
+    training = json.loads((DEFAULT_PACKAGE / "training.json").read_text())
+    data = training["data"]
+    assert list(package.target_spacing) == data["target_spacing"]
+    assert list(package.patch_size) == data["patch_size"]
+    norm = package.normalization
+    assert (norm.kind, norm.lower, norm.upper, norm.mean, norm.std) == (
+        "ct_window", *(data["normalization"][k] for k in ("lower", "upper", "mean", "std"))
+    )
+    assert package.overlap == training["inference"]["overlap"]
+    assert package.batch_size == training["inference"]["batch_size"]
+    # The budget is charged in CPU seconds of the 2 cores' share this process got (the machine was shared while
+    # it trained: 1443 s of wall time for 1195 s charged); the recipe says which clock it used.
+    assert training["training"]["budget_clock"] in ("cpu", "wall")
+    assert training["training"]["budget_seconds_charged"] <= 20 * 60
+
+    held = training["heldout"]
+    assert held["geometry"] == "realistic" and len(held["cases"]) >= 3
+    seeds = set(held["seeds"])
+    assert not seeds & set(training["validation"]["seeds"])
+    lo, hi = (int(v) for v in data["pool_seeds"].split(".."))
+    assert not any(lo <= s <= hi for s in seeds), "held-out phantoms must not come from the training pool"
+    assert all(case["shape"][1:] == [512, 512] for case in held["cases"])
+    for case in held["cases"]:
+        assert set(case["dice"]) == set(LABELS.values())
+    minimum = {name: min(case["dice"][name] for case in held["cases"]) for name in LABELS.values()}
+    assert held["min_dice"] == pytest.approx(minimum, abs=1e-4)
+    assert held["all_labels_at_least_0.90"] == all(v >= 0.90 for v in minimum.values())
+    assert all(np.isfinite(v) and v >= 0.75 for v in minimum.values())  # as recorded: kidney 0.79 is the weakest
