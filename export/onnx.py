@@ -131,6 +131,7 @@ def export_onnx_with_info(
     simplified, note = False, ""
     if simplify:
         model, simplified, note = _simplify(model, external)  # type: ignore[assignment]
+    strip_provenance(model)
     _save(model, path, external)
     onnx.checker.check_model(str(path), full_check=True)
     saved_opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=opset)
@@ -148,6 +149,15 @@ def export_onnx_with_info(
         ", simplified with onnxslim" if simplified else f"; {note}" if note else "",
     )
     return result
+
+
+def strip_provenance(model: object) -> None:
+    """Drop the exporter's per-node stack traces and doc strings: they carry the build machine's file paths."""
+    for node in model.graph.node:  # type: ignore[attr-defined]
+        node.doc_string = ""
+        keep = [p for p in node.metadata_props if not p.key.startswith("pkg.torch.onnx.")]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
 
 
 def _name_axes(model: object, input_name: str, output_name: str) -> None:
