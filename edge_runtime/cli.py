@@ -42,7 +42,7 @@ class JsonFormatter(logging.Formatter):
 class RedactUids(logging.Filter):
     """Last line of defence for third-party messages: anything shaped like a DICOM UID is masked."""
 
-    _uid = re.compile(r"(?<![\w.])[0-2](\.(0|[1-9][0-9]*)){3,}(?![\w.])")
+    _uid = re.compile(r"(?<![\w.])[0-2](\.(0|[1-9][0-9]*)){4,}(?![\w.])")  # 5+ parts: not an IPv4 address
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
