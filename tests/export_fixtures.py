@@ -10,6 +10,8 @@ encoder-decoder whose spatial sizes must be even, as real U-Nets require.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -223,6 +225,142 @@ def write_nnunet_folder(root, *, transpose=(0, 1, 2), seed: int = 0, folds=(0,))
         fold_dir.mkdir(exist_ok=True)
         torch.save(checkpoint, fold_dir / "checkpoint_final.pth")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# an nnU-Net v2 trained-model folder written by nnunetv2 itself (``pip install --no-deps nnunetv2`` + light deps,
+# see scripts/bootstrap): planned from a tiny raw dataset, with an untrained network saved by nnU-Net's trainer
+# ---------------------------------------------------------------------------------------------------
+
+#: raw dataset for nnunetv2: Dataset987_TinyCT, three cases of (z, y, x) voxels at (z, y, x) spacing in mm. The
+#: sizes and spacings differ per axis, so a mixed-up axis shows, and x is the coarse axis (more than 3x the
+#: others): nnU-Net's planner moves it first (``transpose_forward`` [2, 0, 1]) and plans 1x3x3 kernels for it
+NNUNETV2_DATASET_ID = 987
+NNUNETV2_SHAPE = (28, 32, 12)
+NNUNETV2_SPACING = (0.9, 0.8, 3.0)
+#: written by :func:`write_nnunet_folder_with_nnunetv2` beside the folders: ``{"input", "logits"}``, a random
+#: input in nnU-Net's (transposed) axis order and the logits of the network nnunetv2's own ``nnUNetPredictor``
+#: builds from the trained-model folder
+NNUNETV2_REFERENCE = "nnunetv2_reference.pt"
+
+
+def write_nnunet_folder_with_nnunetv2(tmp_path) -> Path:  # noqa: ANN001
+    """Have nnunetv2's own code write a trained-model folder, in a subprocess (nnunetv2 reads ``nnUNet_raw``,
+    ``nnUNet_preprocessed`` and ``nnUNet_results`` from the environment; the subprocess also keeps its global
+    settings and warnings out of the test process): fingerprint extraction, ``ExperimentPlanner`` planning and
+    3d_fullres preprocessing of a tiny raw dataset, then ``nnUNetTrainer`` (3d_fullres, fold 0, CPU) initialised
+    and checkpointed by its own ``save_checkpoint``, untrained, beside the plans.json / dataset.json the trainer
+    copies there when training starts. Returns that folder,
+    ``tmp_path/nnUNet_results/Dataset987_TinyCT/nnUNetTrainer__nnUNetPlans__3d_fullres``; ``tmp_path`` also holds
+    :data:`NNUNETV2_REFERENCE`, the logits of the network nnunetv2's predictor builds from it, and nnU-Net's raw
+    and preprocessed folders (``dataset_fingerprint.json``). Takes about 10 s, most of it importing nnunetv2."""
+    import os
+    import subprocess
+    import sys
+
+    tmp_path = Path(tmp_path)
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(tmp_path / var)
+    # one process / thread wherever nnU-Net would size its pools by the machine; no torch.compile, no wandb
+    env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_compile="0", OMP_NUM_THREADS="1")
+    env.pop("nnUNet_wandb_enabled", None)
+    code = "import sys; from tests.export_fixtures import _nnunetv2_main; _nnunetv2_main(sys.argv[1])"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nnunetv2 failed ({proc.returncode}; its dependencies: scripts/bootstrap --dev):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    name = f"Dataset{NNUNETV2_DATASET_ID:03d}_TinyCT"
+    return tmp_path / "nnUNet_results" / name / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+
+def _nnunetv2_raw_case(rng, shape):  # noqa: ANN001, ANN202
+    """A CT-like case: a soft-tissue body in air, a 'liver' and a 'spleen' ellipsoid at random places."""
+    import numpy as np
+
+    z, y, x = np.meshgrid(*(np.linspace(-1.0, 1.0, n) for n in shape), indexing="ij")
+    hu = np.where((y / 0.9) ** 2 + (x / 0.85) ** 2 < 1.0, 30.0, -1000.0)
+    labels = np.zeros(shape, np.uint8)
+    for value, centre_x, mean in ((1, -0.35, 60.0), (2, 0.4, 45.0)):
+        c = rng.uniform(-0.15, 0.15, 3) + (0.0, 0.0, centre_x)
+        r = rng.uniform(0.3, 0.45, 3)
+        inside = ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 < 1.0
+        labels[inside] = value
+        hu[inside] = mean
+    hu = hu + rng.normal(0.0, 20.0, shape)
+    return hu.astype(np.float32), labels
+
+
+def _nnunetv2_main(work: str) -> None:
+    """Subprocess side of :func:`write_nnunet_folder_with_nnunetv2` (the nnU-Net environment is set)."""
+    import json
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiments,
+        preprocess,
+    )
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    name = f"Dataset{NNUNETV2_DATASET_ID:03d}_TinyCT"
+    raw = Path(os.environ["nnUNet_raw"]) / name
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(NNUNET_DATASET["numTraining"]):
+        hu, labels = _nnunetv2_raw_case(rng, NNUNETV2_SHAPE)
+        for array, path in ((hu, raw / "imagesTr" / f"tiny_{i:03d}_0000.nii.gz"),
+                            (labels, raw / "labelsTr" / f"tiny_{i:03d}.nii.gz")):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(tuple(reversed(NNUNETV2_SPACING)))  # SimpleITK: (x, y, z)
+            sitk.WriteImage(image, str(path))
+    (raw / "dataset.json").write_text(json.dumps(NNUNET_DATASET, indent=4))
+
+    class SmallSampleFingerprintExtractor(DatasetFingerprintExtractor):
+        """nnU-Net's extractor, sampling 1e5 foreground voxels for the intensity statistics instead of 1e8 (drawn
+        with replacement, so 1e8 float32 values, 400 MB passed between processes and copied, whatever the dataset's
+        size: 7 s of a 9 s fingerprint extraction here). The statistics land in plans.json as usual."""
+
+        def __init__(self, *args, **kwargs):  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = 1e5
+
+    extract_fingerprint_dataset(NNUNETV2_DATASET_ID, SmallSampleFingerprintExtractor, num_processes=1,
+                                verbose=False, show_progress_bar=False)
+    plans_identifier = plan_experiments([NNUNETV2_DATASET_ID])  # nnU-Net's default ExperimentPlanner
+    preprocess([NNUNETV2_DATASET_ID], plans_identifier, configurations=("3d_fullres",), num_processes=(1,),
+               verbose=False, show_progress_bar=False)  # the trainer's initialize() wants the preprocessed data
+
+    # what nnUNetv2_train does up to the first epoch, without data loading and training
+    trainer = get_trainer_from_args(str(NNUNETV2_DATASET_ID), "3d_fullres", 0, "nnUNetTrainer", plans_identifier,
+                                    device=torch.device("cpu"))
+    trainer.initialize()
+    # as nnUNetTrainer.on_train_start: plans and dataset.json go beside the folds for inference
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+
+    save_json(trainer.plans_manager.plans, os.path.join(trainer.output_folder_base, "plans.json"), sort_keys=False)
+    save_json(trainer.dataset_json, os.path.join(trainer.output_folder_base, "dataset.json"), sort_keys=False)
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+
+    # the network nnunetv2 builds for inference from that folder, on a random input of the planned patch size
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(trainer.output_folder_base, use_folds=(0,),
+                                                   checkpoint_name="checkpoint_final.pth")
+    network = predictor.network
+    network.load_state_dict(predictor.list_of_parameters[0])
+    network.eval()
+    patch = predictor.configuration_manager.patch_size
+    x = torch.randn((1, 1, *patch), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = network(x)
+    torch.save({"input": x, "logits": logits}, Path(work) / NNUNETV2_REFERENCE)
 
 
 class XYZProbe(nn.Module):

@@ -22,11 +22,14 @@ from export.loaders import (  # noqa: E402
 )
 from tests.export_fixtures import (  # noqa: E402
     NNUNET_DATASET,
+    NNUNETV2_REFERENCE,
+    NNUNETV2_SPACING,
     TinySegNet,
     XYZProbe,
     nnunet_plans,
     write_monai_bundle,
     write_nnunet_folder,
+    write_nnunet_folder_with_nnunetv2,
 )
 
 
@@ -279,6 +282,45 @@ def test_nnunet_refusals(tmp_path: Path) -> None:
         load_nnunet(root)
     with pytest.raises(LoaderError, match="not an nnU-Net v2 trained-model folder"):
         load_nnunet(tmp_path)
+
+
+def test_nnunet_folder_written_by_nnunetv2_itself(tmp_path: Path) -> None:
+    pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (scripts/bootstrap --dev installs it, --no-deps)")
+    root = write_nnunet_folder_with_nnunetv2(tmp_path)  # planned, preprocessed, checkpointed by nnunetv2 (~10 s)
+    plans = json.loads((root / "plans.json").read_text())
+    dataset = json.loads((root / "dataset.json").read_text())
+    preprocessed = tmp_path / "nnUNet_preprocessed" / plans["dataset_name"]
+    fingerprint = json.loads((preprocessed / "dataset_fingerprint.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    loaded = load_nnunet(root)  # tensors-only: nnU-Net's own checkpoint needs no --allow-pickle
+    h = loaded.hints
+    assert (loaded.input_channels, loaded.num_classes) == (1, 3)
+    assert type(loaded.module).__name__ == "AxisAdapter" and not loaded.module.training
+    # the planner put the coarse x axis first; plans.json holds spacing and patch in that (transposed) order, the
+    # hints in the runtime's (z, y, x): axis j is plans axis transpose_backward[j]
+    assert plans["transpose_forward"] == h["source"]["transpose_forward"] == [2, 0, 1]
+    back = plans["transpose_backward"]
+    assert h["target_spacing"] == [config["spacing"][i] for i in back]
+    assert np.allclose(h["target_spacing"], NNUNETV2_SPACING)  # float32 in NIfTI: 0.8999999761581421
+    assert h["patch_size"] == [config["patch_size"][i] for i in back]
+    # CTNormalization with the foreground intensity statistics of the fingerprint, copied into plans.json
+    assert config["normalization_schemes"] == ["CTNormalization"]
+    props = plans["foreground_intensity_properties_per_channel"]["0"]
+    assert props == fingerprint["foreground_intensity_properties_per_channel"]["0"]
+    assert h["normalization"] == {"kind": "ct_window", "lower": props["percentile_00_5"],
+                                  "upper": props["percentile_99_5"], "mean": props["mean"], "std": props["std"]}
+    assert h["label_names"] == {v: k for k, v in dataset["labels"].items() if v > 0} == {1: "liver", 2: "spleen"}
+    assert (h["modalities"], h["name"]) == (["CT"], plans["dataset_name"])
+    # numerical parity with the network nnunetv2's nnUNetPredictor builds from the folder (input and logits in
+    # nnU-Net's transposed axis order; the loaded module takes and gives the runtime's)
+    ref = torch.load(tmp_path / NNUNETV2_REFERENCE)
+    to_runtime = [0, 1, *(2 + i for i in back)]
+    with torch.no_grad():
+        got = loaded.module(ref["input"].permute(to_runtime))
+    want = ref["logits"].permute(to_runtime)
+    assert got.shape == want.shape == (1, 3, *h["patch_size"])
+    assert want.abs().max() > 0.1  # not a degenerate comparison
+    torch.testing.assert_close(got, want, rtol=0.0, atol=1e-5)
 
 
 def test_nnunet_checkpoint_with_arbitrary_objects_needs_allow_pickle(tmp_path: Path) -> None:
