@@ -69,6 +69,9 @@ def setup_logging(level: str, as_json: bool) -> None:
     for noisy, floor in (
         ("pynetdicom", logging.WARNING),
         ("pydicom", logging.ERROR),
+        # each decoder plugin that fails logs its traceback at ERROR; the caller reports the failure once, as a
+        # refusal with its reason (undecodable-pixels), so these would only repeat it
+        ("pydicom.pixels", logging.CRITICAL),
         ("highdicom", logging.WARNING),
     ):
         logging.getLogger(noisy).setLevel(floor)

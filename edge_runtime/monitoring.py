@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 
 from .metrics import compare_label_maps
 from .package import Label, ModelPackage
-from .reference import read_reference_masks, read_reference_seg
+from .reference import UndecodablePixels, read_reference_masks, read_reference_seg
 from .volume import Volume
 
 SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
@@ -88,6 +88,8 @@ def compare_with_reference(
     try:
         ours, _ = read_reference_seg(our_seg, volume)  # our segment numbers are label positions, 1-based
         ref_masks = read_reference_masks(reference, volume)
+    except UndecodablePixels as exc:
+        raise ValidationError("undecodable-pixels", str(exc)) from exc
     except ValueError as exc:
         raise ValidationError("reference-geometry", str(exc)) from exc
     lut = np.zeros(max(int(ours.max()), len(package.labels)) + 1, dtype=np.uint16)

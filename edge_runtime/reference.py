@@ -263,7 +263,7 @@ class _Reader:
             segment = self._segment_of(index) if self.kind != "LABELMAP" else None
             placed.append((self._slice_of(index), segment))
         outside = 0
-        pixels = iter_pixels(self.ds)
+        pixels = _decoded(iter_pixels(self.ds), self.ds)
         for (k, segment), frame in zip(placed, pixels, strict=True):
             frame = np.asarray(frame)
             if frame.ndim == 3:  # a single frame read as (1, rows, columns)
@@ -289,3 +289,25 @@ class _Reader:
         if self.kind == "FRACTIONAL":
             return {segment: frame >= self.cutoff}
         return {segment: frame > 0}
+
+
+class UndecodablePixels(ValueError):
+    """The SEG's Pixel Data cannot be decoded here (e.g. RLE Lossless with 1 bit allocated, which neither
+    pydicom's nor pylibjpeg-rle's decoder supports)."""
+
+
+def _decoded(frames: Iterator[np.ndarray], ds: Dataset) -> Iterator[np.ndarray]:
+    """``frames`` with any decoder failure turned into :class:`UndecodablePixels` naming the transfer syntax."""
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as exc:  # decoders raise NotImplementedError, RuntimeError, ValueError, ...
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", str(syntax))
+            raise UndecodablePixels(
+                f"pixel data ({name}, {ds.get('BitsAllocated')} bit(s) allocated) cannot be decoded: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        yield frame
