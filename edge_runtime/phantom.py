@@ -331,6 +331,9 @@ def _draw_anatomy(rng: np.random.Generator, variety: bool) -> dict[str, Any]:
     p["pelvis_crest"] = j.add(30.0, 8.0)
     p["hu"] = {t: j.add(mean, spread) for t, (mean, spread) in _TISSUE_HU.items()}
     p["noise"] = j.rel(15.0, 0.3)
+    # perirenal fat inside the renal fascia (mm beyond the kidney's surface); drawn last so that every
+    # earlier draw, and so every earlier phantom's other anatomy, stays as it was
+    p["perirenal_fat"] = j.rel(7.0, 0.4)
     return p
 
 
@@ -747,6 +750,13 @@ def _paint_anatomy(g: _Grid, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
         _paint_ellipsoid(
             g, tissue, labels, _Ellipsoid(cu, cv, r, r * 0.8, 0.0, cz, r, []), _T_GAS, 0, below_diaphragm=10.0
         )
+    # retroperitoneum: each kidney sits in its perirenal fat (the cue that separates it from the
+    # iso-dense bowel and muscle on unenhanced CT), also against the posterior wall; the liver and spleen
+    # may indent the capsule
+    d = p["perirenal_fat"]
+    for k in p["kidneys"]:
+        capsule = _Ellipsoid(k.cu, k.cv, k.au + d, k.av + d, k.rot, k.cz, k.az + d, k.harm)
+        _paint_ellipsoid(g, tissue, labels, capsule, _T_FAT, 0, below_diaphragm=6.0, in_cavity=False)
     # labelled abdominal organs, then lungs, heart, vessels, bone
     _paint_ellipsoid(g, tissue, labels, p["liver"], _T_LIVER, _LIVER, below_diaphragm=6.0)
     _paint_ellipsoid(g, tissue, labels, p["spleen"], _T_SPLEEN, _SPLEEN, below_diaphragm=6.0)

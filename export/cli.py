@@ -86,7 +86,7 @@ PHANTOM_LABELS = [
 ]
 
 UNET_NAME = "phantom-ct-unet"
-UNET_VERSION = "1.0.0"
+UNET_VERSION = "1.1.0"
 
 
 def build_default_model(out: Path, kind: str = "unet", checkpoint: Path | None = None) -> int:
@@ -104,7 +104,7 @@ def build_default_model(out: Path, kind: str = "unet", checkpoint: Path | None =
             )
             return 1
         _package, report = build_unet_package(out, ckpt)
-        print(report.table())
+        print(report.markdown("Parity"))
         if not report.passed:
             print(f"parity gate failed (needed atol {report.needed_atol:.3g})", file=sys.stderr)
             return 1
@@ -155,41 +155,22 @@ def unet_manifest(recipe: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def unet_parity_inputs(recipe: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Random and phantom inputs for the parity check, in the model's normalised units and patch size."""
-    from edge_runtime.phantom import make_phantom
-
-    data = recipe["data"]
-    norm = data["normalization"]
-    patch = tuple(int(v) for v in data["patch_size"])
-    spacing = tuple(float(v) for v in data["target_spacing"])
-    lo = (norm["lower"] - norm["mean"]) / norm["std"]
-    hi = (norm["upper"] - norm["mean"]) / norm["std"]
-    rng = np.random.default_rng(0)
-    # a whole phantom at the model's spacing, cropped to one patch around the body centre
-    fov = (max(patch[0] * spacing[0], 300.0), 380.0, 380.0)
-    shape = tuple(max(p, int(round(f / s))) for p, f, s in zip(patch, fov, spacing))
-    phantom = make_phantom(shape, spacing, rng=10_000_019)
-    start = [(n - p) // 2 for n, p in zip(shape, patch)]
-    crop = tuple(slice(s, s + p) for s, p in zip(start, patch))
-    image = (np.clip(phantom.hu[crop], norm["lower"], norm["upper"]) - norm["mean"]) / norm["std"]
-    small = tuple(max(16, p // 2) for p in patch)
-    return {
-        "random": rng.uniform(lo, hi, (2, 1, *small)).astype(np.float32),
-        "phantom": np.ascontiguousarray(image.astype(np.float32)[None, None]),
-    }
+#: seeds of the parity gate's phantoms (windows and whole volumes): apart from training, validation and held-out
+UNET_PARITY_SEED = 10_000_000
 
 
 def build_unet_package(out: Path, checkpoint: Path, *, quiet: bool = True) -> tuple[Any, Any]:
-    """Export a trained U-Net checkpoint to ``out``: model.onnx (BatchNorm folded), manifest, parity.json and
-    training.json (the recipe stored in the checkpoint). Returns (package, parity report)."""
+    """Export a trained U-Net checkpoint to ``out``: model.onnx (BatchNorm folded), manifest, the parity gate's
+    report (parity.json and parity.md: logits on random and phantom windows, per-label Dice over two whole phantom
+    volumes through the sliding window) and training.json (the recipe stored in the checkpoint). Returns
+    (package, parity report)."""
     import contextlib
     import io
 
     from .models.unet import load_checkpoint
     from .onnx import export_onnx
     from .package import add_file, write_package
-    from .parity import check_parity
+    from .parity import GateOptions, run_gate, write_report
 
     model, ckpt = load_checkpoint(checkpoint)
     recipe = ckpt["recipe"]
@@ -197,7 +178,7 @@ def build_unet_package(out: Path, checkpoint: Path, *, quiet: bool = True) -> tu
     patch = tuple(int(v) for v in recipe["data"]["patch_size"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("parity.json", "training.json"):
+    for stale in ("parity.json", "parity.md", "training.json"):
         (out / stale).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         sink = io.StringIO()
@@ -205,9 +186,8 @@ def build_unet_package(out: Path, checkpoint: Path, *, quiet: bool = True) -> tu
             onnx_path = export_onnx(model.fused(), Path(tmp) / "model.onnx", example_shape=(1, 1, *patch))
         package = write_package(out, onnx_path, manifest)
     # reference: the trained module itself (BatchNorm not folded), so the check covers the folding too
-    report = check_parity(model, str(package.model_path), unet_parity_inputs(recipe))
-    (out / "parity.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    add_file(out, out / "parity.json")
+    report = run_gate(model, package, GateOptions(volumes=2, seed=UNET_PARITY_SEED))
+    write_report(report, out, title=f"Parity: {manifest['name']} {manifest['version']}")
     (out / "training.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
     add_file(out, out / "training.json")
     if not quiet:

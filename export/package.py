@@ -10,7 +10,9 @@ from typing import Any
 from edge_runtime.package import FORMAT_VERSION, MANIFEST_NAME, ModelPackage, sha256_file
 
 
-def write_package(out_dir: Path, model_file: Path, manifest: dict[str, Any], extra_files: list[Path] = ()) -> ModelPackage:  # type: ignore[assignment]
+def write_package(
+    out_dir: Path, model_file: Path, manifest: dict[str, Any], extra_files: list[Path] = ()  # type: ignore[assignment]
+) -> ModelPackage:
     """Copy the model (and extras) into ``out_dir``, hash every file into the manifest, then load it back."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, str]] = {}

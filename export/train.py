@@ -127,15 +127,15 @@ def make_case(
         sz = rng.uniform(*cfg["fine_slice_mm"])
         sxy = rng.uniform(*cfg["fine_pixel_mm"])
         spacing = (sz, sxy, sxy)
-        shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing))
+        shape = tuple(int(round(f / s)) for f, s in zip(fov, spacing, strict=False))
         ph = make_phantom(shape, spacing, rng=seed, variety=True)
         grid = _model_grid(ph.hu, spacing, target)
         hu = grid.resample(np.rint(ph.hu))  # rounded as stored in DICOM
-        idx = [np.clip(np.rint(c).astype(np.intp), 0, n - 1) for c, n in zip(grid.coords, shape)]
+        idx = [np.clip(np.rint(c).astype(np.intp), 0, n - 1) for c, n in zip(grid.coords, shape, strict=False)]
         labels = ph.labels[np.ix_(*idx)]
         source = f"fine {shape} @ {tuple(round(s, 3) for s in spacing)} -> model grid"
     else:
-        shape = tuple(max(p, int(round(f / s))) for p, f, s in zip(patch, fov, target))
+        shape = tuple(max(p, int(round(f / s))) for p, f, s in zip(patch, fov, target, strict=False))
         ph = make_phantom(shape, target, rng=seed, variety=True)
         hu, labels = ph.hu, ph.labels
         source = f"direct {shape} @ {target}"
@@ -180,15 +180,15 @@ def sample_patch(
         pts = case.fg[value]
         centre = pts[int(rng.integers(len(pts)))]
         jitter = [int(rng.integers(-(p // 4), p // 4 + 1)) for p in patch]
-        start = [int(c) + j - p // 2 for c, j, p in zip(centre, jitter, patch)]
+        start = [int(c) + j - p // 2 for c, j, p in zip(centre, jitter, patch, strict=False)]
     else:
-        start = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(shape, patch)]
-    start = [min(max(0, s), max(0, n - p)) for s, n, p in zip(start, shape, patch)]
-    where = tuple(slice(s, s + p) for s, p in zip(start, patch))
+        start = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(shape, patch, strict=False)]
+    start = [min(max(0, s), max(0, n - p)) for s, n, p in zip(start, shape, patch, strict=False)]
+    where = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=False))
     img = case.image[where].astype(np.float32)
     lab = case.labels[where]
     if img.shape != patch:  # volume smaller than the patch: pad like the runtime (image minimum, background)
-        pad = [(0, p - n) for p, n in zip(patch, img.shape)]
+        pad = [(0, p - n) for p, n in zip(patch, img.shape, strict=False)]
         img = np.pad(img, pad, constant_values=float(case.image.min()))
         lab = np.pad(lab, pad, constant_values=0)
     return img, lab
@@ -284,6 +284,17 @@ def summarise(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
+
+
+def _portable_args(argv: Sequence[str]) -> list[str]:
+    """The command line as the recipe records it: the output folder is this machine's business (``DIR``)."""
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--out" and i + 1 < len(args):
+            args[i + 1] = "DIR"
+        elif a.startswith("--out="):
+            args[i] = "--out=DIR"
+    return args
 
 
 class BudgetClock:
@@ -472,12 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
+    pool_first = POOL_SEED_BASE + 10_000 * args.seed
     recipe: dict[str, Any] = {
         "what": (
             "Phantom-trained demonstration model: a compact 3D U-Net trained on the CPU only on synthetic CT "
             "phantoms from edge_runtime.phantom. Not a clinical model; never trained or tested on patient data."
         ),
-        "command": "python -m export.train " + " ".join(sys.argv[1:] if argv is None else list(argv)),
+        "command": "python -m export.train " + " ".join(_portable_args(sys.argv[1:] if argv is None else argv)),
         "seed": args.seed,
         "model": {"class": "export.models.unet:UNet3D", "config": model.config(), "parameters": n_params,
                   "normalization_layers": "BatchNorm3d (folded into the convolutions at export)"},
@@ -486,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generator": "edge_runtime.phantom.make_phantom(variety=True)",
             "labels": {str(k): v for k, v in LABELS.items()},
             "pool_size": args.pool,
-            "pool_seeds": f"{POOL_SEED_BASE + 10_000 * args.seed}..{POOL_SEED_BASE + 10_000 * args.seed + args.pool - 1}",
+            "pool_seeds": f"{pool_first}..{pool_first + args.pool - 1}",
             "fine_fraction": args.fine_fraction,
             "fine_resampling": "edge_runtime.inference.ModelGrid: HU rounded, linear; labels nearest",
             "crop": "body bounding box (HU > -500) plus half a patch",
@@ -496,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "patch_size": list(patch),
             "batch_size": args.batch,
             "foreground_patch_probability": args.fg_prob,
-            "foreground_label_weights": {LABELS[v]: float(w) for v, w in zip(LABELS, args.label_weights)},
+            "foreground_label_weights": {LABELS[v]: float(w) for v, w in zip(LABELS, args.label_weights, strict=False)},
             "precision": ("bfloat16 autocast for forward and backward, float32 weights, optimiser and loss"
                           if args.precision == "bf16" else "float32"),
             "patch_jitter": "uniform +-patch/4 around the labelled centre voxel",
@@ -515,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "geometry": {"shape": list(val_geometry[0]), "spacing_mm": list(val_geometry[1])},
             "seeds": [c[2] for c in val_cases],
             "every_seconds": args.val_every,
-            "path": "ONNX export + edge_runtime.inference.segment (ONNX Runtime CPU) on a Volume; Dice on the source grid",
+            "path": "ONNX export + edge_runtime.inference.segment (ONNX Runtime CPU) on a Volume; "
+            "Dice on the source grid",
             "selection": "best mean Dice over labels",
         },
         "inference": {"overlap": args.overlap, "batch_size": args.infer_batch, "blending": "gaussian"},
@@ -562,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"val @ step {step} ({elapsed:.0f} s): mean Dice " + " ".join(
             f"{k} {v:.3f}" for k, v in summary["mean_dice"].items()) + f" | {last_val_cost:.0f} s", logf)
 
-    label_weights = {value: float(w) for value, w in zip(LABELS, args.label_weights)}
+    label_weights = {value: float(w) for value, w in zip(LABELS, args.label_weights, strict=False)}
     # deep supervision: weights 1, 1/2, 1/4 ... normalised to sum 1 (nnU-Net)
     ds_raw = [0.5**k for k in range(1 + len(model.aux_heads))]
     ds_weights = [w / sum(ds_raw) for w in ds_raw]
@@ -594,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             outputs = model.forward_train(x)
         loss = torch.zeros(())
-        for k, (weight, logits) in enumerate(zip(ds_weights, outputs)):
+        for k, (weight, logits) in enumerate(zip(ds_weights, outputs, strict=False)):
             target = y[:, :: 2**k, :: 2**k, :: 2**k] if k else y
             logits = logits.float()
             term_ce = F.cross_entropy(logits, target)

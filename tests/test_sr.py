@@ -19,8 +19,8 @@ from edge_runtime.volume import Volume, load_volume
 
 from .conftest import dciodvfy_errors
 
-#: phantom label -> default package label value (1 = Lung, 2 = Bone); liver, spleen, kidney -> background
-PHANTOM_TO_PACKAGE = np.array([0, 1, 0, 0, 0, 2], dtype=np.uint8)
+#: phantom label -> default package label value: the bundled model was trained on these phantoms' labels
+PHANTOM_TO_PACKAGE = np.array([0, 1, 2, 3, 4, 5], dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _coverage(group) -> str | None:  # noqa: ANN001
 
 def test_sr_is_valid_references_the_seg_and_carries_the_measurements(ct, package, tmp_path: Path) -> None:  # noqa: ANN001
     volume, labels = ct
-    assert set(np.unique(labels)) == {0, 1, 2}
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}
     seg = build_seg(volume, labels, package, uid_seed="case")
     seg_path = tmp_path / "seg.dcm"
     seg.save_as(seg_path, enforce_file_format=True)
@@ -126,11 +126,12 @@ def test_absent_segment_is_reported_with_volume_zero(ct, package, tmp_path: Path
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
-    lung, bone = _groups(path)
+    lung, *absent = _groups(path)
     assert lung.referenced_segment.referenced_segment_numbers == [1]
-    assert bone.referenced_segment.referenced_segment_numbers == [2]
-    assert _values(bone) == {"Volume": (0.0, "ml"), "Number of voxels": (0, "{voxels}")}
-    assert _coverage(bone) is None  # undefined for an empty region
+    assert [g.referenced_segment.referenced_segment_numbers for g in absent] == [[2], [3], [4], [5]]
+    for group in absent:
+        assert _values(group) == {"Volume": (0.0, "ml"), "Number of voxels": (0, "{voxels}")}
+        assert _coverage(group) is None  # undefined for an empty region
     assert _values(lung)["Volume"][0] > 0
 
 

@@ -177,7 +177,8 @@ def copy_package(src: Path, dst: Path, edit) -> ModelPackage:  # noqa: ANN001
 
 @pytest.mark.parametrize(
     ("n", "shape"),
-    [(1, (48, 128, 128)), (2, (48, 128, 128)), (3, (48, 128, 128)), (3, (16, 40, 24)), (6, (8, 16, 16))],
+    # the U-Net takes any size that is a multiple of 16 per axis
+    [(1, (64, 96, 96)), (2, (64, 96, 96)), (3, (64, 96, 96)), (3, (16, 48, 32)), (6, (16, 16, 16))],
     ids=["1-patch", "2-patch", "3-patch", "3-small", "6-over-max-batch"],
 )
 def test_triton_matches_local_onnxruntime(
@@ -222,9 +223,9 @@ def test_infer_many_keeps_order_with_requests_in_flight(
 def test_system_shared_memory_gives_the_same_logits_and_is_released(
     server: TritonServer, package: ModelPackage, local: OnnxRuntimeRunner
 ) -> None:
-    x = windows(2, (48, 128, 128), seed=7)
-    bigger = windows(3, (48, 128, 128), seed=8)  # larger than the regions made for batch_size: they grow
-    small = windows(5, (8, 32, 32), seed=9)  # over max_batch_size: chunks pipelined through two slots
+    x = windows(2, (64, 96, 96), seed=7)
+    bigger = windows(3, (64, 96, 96), seed=8)  # larger than the regions made for batch_size: they grow
+    small = windows(5, (16, 32, 32), seed=9)  # over max_batch_size: chunks pipelined through two slots
     with TritonRunner(package, url=server.url, model_name=MODEL_NAME, shared_memory="system") as runner:
         assert "shm=system" in runner.describe()
         with grpcclient.InferenceServerClient(server.url) as client:
@@ -271,7 +272,7 @@ def test_segment_through_triton_gives_the_local_labels(server: TritonServer, pac
     with TritonRunner(small, url=server.url, model_name=MODEL_NAME) as runner:
         got = segment(volume(), small, runner)
     assert got.windows == want.windows > 1
-    assert set(np.unique(want.labels)) == {0, 1, 2}
+    assert len(np.unique(want.labels)) >= 3  # background and at least two organs: a real comparison
     np.testing.assert_array_equal(got.labels, want.labels)
 
 
@@ -279,18 +280,20 @@ def test_segment_through_triton_gives_the_local_labels(server: TritonServer, pac
 
 
 def test_manifest_with_more_labels_than_the_served_model_is_an_error(
-    server: TritonServer, tmp_path: Path
+    server: TritonServer, package: ModelPackage, tmp_path: Path
 ) -> None:
+    n = package.num_classes
+
     def more_labels(m: dict) -> None:
-        extra = dict(m["labels"][0], value=3, name="Extra")
+        extra = dict(m["labels"][0], value=n, name="Extra")
         m["labels"].append(extra)
 
     wrong = copy_package(DEFAULT_PACKAGE, tmp_path / "pkg", more_labels)
     with pytest.raises(
         RunnerError,
         match=rf"model '{MODEL_NAME}' on Triton at {server.url} does not match its "
-        r"manifest: the served output 'logits' has 3 channels; the manifest's "
-        r"labels need 4",
+        rf"manifest: the served output 'logits' has {n} channels; the manifest's "
+        rf"labels need {n + 1}",
     ):
         TritonRunner(wrong, url=server.url, model_name=MODEL_NAME)
 
@@ -437,7 +440,7 @@ def test_export_writes_a_config_tritons_protobuf_parses(tmp_path: Path, package:
     (out,) = config.output
     fp32 = model_config_pb2.DataType.Value("TYPE_FP32")
     assert (inp.name, inp.data_type, list(inp.dims)) == ("image", fp32, [1, -1, -1, -1])
-    assert (out.name, out.data_type, list(out.dims)) == ("logits", fp32, [3, -1, -1, -1])
+    assert (out.name, out.data_type, list(out.dims)) == ("logits", fp32, [package.num_classes, -1, -1, -1])
     assert list(config.dynamic_batching.preferred_batch_size) == [2, 4, 8]
     assert config.dynamic_batching.max_queue_delay_microseconds == 100
     (group,) = config.instance_group
@@ -483,14 +486,16 @@ def test_export_options_and_errors(tmp_path: Path, package: ModelPackage) -> Non
         write_triton_repository(DEFAULT_PACKAGE, repo, max_batch_size=4, preferred_batch_sizes=[8])
 
 
-def test_export_rejects_a_manifest_that_does_not_fit_the_model(tmp_path: Path) -> None:
+def test_export_rejects_a_manifest_that_does_not_fit_the_model(tmp_path: Path, package: ModelPackage) -> None:
     from export.triton import TritonExportError, write_triton_repository
 
+    n = package.num_classes
+
     def more_labels(m: dict) -> None:
-        m["labels"].append(dict(m["labels"][0], value=3, name="Extra"))
+        m["labels"].append(dict(m["labels"][0], value=n, name="Extra"))
 
     copy_package(DEFAULT_PACKAGE, tmp_path / "pkg", more_labels)
-    with pytest.raises(TritonExportError, match="output 'logits' has 3 channels; the manifest needs 4"):
+    with pytest.raises(TritonExportError, match=f"output 'logits' has {n} channels; the manifest needs {n + 1}"):
         write_triton_repository(tmp_path / "pkg", tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
 
@@ -528,7 +533,7 @@ def test_runner_rejects_a_served_model_with_another_sha256(package: ModelPackage
 
     config = model_config_pb2.ModelConfig(name="m", max_batch_size=4)
     config.input.add(name="image", data_type=model_config_pb2.TYPE_FP32, dims=[1, -1, -1, -1])
-    config.output.add(name="logits", data_type=model_config_pb2.TYPE_FP32, dims=[3, -1, -1, -1])
+    config.output.add(name="logits", data_type=model_config_pb2.TYPE_FP32, dims=[package.num_classes, -1, -1, -1])
     runner = TritonRunner.__new__(TritonRunner)
     runner.package, runner.model_name, runner.model_version, runner.url = package, "m", "", "host:8001"
     runner._check_signature(config)  # no parameter: nothing to compare

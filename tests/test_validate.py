@@ -270,8 +270,12 @@ def test_two_configurations_paired_difference(dataset: Path, tmp_path: Path) -> 
         assert set(per_metric) == set(validate.METRICS)
         for metric in ("dice", "hd95_mm", "volume_difference_ml"):
             s = per_metric[metric]
-            assert s["n"] >= 2  # every case where both matched the label
-            assert abs(s["mean"]) < 1e-6 and abs(s["ci_low"]) < 1e-6 and abs(s["ci_high"]) < 1e-6
+            # every case where both matched the label; a distance only where both found it (these small phantoms
+            # squeeze the whole torso into 60 mm, and the model misses the flattened kidneys: an infinite HD95)
+            assert s["n"] >= (2 if metric != "hd95_mm" else 0)
+            if s["n"]:
+                assert abs(s["mean"]) < 1e-6 and abs(s["ci_low"]) < 1e-6 and abs(s["ci_high"]) < 1e-6
+    assert sum(per_metric["hd95_mm"]["n"] >= 2 for per_metric in paired.values()) >= 3
     md = (out / "report.md").read_text()
     assert "## Paired difference B − A" in md and "| Dice A | Dice B |" in md
     assert "Configuration B:" in md

@@ -13,10 +13,12 @@ Choices made for a CPU edge runtime:
 * Few channels at full resolution (8 by default, one convolution on each side), where the compute is, and
   more channels deeper down, where it is cheap.
 * CT windows inside the graph: the single normalised input channel is expanded into the input itself plus
-  a few clipped intensity windows (lung, soft tissue, narrow soft tissue, bone by default) before the first convolution. Organs
-  that differ by tens of HU (liver, spleen, kidney) are then as far apart for the network as air and bone,
-  which it otherwise has to learn slowly. In ONNX this is Mul/Add/Clip/Concat, negligible next to the
-  convolutions; the package's manifest still declares one input channel (``ct_window`` normalisation).
+  a few clipped intensity windows (lung, soft tissue, narrow soft tissue, bone by default) before the first
+  convolution, and the soft-tissue windows also smoothed (a separable box filter). Organs that differ by
+  10-30 HU (liver, spleen, kidney, muscle), under noise of about 15 HU, are then as far apart for the network
+  as air and bone, which it otherwise has to learn slowly from few steps. In ONNX this is
+  Mul/Add/Clip/AveragePool/Concat, small next to the convolutions; the package's manifest still declares one
+  input channel (``ct_window`` normalisation).
 
 Input: ``(N, 1, Z, Y, X)`` CT normalised as the package manifest says; every spatial size must be a multiple
 of ``2 ** (levels - 1)`` (16 with the default five levels). The sliding window of ``edge_runtime`` always
@@ -40,6 +42,8 @@ DEFAULT_DECODER_CONVS = (1, 2, 2, 2)
 #: (centre, width) in HU of the windows computed from the input: lung/air, soft tissue, narrow soft tissue
 #: (liver, spleen, kidney and muscle differ by 10-30 HU), bone
 DEFAULT_WINDOWS = ((-750.0, 500.0), (40.0, 200.0), (45.0, 90.0), (450.0, 900.0))
+#: windows (indices) also given to the network smoothed: both soft-tissue windows
+DEFAULT_SMOOTHED_WINDOWS = (1, 2)
 
 
 class ConvBlock(nn.Sequential):
@@ -69,12 +73,16 @@ class UNet3D(nn.Module):
         input_mean: float = 0.0,
         input_std: float = 512.0,
         deep_supervision: int = 2,
+        smoothed_windows: Sequence[int] = DEFAULT_SMOOTHED_WINDOWS,
+        smooth_kernel: int = 5,
     ):
         """``windows``: (centre, width) HU windows added as input channels, each ``clip((hu - centre) /
         (width / 2), -1, 1)``; ``input_mean`` / ``input_std``: the normalisation of the input (the manifest's
         ``ct_window`` mean and std), so that HU = input * std + mean. ``deep_supervision``: decoder levels
         below full resolution that get an auxiliary 1x1x1 head for training (:meth:`forward_train`); the
-        exported graph (:meth:`forward`) never uses them."""
+        exported graph (:meth:`forward`) never uses them. ``smoothed_windows``: indices into ``windows`` whose
+        box-filtered copy (``smooth_kernel`` voxels wide, separable, edges averaged over the inside only) is
+        added as a further channel."""
         super().__init__()
         channels = [int(c) for c in channels]
         levels = len(channels)
@@ -104,15 +112,23 @@ class UNet3D(nn.Module):
             "input_mean": float(input_mean),
             "input_std": float(input_std),
             "deep_supervision": int(deep_supervision),
+            "smoothed_windows": [int(i) for i in smoothed_windows],
+            "smooth_kernel": int(smooth_kernel),
         }
+        if any(not 0 <= int(i) < len(windows) for i in smoothed_windows):
+            raise ValueError(f"smoothed_windows {list(smoothed_windows)} must index the {len(windows)} windows")
+        if smooth_kernel < 1 or smooth_kernel % 2 == 0:
+            raise ValueError("smooth_kernel must be odd and positive")
+        self.smoothed = [int(i) for i in smoothed_windows]
+        self.smooth_kernel = int(smooth_kernel)
         # window k of the normalised input x: clip(x * scale_k + shift_k, -1, 1)
         scale = [2.0 * input_std / float(w) for _c, w in windows]
         shift = [2.0 * (input_mean - float(c)) / float(w) for c, w in windows]
         self.register_buffer("window_scale", torch.tensor(scale, dtype=torch.float32).view(1, -1, 1, 1, 1))
         self.register_buffer("window_shift", torch.tensor(shift, dtype=torch.float32).view(1, -1, 1, 1, 1))
         self.encoder = nn.ModuleList()
-        cin = in_channels * (1 + len(scale)) if scale else in_channels
-        for c, n in zip(channels, encoder_convs):
+        cin = in_channels * (1 + len(scale)) + len(self.smoothed) if scale else in_channels
+        for c, n in zip(channels, encoder_convs, strict=False):
             self.encoder.append(ConvBlock(cin, c, n, negative_slope))
             cin = c
         self.up = nn.ModuleList()
@@ -148,7 +164,11 @@ class UNet3D(nn.Module):
 
     def _run(self, x: torch.Tensor, deep: bool) -> list[torch.Tensor]:
         if self.window_scale.numel():
-            x = torch.cat([x, torch.clamp(x * self.window_scale + self.window_shift, -1.0, 1.0)], dim=1)
+            win = torch.clamp(x * self.window_scale + self.window_shift, -1.0, 1.0)
+            parts = [x, win]
+            if self.smoothed:
+                parts.append(self._smooth(win[:, self.smoothed]))
+            x = torch.cat(parts, dim=1)
         skips = []
         for i, block in enumerate(self.encoder):
             if i:
@@ -158,12 +178,18 @@ class UNet3D(nn.Module):
         skips.pop()
         aux: list[torch.Tensor] = []
         levels = len(self.decoder)
-        for k, (up, block) in enumerate(zip(self.up, self.decoder)):
+        for k, (up, block) in enumerate(zip(self.up, self.decoder, strict=False)):
             x = block(torch.cat([skips.pop(), up(x)], dim=1))
             level = levels - 1 - k  # decoder level of x (0 = full resolution)
             if deep and 1 <= level <= len(self.aux_heads):
                 aux.append(self.aux_heads[level - 1](x))
         return [self.head(x), *reversed(aux)]
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        k, p = self.smooth_kernel, self.smooth_kernel // 2
+        for kernel, pad in (((k, 1, 1), (p, 0, 0)), ((1, k, 1), (0, p, 0)), ((1, 1, k), (0, 0, p))):
+            x = F.avg_pool3d(x, kernel, stride=1, padding=pad, count_include_pad=False)
+        return x
 
     def fused(self) -> UNet3D:
         """An eval-mode copy with every BatchNorm folded into its convolution (for export)."""
@@ -197,7 +223,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def load_checkpoint(path: str | Any, map_location: str = "cpu") -> tuple[UNet3D, dict[str, Any]]:
-    """Rebuild a trained model from a checkpoint written by ``export.train``; returns (model in eval mode, checkpoint)."""
+    """Rebuild a trained model from a checkpoint written by ``export.train``.
+
+    Returns (model in eval mode, checkpoint)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     model = UNet3D(**ckpt["model"])
     model.load_state_dict(ckpt["state_dict"])
