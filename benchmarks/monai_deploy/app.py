@@ -7,7 +7,7 @@ The DAG is the stock ``examples/apps/ai_spleen_seg_app/app.py`` of monai-deploy-
          configs inside the TorchScript file) -> DICOMSegmentationWriterOperator
 
 with the stock SegmentDescription and custom tag, ``omit_empty_frames=True``. Two deviations, both from the
-baseline report (/work/shared/research/monai-deploy-baseline.md §6): the selection rule is reduced to
+baseline report (the MONAI Deploy baseline study (monai-deploy-baseline.md) §6): the selection rule is reduced to
 ``Modality CT`` (the stock rule also requires StudyDescription/SeriesDescription), and monai 1.6.1 is used.
 Each operator is a thin subclass whose ``compute`` calls ``super()`` inside a timer (the bundle operator's
 ``pre_process``/``predict``/``post_process`` too), and the sliding window's predictor is wrapped to time the

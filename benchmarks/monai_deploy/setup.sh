@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a separate virtualenv for the MONAI Deploy App SDK anchor (the spleen app), as in
-# /work/shared/research/monai-deploy-baseline.md §1. It never touches the project's own venv.
+# the MONAI Deploy baseline study (monai-deploy-baseline.md) §1. It never touches the project's own venv.
 #
 #   benchmarks/monai_deploy/setup.sh [VENV]        (default: benchmarks/results/mdvenv)
 #
