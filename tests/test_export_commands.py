@@ -36,6 +36,17 @@ def labels_json(tmp_path: Path) -> Path:
     return path
 
 
+def liver_spleen_codes(path: Path, *more: dict) -> Path:
+    """A --labels-json file coding the nnU-Net fixtures' labels (liver, spleen), then ``more``."""
+    organ = {"value": "91772007", "scheme": "SCT", "meaning": "Organ"}
+    path.write_text(json.dumps({"labels": [
+        {"name": "Liver", "category": organ, "type": {"value": "10200004", "scheme": "SCT", "meaning": "Liver"}},
+        {"name": "Spleen", "category": organ, "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"}},
+        *more,
+    ]}))
+    return path
+
+
 def segment_phantom(package: ModelPackage, shape=(24, 48, 48), spacing=(5.0, 6.0, 6.0)) -> np.ndarray:  # noqa: ANN001
     ph = make_phantom(shape, spacing, rng=11)
     volume = Volume(
@@ -122,13 +133,7 @@ def test_missing_codes_and_geometry_are_all_reported(tmp_path: Path, capsys: pyt
 
 def test_nnunet_and_monai_sources_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("dynamic_network_architectures")
-    codes = tmp_path / "codes.json"
-    organ = {"value": "91772007", "scheme": "SCT", "meaning": "Organ"}
-    codes.write_text(json.dumps({"labels": [
-        {"name": "Liver", "category": organ, "type": {"value": "10200004", "scheme": "SCT", "meaning": "Liver"}},
-        {"name": "Spleen", "category": organ, "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"}},
-        *TINY_LABELS,
-    ]}))
+    codes = liver_spleen_codes(tmp_path / "codes.json", *TINY_LABELS)
     root = write_nnunet_folder(tmp_path / "nn", transpose=(2, 0, 1))
     rc = main(["package", "--nnunet", str(root), "--out", str(tmp_path / "nn-pkg"), "--labels-json", str(codes),
                "--parity-shape", "32", "48", "32"])
@@ -170,12 +175,6 @@ def test_quantize_command(tmp_path: Path, labels_json: Path, capsys: pytest.Capt
 def _package_source(kind: str, tmp_path: Path, labels_json: Path) -> Path:
     """Build a package from one kind of source with ``edge-export package``; returns its folder."""
     out = tmp_path / f"{kind}-pkg"
-    organ = {"value": "91772007", "scheme": "SCT", "meaning": "Organ"}
-    nn_codes = tmp_path / "nn-codes.json"
-    nn_codes.write_text(json.dumps({"labels": [
-        {"name": "Liver", "category": organ, "type": {"value": "10200004", "scheme": "SCT", "meaning": "Liver"}},
-        {"name": "Spleen", "category": organ, "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"}},
-    ]}))
     if kind == "factory":
         torch.save(TinySegNet(seed=4).state_dict(), tmp_path / "weights.pt")
         args = ["--factory", "tests.export_fixtures:make_tiny", "--kwargs", '{"num_classes": 3}',
@@ -194,7 +193,8 @@ def _package_source(kind: str, tmp_path: Path, labels_json: Path) -> Path:
 
         root = write_nnunet_folder_with_nnunetv2(tmp_path / "nnunet")
         # nnU-Net planned 0.9 x 0.8 x 3 mm and a 28x32x12 patch: a small parity volume keeps the gate quick
-        args = ["--nnunet", str(root), "--labels-json", str(nn_codes), "--parity-shape", "28", "64", "24"]
+        codes = liver_spleen_codes(tmp_path / "nn-codes.json")
+        args = ["--nnunet", str(root), "--labels-json", str(codes), "--parity-shape", "28", "64", "24"]
     assert main(["package", *args, "--out", str(out)]) == 0
     return out
 
