@@ -157,9 +157,9 @@ def make_windows(package_dir: Path, slices: int, count: int, out: Path) -> Path:
     """``count`` real 96^3 windows of the preprocessed phantom, as the service would cut them."""
     import numpy as np
 
-    from edge_runtime.inference import ModelGrid, _windows, normalize
-    from edge_runtime.package import ModelPackage
-    from edge_runtime.volume import GeometryPolicy, load_volume
+    from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+    from edge_runtime.inference.package import ModelPackage
+    from edge_runtime.inference.pipeline import ModelGrid, _windows, normalize
 
     package = ModelPackage.load(package_dir)
     volume = load_volume(harness.series_files(harness.base_series(slices)), GeometryPolicy())
@@ -173,14 +173,14 @@ def make_windows(package_dir: Path, slices: int, count: int, out: Path) -> Path:
 
 
 def window_overhead(package_dir: Path, slices: int, reps: int = 3) -> dict:
-    """The inference stage minus the network: ``edge_runtime.inference.sliding_window`` on the real
+    """The inference stage minus the network: ``edge_runtime.inference.pipeline.sliding_window`` on the real
     preprocessed phantom with a runner that returns zeros at once (window copies, padding, blending,
     normalisation by the weight sum), plus the pre- and post-processing steps of ``segment``."""
     import numpy as np
 
-    from edge_runtime.inference import ModelGrid, argmax_labels, normalize, sliding_window
-    from edge_runtime.package import ModelPackage
-    from edge_runtime.volume import GeometryPolicy, load_volume
+    from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+    from edge_runtime.inference.package import ModelPackage
+    from edge_runtime.inference.pipeline import ModelGrid, argmax_labels, normalize, sliding_window
 
     package = ModelPackage.load(package_dir)
 
@@ -234,8 +234,8 @@ threads = int(sys.argv[8])  # 0: the engine's default (one per core)
 batch_size, reps = int(batch_size), int(reps)
 x = np.load(windows_path)
 if kind == "ort":
-    from edge_runtime.package import ModelPackage
-    from edge_runtime.runner import load_runner
+    from edge_runtime.inference.package import ModelPackage
+    from edge_runtime.inference.runner import load_runner
     runner = load_runner(ModelPackage.load(package_dir), threads=threads)
     run = runner.infer
     info = runner.describe()
@@ -537,7 +537,7 @@ QUIET = 0.3
 
 
 def compare_with_latency(md: dict, package_dir: Path, slices: int) -> dict | None:
-    from edge_runtime.package import ModelPackage
+    from edge_runtime.inference.package import ModelPackage
 
     name = ModelPackage.load(package_dir).name
     path = RESULTS / f"latency-{name}-{slices}.json"

@@ -128,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from edge_runtime.inference import argmax_labels, normalize, sliding_window, window_starts
-    from edge_runtime.package import ModelPackage
-    from edge_runtime.phantom import LABELS, make_phantom
-    from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
+    from edge_runtime.inference.package import ModelPackage
+    from edge_runtime.inference.pipeline import argmax_labels, normalize, sliding_window, window_starts
+    from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
     from export.engine import count_qdq_nodes
     from export.parity import model_spacing
     from export.quantize import QuantizeOptions, quantize_package
+    from phantom import LABELS, make_phantom
 
     tmp = tempfile.TemporaryDirectory()
     work = args.work or Path(tmp.name)

@@ -1,4 +1,4 @@
-"""Benchmark edge_runtime.metrics.compare_label_maps on a CT-sized label volume.
+"""Benchmark edge_runtime.quality.metrics.compare_label_maps on a CT-sized label volume.
 
 Builds a synthetic 512 x 512 x 500 (z, y, x) label map with 100 labels (axis-aligned ellipsoids, radii
 log-uniform from 8 to 120 voxels in-plane, about 15 % of the volume labelled) and a perturbed copy
@@ -42,7 +42,7 @@ import numpy as np
 import scipy
 from scipy import ndimage
 
-from edge_runtime.metrics import compare_label_maps, surface_distances
+from edge_runtime.quality.metrics import compare_label_maps, surface_distances
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPACING = (1.25, 0.78, 0.78)  # (z, y, x) mm, a typical abdominal CT
@@ -181,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     n = len(present)
     ours_overlap = row(
         "overlap, all labels",
-        "edge_runtime.metrics",
+        "edge_runtime.quality.metrics",
         n,
         timed(lambda: compare_label_maps(pred, ref, SPACING, surface=False), args.repeats),
     )
     row(
         "overlap + surface, all labels",
-        "edge_runtime.metrics",
+        "edge_runtime.quality.metrics",
         n,
         timed(lambda: compare_label_maps(pred, ref, SPACING), args.repeats),
     )
@@ -195,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     if cpus > 1:
         row(
             "overlap + surface, all labels",
-            f"edge_runtime.metrics, workers={cpus}",
+            f"edge_runtime.quality.metrics, workers={cpus}",
             n,
             timed(lambda: compare_label_maps(pred, ref, SPACING, workers=cpus), args.repeats),
         )
     ours_subset = row(
         "surface, anchor labels",
-        "edge_runtime.metrics",
+        "edge_runtime.quality.metrics",
         len(subset),
         timed(lambda: ours_surface(pred, ref, subset), args.repeats),
     )
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
     }
     md = [
-        "# edge_runtime.metrics benchmark\n",
+        "# edge_runtime.quality.metrics benchmark\n",
         f"Volume {shape[0]}x{shape[1]}x{shape[2]} (z, y, x), spacing {SPACING} mm, {n} labels; "
         f"python {env['python']}, numpy {env['numpy']}, scipy {env['scipy']}, {env['cpus']} CPUs. "
         f"Median of {args.repeats} runs for edge_runtime, one run for references. "

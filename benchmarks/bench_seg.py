@@ -1,5 +1,5 @@
-"""Benchmark the BINARY SEG encoders on a CT-sized result: highdicom (``edge_runtime.seg.build_seg``) as the
-anchor against ``edge_runtime.seg_binary.encode_binary_seg``, in the same run.
+"""Benchmark the BINARY SEG encoders on a CT-sized result: highdicom (``edge_runtime.results.seg.build_seg``) as the
+anchor against ``edge_runtime.results.seg_binary.encode_binary_seg``, in the same run.
 
 Builds 500 in-memory CT headers (512 x 512, no pixel data: neither encoder reads source pixels) and a label
 map with 117 labels (ellipsoids of log-uniform sizes and lengths spread over the volume, see
@@ -34,10 +34,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from edge_runtime.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
-from edge_runtime.seg import build_seg
-from edge_runtime.seg_binary import encode_binary_seg
-from edge_runtime.volume import Volume
+from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
+from edge_runtime.results.seg import build_seg
+from edge_runtime.results.seg_binary import encode_binary_seg
 
 RESULTS = Path(__file__).resolve().parent / "results"
 hd_version = highdicom.__version__

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
-from edge_runtime.runner.triton import TritonRunner
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
+from edge_runtime.inference.runner.triton import TritonRunner
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

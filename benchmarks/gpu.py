@@ -9,8 +9,8 @@ Backends looked for:
   ``CPUExecutionProvider`` (always; the reference), ``CUDAExecutionProvider`` (device ``cuda``) and
   ``TensorrtExecutionProvider`` (device ``tensorrt``) when ``onnxruntime.get_available_providers()`` lists
   them (the GPU build, ``onnxruntime-gpu``);
-- the native TensorRT backend (``edge_runtime.runner.tensorrt``, engine built for this GPU into a temporary
-  folder, ``--trt-precision``) when ``tensorrt`` and ``pycuda`` import and the runner has the backend;
+- the native TensorRT backend (``edge_runtime.inference.runner.tensorrt``, engine built for this GPU into a
+  temporary folder, ``--trt-precision``) when ``tensorrt`` and ``pycuda`` import and the runner has the backend;
 - PyTorch eager on CUDA (the anchor): the package's own PyTorch module (manifest ``source.factory`` +
   ``source.args``, ``weights.pt`` when the package has one; else ``model.ts`` as TorchScript), when torch
   imports and ``torch.cuda.is_available()``.
@@ -214,7 +214,7 @@ def detect(precision: str, torch_cpu: bool = False) -> tuple[dict, list[dict]]:
     import onnxruntime as ort
 
     import edge_runtime
-    from edge_runtime import runner as runners
+    from edge_runtime.inference.pipeline import runner as runners
 
     providers = list(ort.get_available_providers())
     smi = nvidia_smi()
@@ -256,11 +256,11 @@ def detect(precision: str, torch_cpu: bool = False) -> tuple[dict, list[dict]]:
         missing.append(f"tensorrt {'not installed' if trt_v is None else trt_v}")
     if pycuda_v is None or pycuda_v.startswith("broken"):
         missing.append(f"pycuda {'not installed' if pycuda_v is None else pycuda_v}")
-    has_module = importlib.util.find_spec("edge_runtime.runner.tensorrt") is not None
+    has_module = importlib.util.find_spec("edge_runtime.inference.runner.tensorrt.runner") is not None
     if not has_module:
-        missing.append("edge_runtime.runner has no tensorrt backend yet")
+        missing.append("edge_runtime.inference.runner has no tensorrt backend yet")
     elif "tensorrt" not in runners.BACKENDS:
-        b["note"] = ("edge_runtime.runner.tensorrt exists but load_runner does not offer it yet "
+        b["note"] = ("edge_runtime.inference.runner.tensorrt.runner exists but load_runner does not offer it yet "
                      f"(backends: {', '.join(runners.BACKENDS)}): TensorRTRunner is used directly; no service run")
     if not smi["available"]:
         missing.append(smi["why"])
@@ -300,7 +300,7 @@ def base_series(slices: int, size: int, seed: int, scratch: Path) -> Path:
     cached = RESULTS / "series" / f"ct{size}x{size}x{slices}-s{seed}"
     if (cached / ".complete").exists():
         return cached
-    from edge_runtime.phantom import make_phantom, write_series
+    from phantom import make_phantom, write_series
 
     folder = scratch / f"ct{size}x{size}x{slices}-s{seed}"
     if not folder.exists():
@@ -317,9 +317,9 @@ def series_files(folder: Path) -> list[Path]:
 
 def make_windows(package_dir: Path, series: Path, count: int, out: Path) -> dict:
     """``count`` windows of the preprocessed series, cut as the service cuts them, spread over the volume."""
-    from edge_runtime.inference import ModelGrid, normalize, window_starts
-    from edge_runtime.package import ModelPackage
-    from edge_runtime.volume import GeometryPolicy, load_volume
+    from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+    from edge_runtime.inference.package import ModelPackage
+    from edge_runtime.inference.pipeline import ModelGrid, normalize, window_starts
 
     package = ModelPackage.load(package_dir)
     volume = load_volume(series_files(series), GeometryPolicy())
@@ -368,18 +368,18 @@ def torch_module(package_dir: Path):
 def worker(spec: dict) -> dict:
     x = np.load(spec["windows"])
     kind = spec["kind"]
-    from edge_runtime.package import ModelPackage
+    from edge_runtime.inference.package import ModelPackage
 
     package = ModelPackage.load(spec["package"])
     t0 = time.perf_counter()
     close = None
     if kind == "ort":
-        from edge_runtime.runner import load_runner
+        from edge_runtime.inference.runner import load_runner
 
         runner = load_runner(package, "onnxruntime", spec["device"])
         run, info, close = runner.infer, runner.describe(), runner.close
     elif kind == "trt":
-        from edge_runtime import runner as runners
+        from edge_runtime.inference.pipeline import runner as runners
 
         engine = Path(spec["scratch"]) / f"{package.name}.{spec['precision']}.engine"
         opts = {"precision": spec["precision"], "engine": engine, "rebuild": True}
@@ -387,7 +387,7 @@ def worker(spec: dict) -> dict:
             runner = runners.load_runner(package, "tensorrt", **opts)
             how = "load_runner"
         else:
-            from edge_runtime.runner.tensorrt import TensorRTRunner
+            from edge_runtime.inference.runner.tensorrt.runner import TensorRTRunner
 
             runner = TensorRTRunner(package, **opts)
             how = "TensorRTRunner (direct)"
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     signal.signal(signal.SIGTERM, _on_signal)
-    from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage, PackageError
+    from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage, PackageError
 
     info, backends = detect(args.trt_precision, args.torch_cpu)
     for b in backends:

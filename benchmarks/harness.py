@@ -61,12 +61,12 @@ def wait_port(port: int, timeout: float = 90.0, proc: subprocess.Popen | None = 
 
 
 def base_series(slices: int, size: int = 512, seed: int = 0) -> Path:
-    """A phantom CT series (``edge_runtime.phantom``), written once and cached in benchmarks/results/series."""
+    """A phantom CT series (``phantom``), written once and cached in benchmarks/results/series."""
     folder = RESULTS / "series" / f"ct{size}x{size}x{slices}-s{seed}"
     done = folder / ".complete"
     if done.exists():
         return folder
-    from edge_runtime.phantom import make_phantom, write_series
+    from phantom import make_phantom, write_series
 
     if folder.exists():
         shutil.rmtree(folder)

@@ -2,7 +2,7 @@
 
 What it does, with real peers over loopback:
 
-1. writes a 512 x 512 x N phantom CT series once (``edge_runtime.phantom``; cached in
+1. writes a 512 x 512 x N phantom CT series once (``phantom``; cached in
    ``benchmarks/results/series/``) and, before every run, a copy with new Study/Series/SOP UIDs;
 2. starts DCMTK ``storescp -od`` (``TCP_NODELAY=1``) as the PACS and the service as a subprocess
    (``python -m edge_runtime serve --destination PACS@...``);
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (spools, PACS, logs)")
     args = ap.parse_args(argv)
 
-    from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
+    from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 
     model_dir = (args.model or Path(DEFAULT_PACKAGE)).resolve()
     package = ModelPackage.load(model_dir)

@@ -13,7 +13,7 @@ Real peers over loopback, no mocks:
 2. starts the service (``python -m edge_runtime serve --destination ORTHANC@127.0.0.1:<Orthanc DICOM port>
    --http-port 0``) with its spool and output in the same temporary folder, and checks the route with a
    C-ECHO from Orthanc (``POST /modalities/edge/echo``);
-3. per run, uploads a 512 x 512 x N phantom CT series (``edge_runtime.phantom``, the same cached series as
+3. per run, uploads a 512 x 512 x N phantom CT series (``phantom``, the same cached series as
    ``latency.py``: ``benchmarks/results/series/``) to Orthanc with new Study/Series/SOP UIDs (``POST
    /instances``, one per file) BEFORE the clock starts; then times
 
@@ -422,7 +422,7 @@ def base_series(slices: int, size: int, seed: int, scratch: Path) -> Path:
     cached = SERIES_CACHE / f"ct{size}x{size}x{slices}-s{seed}"
     if (cached / ".complete").exists():
         return cached
-    from edge_runtime.phantom import make_phantom, write_series
+    from phantom import make_phantom, write_series
 
     folder = scratch / f"ct{size}x{size}x{slices}-s{seed}"
     t0 = time.perf_counter()
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (Orthanc, spool, logs)")
     args = ap.parse_args(argv)
 
-    from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
+    from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 
     model_dir = (args.model or Path(DEFAULT_PACKAGE)).resolve()
     package = ModelPackage.load(model_dir)

@@ -70,7 +70,7 @@ import pynetdicom
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 
-from edge_runtime.phantom import make_phantom, write_series
+from phantom import make_phantom, write_series
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STORESCP = "/usr/bin/storescp"

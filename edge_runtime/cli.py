@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config, ConfigError, build_config, load_toml
-from .validate import add_parser as add_validate_parser
-from .validate import cmd_validate
+from edge_runtime import __version__
+from edge_runtime.apps.validate import add_parser as add_validate_parser
+from edge_runtime.apps.validate import cmd_validate
+from edge_runtime.config import Config, ConfigError, build_config, load_toml
 
 log = logging.getLogger("edge_runtime")
 
@@ -198,9 +198,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edge-runtime: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_json)
-    from .package import PackageError
-    from .runner import RunnerError
-    from .service import Service
+    from edge_runtime.inference.package import PackageError
+    from edge_runtime.inference.runner import RunnerError
+    from edge_runtime.service import Service
 
     try:
         service = Service(config)
@@ -215,8 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .push import push_folder
-    from .sender import Destination
+    from edge_runtime.apps.push import push_folder
+    from edge_runtime.egress.sender import Destination
 
     setup_logging("info", False)
     try:
@@ -234,7 +234,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .spool import Spool
+    from edge_runtime.spool.store import Spool
 
     spool = Spool(args.spool, min_free_bytes=0)
     rows = spool.all_series()

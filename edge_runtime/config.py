@@ -12,10 +12,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .package import DEFAULT_PACKAGE
-from .runner import BACKENDS, DEVICES
-from .sender import Destination
-from .volume import IRREGULAR_POLICIES
+from edge_runtime.egress.sender import Destination
+from edge_runtime.errors import ConfigError
+from edge_runtime.imaging.volume import IRREGULAR_POLICIES
+from edge_runtime.inference.package import DEFAULT_PACKAGE
+from edge_runtime.inference.runner import BACKENDS, DEVICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,12 +24,6 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class ConfigError(ValueError):
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import signal
 import socket
@@ -25,29 +24,35 @@ import time
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset
 
-from .config import Config
-from .health import HealthServer, Metrics
-from .inference import segment
-from .listener import Listener, ListenerConfig
-from .monitoring import (
-    SEG_CLASSES,
-    ValidationError,
+from edge_runtime.config import Config
+from edge_runtime.dicom import SEGMENTATION_CLASSES, write_atomic
+from edge_runtime.egress.sender import Sender
+from edge_runtime.imaging.volume import (
+    GeometryPolicy,
+    SliceCache,
+    SliceGeometry,
+    VolumeError,
+    load_volume,
+    stack_evidence,
+)
+from edge_runtime.inference.package import ModelPackage
+from edge_runtime.inference.pipeline import segment
+from edge_runtime.inference.runner import Runner, RunnerError, load_runner
+from edge_runtime.ingest.listener import Listener, ListenerConfig
+from edge_runtime.ops.systemd import Notifier
+from edge_runtime.ops.telemetry import HealthServer, Metrics
+from edge_runtime.quality.feedback import (
+    ReferenceRejected,
     append_history,
     compare_with_reference,
     referenced_series,
     validation_record,
 )
-from .package import ModelPackage
-from .runner import Runner, RunnerError, load_runner
-from .seg import build_seg, measure, write_measurements
-from .seg_binary import encode_binary_seg
-from .sender import Sender
-from .spool import SeriesRow, SeriesState, Spool
-from .sr import build_sr
-from .systemd import Notifier
-from .volume import GeometryPolicy, SliceCache, SliceGeometry, VolumeError, load_volume, stack_evidence
+from edge_runtime.results.seg import build_seg, measure, write_measurements
+from edge_runtime.results.seg_binary import encode_binary_seg
+from edge_runtime.results.sr import build_sr
+from edge_runtime.spool.store import SeriesRow, SeriesState, Spool
 
 log = logging.getLogger(__name__)
 
@@ -397,12 +402,12 @@ class Service:
             seg = encode_binary_seg(
                 volume, result.labels, self.package, uid_seed=seed, device_serial_number=self.serial
             )
-        seg_path = _write_dicom(seg, directory / "seg.dcm")
+        seg_path = write_atomic(directory / "seg.dcm", seg)
         timings["seg"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         measurements = measure(volume, result.labels, self.package)
         sr = build_sr(seg, measurements, volume, self.package, uid_seed=seed, device_serial_number=self.serial)
-        sr_path = _write_dicom(sr, directory / "sr.dcm")
+        sr_path = write_atomic(directory / "sr.dcm", sr)
         timings["measurements"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         write_measurements(
@@ -447,21 +452,21 @@ class Service:
         compared = 0
         for path in self.spool.instance_paths(row.id):
             reference = pydicom.dcmread(path)
-            if str(reference.SOPClassUID) not in SEG_CLASSES:
+            if str(reference.SOPClassUID) not in SEGMENTATION_CLASSES:
                 continue
             try:
                 info = referenced_series(reference)
                 target = self.spool.find_series(row.called_ae, info.study_uid, info.series_uid)
                 results = self.spool.results(target.id) if target is not None else []
                 if target is None or not results:
-                    raise ValidationError("no-result", "the referenced series has no result from this service")
+                    raise ReferenceRejected("no-result", "the referenced series has no result from this service")
                 _, _, model, directory = results[-1]
                 ours = directory / "seg.dcm"
                 if str(pydicom.dcmread(ours, stop_before_pixels=True).SOPInstanceUID) == info.sop_uid:
-                    raise ValidationError("own-result", "this is our own SEG sent back, not a reference")
+                    raise ReferenceRejected("own-result", "this is our own SEG sent back, not a reference")
                 volume = load_volume(self.spool.instance_paths(target.id), self.policy)
                 metrics, unmatched = compare_with_reference(volume, ours, reference, self.package)
-            except (ValidationError, VolumeError) as exc:
+            except (ReferenceRejected, VolumeError) as exc:
                 self._refuse(row, f"{exc.code}: {exc.detail}")
                 return
             record = validation_record(target.key_hash, self.package, metrics, unmatched)
@@ -485,15 +490,3 @@ class Service:
             log.warning("series %s refused: %s", row.key_hash, reason)
             self.metrics.series_failed.labels(reason.split(":", 1)[0]).inc()
 
-
-def _write_dicom(ds: Dataset, path: Path) -> Path:
-    """Write, fsync and rename into place: a result file is either whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return path

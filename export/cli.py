@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime._deps import require
+from edge_runtime.extras import require
 
 log = logging.getLogger("export")
 
@@ -46,7 +46,7 @@ DEFAULT_LABELS = [
     },
 ]
 
-#: labels of the phantom U-Net: the values of ``edge_runtime.phantom.LABELS``, SNOMED CT coded
+#: labels of the phantom U-Net: the values of ``phantom.LABELS``, SNOMED CT coded
 PHANTOM_LABELS = [
     {
         "value": 1,
@@ -123,7 +123,7 @@ def unet_manifest(recipe: dict[str, Any]) -> dict[str, Any]:
         "version": UNET_VERSION,
         "description": (
             "Demonstration model: a compact 3D U-Net trained on the CPU, only on synthetic CT torso phantoms "
-            "(edge_runtime.phantom), to segment lung, liver, spleen, kidney and bone. It has never seen a "
+            "(phantom), to segment lung, liver, spleen, kidney and bone. It has never seen a "
             "patient scan and is not a clinical model. Training recipe and held-out phantom Dice: training.json."
         ),
         "model": {"input": "image", "output": "logits", "input_channels": 1, "activation": "softmax"},
@@ -167,10 +167,10 @@ def build_unet_package(out: Path, checkpoint: Path, *, quiet: bool = True) -> tu
     import contextlib
     import io
 
-    from .models.unet import load_checkpoint
-    from .onnx import export_onnx
-    from .package import add_file, write_package
-    from .parity import GateOptions, run_gate, write_report
+    from export.models.unet import load_checkpoint
+    from export.onnx import export_onnx
+    from export.package import add_file, write_package
+    from export.parity import GateOptions, run_gate, write_report
 
     model, ckpt = load_checkpoint(checkpoint)
     recipe = ckpt["recipe"]
@@ -192,19 +192,18 @@ def build_unet_package(out: Path, checkpoint: Path, *, quiet: bool = True) -> tu
     add_file(out, out / "training.json")
     if not quiet:
         print(report.table())
-    from edge_runtime.package import ModelPackage
+    from edge_runtime.inference.package import ModelPackage
 
     return ModelPackage.load(out), report
 
 
 def build_threshold_model(out: Path) -> int:
     require("torch", feature="edge-export", extra="export")
-    from edge_runtime.phantom import make_phantom
-
-    from .models.threshold import HU_SCALE, ThresholdSegmenter
-    from .onnx import export_onnx
-    from .package import add_file, write_package
-    from .parity import check_parity
+    from export.models.threshold import HU_SCALE, ThresholdSegmenter
+    from export.onnx import export_onnx
+    from export.package import add_file, write_package
+    from export.parity import check_parity
+    from phantom import make_phantom
 
     module = ThresholdSegmenter().eval()
     manifest = {
@@ -263,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"trained U-Net checkpoint from export.train (default: {DEFAULT_CHECKPOINT.name} in export/models)",
     )
-    from .commands import add_commands  # light: torch is imported only when a command runs
-    from .triton import add_triton_parser
+    from export.commands import add_commands  # light: torch is imported only when a command runs
+    from export.triton import add_triton_parser
 
     handlers = add_commands(sub)
     add_triton_parser(sub)

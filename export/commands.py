@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.errors import ExportError
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace], int]
@@ -41,7 +43,7 @@ PALETTE = [
 ]
 
 
-class CommandError(Exception):
+class CommandError(ExportError):
     """A request that cannot be served; the message lists every problem found."""
 
 
@@ -161,11 +163,11 @@ def _add_quantize_parser(subparsers: Any) -> None:
 
 
 def run_package(args: argparse.Namespace) -> int:
-    from edge_runtime._deps import MissingDependencyError, require
+    from edge_runtime.extras import MissingDependencyError, require
 
     try:
         require("torch", feature="edge-export package", extra="export")
-        from .loaders import LoaderError
+        from export.loaders import LoaderError
 
         loaded = load_source(args)
         return _package(args, loaded)
@@ -175,7 +177,7 @@ def run_package(args: argparse.Namespace) -> int:
 
 
 def load_source(args: argparse.Namespace) -> Any:
-    from . import loaders
+    from export import loaders
 
     if args.factory:
         kwargs = _read_kwargs(args.kwargs)
@@ -365,9 +367,9 @@ class _Staging:
 
 
 def _package(args: argparse.Namespace, loaded: Any) -> int:
-    from .onnx import export_onnx_with_info
-    from .package import write_package
-    from .parity import GateOptions, run_gate, write_report
+    from export.onnx import export_onnx_with_info
+    from export.package import write_package
+    from export.parity import GateOptions, run_gate, write_report
 
     manifest, _ = build_manifest(args, loaded)
     stage = _Staging(args.out, args.overwrite)
@@ -418,11 +420,10 @@ def _package(args: argparse.Namespace, loaded: Any) -> int:
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from edge_runtime._deps import MissingDependencyError
-    from edge_runtime.engine import EngineError
-    from edge_runtime.package import PackageError
-
-    from .engine import build_package_engine
+    from edge_runtime.extras import MissingDependencyError
+    from edge_runtime.inference.package import PackageError
+    from edge_runtime.inference.runner.tensorrt.engine import EngineError
+    from export.engine import build_package_engine
 
     try:
         path, info = build_package_engine(
@@ -449,10 +450,9 @@ def run_engine(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from edge_runtime._deps import MissingDependencyError, require
-    from edge_runtime.package import PackageError
-
-    from .quantize import QuantizeOptions, quantize_package
+    from edge_runtime.extras import MissingDependencyError, require
+    from edge_runtime.inference.package import PackageError
+    from export.quantize import QuantizeOptions, quantize_package
 
     try:
         require("onnx", feature="edge-export quantize", extra="export")

@@ -1,8 +1,9 @@
 """Saver: a TensorRT engine for a model package (``edge-export engine PACKAGE --precision fp32|fp16|int8``).
 
-The builder itself lives in :mod:`edge_runtime.engine` (it needs only ``tensorrt``, so a device can rebuild its
-own engine); this module adds the workstation-side checks that need ``onnx``: an ``int8`` engine is built from
-an explicitly quantised (Q/DQ) model, which ``edge-export quantize`` writes as a package of its own.
+The builder itself lives in :mod:`edge_runtime.inference.runner.tensorrt.engine` (it needs only ``tensorrt``, so
+a device can rebuild its own engine); this module adds the workstation-side checks that need ``onnx``: an
+``int8`` engine is built from an explicitly quantised (Q/DQ) model, which
+``edge-export quantize`` writes as a package of its own.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge_runtime import engine as engines
-from edge_runtime.package import ModelPackage
+from edge_runtime.inference.package import ModelPackage
+from edge_runtime.inference.runner.tensorrt import engine as engines
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_runtime.errors import ExportError
+
 log = logging.getLogger(__name__)
 
 #: our axes (z, y, x) for a standard axial series point to patient Superior, Posterior, Left (DICOM LPS):
@@ -43,7 +45,7 @@ _OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 _AXIS_OF_LETTER = {"S": 0, "I": 0, "A": 1, "P": 1, "L": 2, "R": 2}
 
 
-class LoaderError(ValueError):
+class LoaderError(ExportError, ValueError):
     """A model source is missing, malformed, or uses something this loader does not support."""
 
 
@@ -416,7 +418,7 @@ def _read_config(path: Path) -> Any:
         raise LoaderError(f"bundle config {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
-        from edge_runtime._deps import MissingDependencyError, require
+        from edge_runtime.extras import MissingDependencyError, require
 
         try:
             yaml = require("yaml", feature="reading a YAML bundle config", package="pyyaml")
@@ -657,7 +659,7 @@ def load_nnunet(
     numpy scalars of nnU-Net's training log); pass ``allow_pickle`` for a trusted checkpoint holding other
     objects.
     """
-    from edge_runtime._deps import MissingDependencyError, require
+    from edge_runtime.extras import MissingDependencyError, require
 
     root = Path(root)
     plans_path, dataset_path = root / "plans.json", root / "dataset.json"

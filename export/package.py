@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.package import FORMAT_VERSION, MANIFEST_NAME, ModelPackage, sha256_file
+from edge_runtime.inference.package import FORMAT_VERSION, MANIFEST_NAME, ModelPackage, sha256_file
 
 
 def write_package(

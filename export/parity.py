@@ -5,7 +5,7 @@ Two levels, one report (:class:`ParityReport`):
 * per input: the logits of the reference (PyTorch) and the candidate (ONNX Runtime) on the same windows,
   compared element-wise (``|a - b| <= atol + rtol * |a|``) and by argmax agreement;
 * per label: Dice between the argmax label maps of reference and candidate over whole phantom volumes, run
-  through the runtime's own sliding window (``edge_runtime.inference``) with one :class:`Runner` each --
+  through the runtime's own sliding window (``edge_runtime.inference.pipeline``) with one :class:`Runner` each --
   :class:`TorchRunner` here for PyTorch, ``OnnxRuntimeRunner`` for the exported graph.
 
 The report says which tolerance would have been needed (``needed_atol``, ``needed_min_dice``) and is stored in
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.inference import argmax_labels, normalize, sliding_window
-from edge_runtime.package import ModelPackage
-from edge_runtime.runner import Runner
+from edge_runtime.inference.package import ModelPackage
+from edge_runtime.inference.pipeline import argmax_labels, normalize, sliding_window
+from edge_runtime.inference.runner import Runner
 
 #: FOV of the phantom volumes used for the Dice check (mm, z y x): a chest-abdomen block
 PHANTOM_FOV_MM = (240.0, 380.0, 380.0)
@@ -244,7 +244,7 @@ def phantom_volumes(
     package: ModelPackage, seeds: Sequence[int], shape: Sequence[int] | None = None
 ) -> dict[str, np.ndarray]:
     """Normalised phantom CT volumes ``(C, Z, Y, X)`` on the model grid (channels repeat the CT)."""
-    from edge_runtime.phantom import make_phantom
+    from phantom import make_phantom
 
     spacing = model_spacing(package)
     shape = tuple(int(v) for v in (shape or phantom_volume_shape(package)))
@@ -334,7 +334,7 @@ def run_gate(
 ) -> ParityReport:
     """The export gate: per-input logits parity and per-label Dice, PyTorch ``module`` against the package's
     ONNX model in ONNX Runtime on the CPU (or against ``candidate``)."""
-    from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
+    from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
 
     seeds = [options.seed + 1 + i for i in range(options.volumes)]
     volumes = phantom_volumes(package, seeds, options.volume_shape) if seeds else {}
@@ -359,7 +359,7 @@ def run_gate(
 
 def write_report(report: ParityReport, package_dir: Path, *, title: str = "Parity", stem: str = "parity") -> None:
     """``parity.json`` and ``parity.md`` into the package, both hashed into its manifest."""
-    from .package import add_file
+    from export.package import add_file
 
     package_dir = Path(package_dir)
     json_path, md_path = package_dir / f"{stem}.json", package_dir / f"{stem}.md"

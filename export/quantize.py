@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.inference import window_starts
-from edge_runtime.package import MANIFEST_NAME, ModelPackage
-
-from .parity import ParityReport, compare_outputs, label_agreement, phantom_volumes, window_inputs
+from edge_runtime.inference.package import MANIFEST_NAME, ModelPackage
+from edge_runtime.inference.pipeline import window_starts
+from export.parity import ParityReport, compare_outputs, label_agreement, phantom_volumes, window_inputs
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +169,9 @@ def quantize_package(
     """Quantise the package at ``package_dir`` into a new package at ``out_dir`` (its ``model.onnx`` is INT8)
     and gate it against FP32. Writes ``parity.json``/``parity.md`` into the new package; the caller decides
     what a failed gate means (``edge-export quantize`` exits non-zero)."""
-    from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
-
-    from .package import write_package
-    from .parity import write_report
+    from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
+    from export.package import write_package
+    from export.parity import write_report
 
     fp32 = ModelPackage.load(package_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +211,7 @@ def _int8_manifest(fp32: ModelPackage, options: QuantizeOptions) -> dict[str, An
         "weights": "int8 symmetric, per channel" if options.per_channel else "int8 symmetric, per tensor",
         "activations": "int8 symmetric" if options.symmetric_activations else "int8 asymmetric",
         "calibration": {
-            "data": "edge_runtime.phantom volumes on the model grid",
+            "data": "phantom volumes on the model grid",
             **{k: v for k, v in asdict(options).items() if k not in ("gate_seed", "gate_volumes", "min_dice")},
         },
         "from": {"package": fp32.identity, "model_sha256": fp32.model_sha256},

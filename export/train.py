@@ -4,10 +4,10 @@
 
 What it does, in order (everything up to the saved checkpoint counts against ``--minutes``):
 
-1. **Data**: a pool of synthetic CT torso phantoms (``edge_runtime.phantom.make_phantom``, ``variety=True``)
+1. **Data**: a pool of synthetic CT torso phantoms (``phantom.make_phantom``, ``variety=True``)
    with varied fields of view, held in memory at the model's target spacing. Most are drawn directly on the
    model grid; a fraction (``--fine-fraction``) are drawn at a finer, scanner-like spacing and brought to the
-   model grid exactly as the runtime does (``edge_runtime.inference.ModelGrid``: linear resampling of the HU,
+   model grid exactly as the runtime does (``edge_runtime.inference.pipeline.ModelGrid``: linear resampling of the HU,
    nearest label), so the model also sees resampled input. Pool, validation and held-out phantoms use
    disjoint seeds.
 2. **Training**: random patches of the manifest's patch size (two thirds centred on a random labelled voxel,
@@ -15,14 +15,14 @@ What it does, in order (everything up to the saved checkpoint counts against ``-
    augmentation, loss = cross entropy + soft Dice (batch Dice over the five labels), AdamW with linear warm-up
    and a polynomial decay over the *time* budget, ``torch.set_num_threads(--threads)``.
 3. **Validation** every ``--val-every`` seconds and at the end: the model is exported to ONNX and run through
-   the runtime's real path (``edge_runtime.inference.segment`` with the ONNX Runtime runner) on validation
+   the runtime's real path (``edge_runtime.inference.pipeline.segment`` with the ONNX Runtime runner) on validation
    phantoms at a scanner-like spacing; per-label Dice on the source grid. The best checkpoint (mean Dice) is
    kept.
 4. **Held-out evaluation** (after the budget, timed separately): the package is built with ``edge-export``'s
    own code (ONNX export, parity check), then each held-out phantom at realistic CT geometry (512 x 512,
    0.7-0.9 mm pixels, 1-3 mm slices) is written as a DICOM series, read back with
-   ``edge_runtime.volume.load_volume``, segmented with ``segment`` and scored with
-   ``edge_runtime.metrics.compare_label_maps(..., surface=False)``.
+   ``edge_runtime.imaging.volume.load_volume``, segmented with ``segment`` and scored with
+   ``edge_runtime.quality.metrics.compare_label_maps(..., surface=False)``.
 
 Outputs in ``--out``: ``phantom_unet.pt`` (state dict, architecture and recipe: what ``edge-export
 default-model --checkpoint`` reads), ``recipe.json`` (hyperparameters, seeds, phantom settings, timings,
@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.phantom import LABELS, make_phantom
+from phantom import LABELS, make_phantom
 
 NUM_CLASSES = len(LABELS) + 1
 
@@ -105,7 +105,7 @@ def normalise(hu: np.ndarray, norm: dict[str, float]) -> np.ndarray:
 
 def _model_grid(hu: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> Any:
     """The runtime's model grid for a regular volume ``hu`` with ``spacing``."""
-    from edge_runtime.inference import ModelGrid
+    from edge_runtime.inference.pipeline import ModelGrid
 
     volume = _volume_from_array(hu, spacing)
     return ModelGrid.for_volume(volume, SimpleNamespace(target_spacing=tuple(target)))  # type: ignore[arg-type]
@@ -200,7 +200,7 @@ def sample_patch(
 
 
 def _volume_from_array(hu: np.ndarray, spacing: Sequence[float]) -> Any:
-    from edge_runtime.volume import Volume
+    from edge_runtime.imaging.volume import Volume
 
     return Volume(
         array=np.rint(hu).astype(np.float32),  # HU as a CT series stores them
@@ -227,10 +227,10 @@ def evaluate_package(
     ``dicom=True``: the phantom is written as a DICOM series and read back with ``load_volume`` (the path a
     series takes in the service); otherwise the ``Volume`` is built from the array directly.
     """
-    from edge_runtime.inference import segment
-    from edge_runtime.metrics import compare_label_maps
-    from edge_runtime.package import ModelPackage
-    from edge_runtime.runner import load_runner
+    from edge_runtime.inference.package import ModelPackage
+    from edge_runtime.inference.pipeline import segment
+    from edge_runtime.inference.runner import load_runner
+    from edge_runtime.quality.metrics import compare_label_maps
 
     package = ModelPackage.load(package_dir)
     runner = load_runner(package, threads=threads)
@@ -239,8 +239,8 @@ def evaluate_package(
         t0 = time.perf_counter()
         ph = make_phantom(shape, spacing, rng=seed, variety=True)
         if dicom:
-            from edge_runtime.phantom import write_series
-            from edge_runtime.volume import load_volume
+            from edge_runtime.imaging.volume import load_volume
+            from phantom import write_series
 
             with tempfile.TemporaryDirectory() as tmp:
                 info = write_series(ph.hu, ph.spacing, Path(tmp) / "ct", rng=seed)
@@ -357,7 +357,7 @@ def save_checkpoint(path: Path, model: Any, recipe: dict[str, Any]) -> None:
 
 
 def build_package(checkpoint: Path, out: Path) -> Any:
-    from .cli import build_unet_package
+    from export.cli import build_unet_package
 
     return build_unet_package(out, checkpoint)
 
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from .models.unet import UNet3D, count_parameters
+    from export.models.unet import UNet3D, count_parameters
 
     clock = BudgetClock(args.clock, args.threads)
     t_start = time.perf_counter()
@@ -487,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipe: dict[str, Any] = {
         "what": (
             "Phantom-trained demonstration model: a compact 3D U-Net trained on the CPU only on synthetic CT "
-            "phantoms from edge_runtime.phantom. Not a clinical model; never trained or tested on patient data."
+            "phantoms from phantom. Not a clinical model; never trained or tested on patient data."
         ),
         "command": "python -m export.train " + " ".join(_portable_args(sys.argv[1:] if argv is None else argv)),
         "seed": args.seed,
@@ -495,12 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "normalization_layers": "BatchNorm3d (folded into the convolutions at export)"},
         "data": {
             **data_cfg,
-            "generator": "edge_runtime.phantom.make_phantom(variety=True)",
+            "generator": "phantom.make_phantom(variety=True)",
             "labels": {str(k): v for k, v in LABELS.items()},
             "pool_size": args.pool,
             "pool_seeds": f"{pool_first}..{pool_first + args.pool - 1}",
             "fine_fraction": args.fine_fraction,
-            "fine_resampling": "edge_runtime.inference.ModelGrid: HU rounded, linear; labels nearest",
+            "fine_resampling": "edge_runtime.inference.pipeline.ModelGrid: HU rounded, linear; labels nearest",
             "crop": "body bounding box (HU > -500) plus half a patch",
             "pool_gigabytes": round(pool_bytes / 1e9, 3),
         },
@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "geometry": {"shape": list(val_geometry[0]), "spacing_mm": list(val_geometry[1])},
             "seeds": [c[2] for c in val_cases],
             "every_seconds": args.val_every,
-            "path": "ONNX export + edge_runtime.inference.segment (ONNX Runtime CPU) on a Volume; "
+            "path": "ONNX export + edge_runtime.inference.pipeline.segment (ONNX Runtime CPU) on a Volume; "
             "Dice on the source grid",
             "selection": "best mean Dice over labels",
         },
@@ -677,9 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe["heldout"] = {
             "geometry": args.heldout,
             "seeds": [c[2] for c in cases],
-            "path": ("phantom -> DICOM series (write_series) -> edge_runtime.volume.load_volume -> "
-                     "edge_runtime.inference.segment (ONNX Runtime CPU, package manifest) -> "
-                     "edge_runtime.metrics.compare_label_maps(surface=False) on the source grid")
+            "path": ("phantom -> DICOM series (write_series) -> edge_runtime.imaging.volume.load_volume -> "
+                     "edge_runtime.inference.pipeline.segment (ONNX Runtime CPU, package manifest) -> "
+                     "edge_runtime.quality.metrics.compare_label_maps(surface=False) on the source grid")
             if not args.no_dicom else "phantom array -> Volume -> segment -> compare_label_maps(surface=False)",
             "onnxruntime_threads": args.threads,
             "cases": results,

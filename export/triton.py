@@ -11,7 +11,7 @@ Input and output names, channel counts and data types come from the package and 
 ONNX graph; spatial dimensions the graph leaves symbolic are written as -1, so one entry serves any window
 size. The batch axis is Triton's (``max_batch_size`` > 0), which needs a model exported with a dynamic
 batch dimension. ``config.pbtxt`` also carries the package identity and the model's SHA-256 as
-``parameters`` (``edge_runtime.package``, ``edge_runtime.model_sha256``); ``TritonRunner`` compares the
+``parameters`` (``edge_runtime.inference.package``, ``edge_runtime.model_sha256``); ``TritonRunner`` compares the
 latter with its local package, so a runtime never blends a Triton model with another model's manifest.
 
 Files are written to temporary names and renamed into place (model first, config last), so a Triton
@@ -29,14 +29,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.package import MANIFEST_NAME, ModelPackage
+from edge_runtime.errors import ExportError
+from edge_runtime.inference.package import MANIFEST_NAME, ModelPackage
 
 KINDS = ("KIND_GPU", "KIND_CPU")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ONNX_FLOAT = "tensor(float)"
 
 
-class TritonExportError(ValueError):
+class TritonExportError(ExportError, ValueError):
     """The package cannot be written as a Triton model-repository entry (with these settings)."""
 
 
@@ -114,7 +115,7 @@ def write_triton_repository(
         kind=kind,
         gpus=gpus,
         parameters={
-            "edge_runtime.package": package.identity,
+            "edge_runtime.inference.package": package.identity,
             "edge_runtime.model_sha256": package.model_sha256,
         },
     )
@@ -309,7 +310,7 @@ def add_triton_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_triton_command(args: argparse.Namespace) -> int:
     import sys
 
-    from edge_runtime.package import PackageError
+    from edge_runtime.inference.package import PackageError
 
     try:
         entry = write_triton_repository(

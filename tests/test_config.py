@@ -6,7 +6,7 @@ import pytest
 
 from edge_runtime.cli import main
 from edge_runtime.config import ConfigError, build_config, load_toml
-from edge_runtime.sender import Destination
+from edge_runtime.egress.sender import Destination
 
 
 def test_defaults_are_valid() -> None:

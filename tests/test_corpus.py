@@ -19,7 +19,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from .conftest import SHARED_DATA, ServiceProcess
+from tests.conftest import SHARED_DATA, ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from edge_runtime.decode import DecoderFailed, IsolatedDecoder
-from edge_runtime.phantom import write_series
-from edge_runtime.volume import SliceCache, VolumeError, load_volume
+from edge_runtime.imaging.decode import DecoderFailed, IsolatedDecoder
+from edge_runtime.imaging.volume import SliceCache, VolumeError, load_volume
+from phantom import write_series
 
 
 def _crash() -> None:

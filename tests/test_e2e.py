@@ -18,13 +18,12 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from edge_runtime.inference import segment
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.phantom import SeriesInfo, make_phantom, write_reference_seg, write_series
-from edge_runtime.runner import load_runner
-from edge_runtime.volume import load_volume
-
-from .conftest import SEG_SOP_CLASS, SR_SOP_CLASS, ServiceProcess, StoreSCP, dciodvfy_errors, dcmtk_env, storescu
+from edge_runtime.imaging.volume import load_volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.inference.pipeline import segment
+from edge_runtime.inference.runner import load_runner
+from phantom import SeriesInfo, make_phantom, write_reference_seg, write_series
+from tests.conftest import SEG_SOP_CLASS, SR_SOP_CLASS, ServiceProcess, StoreSCP, dciodvfy_errors, dcmtk_env, storescu
 
 pytestmark = pytest.mark.e2e
 QUIET = 1.0

@@ -1,5 +1,5 @@
 """``edge-export package / quantize`` end to end (``export/commands.py``): sources -> ONNX -> gated package that
-``ModelPackage.load`` accepts and ``edge_runtime.inference.segment`` runs."""
+``ModelPackage.load`` accepts and ``edge_runtime.inference.pipeline.segment`` runs."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from edge_runtime.inference import segment  # noqa: E402
-from edge_runtime.package import ModelPackage  # noqa: E402
-from edge_runtime.phantom import make_phantom  # noqa: E402
-from edge_runtime.runner import load_runner  # noqa: E402
-from edge_runtime.volume import Volume  # noqa: E402
+from edge_runtime.imaging.volume import Volume  # noqa: E402
+from edge_runtime.inference.package import ModelPackage  # noqa: E402
+from edge_runtime.inference.pipeline import segment  # noqa: E402
+from edge_runtime.inference.runner import load_runner  # noqa: E402
 from export.commands import main  # noqa: E402
+from phantom import make_phantom  # noqa: E402
 from tests.export_fixtures import TINY_LABELS, TinySegNet, write_monai_bundle, write_nnunet_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -206,9 +206,8 @@ def test_every_source_is_a_package_that_the_service_serves(kind: str, tmp_path: 
     pushed with DCMTK storescu comes back at the PACS as a valid SEG with the package's segments."""
     import pydicom
 
-    from edge_runtime.phantom import write_series
-
-    from .conftest import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+    from phantom import write_series
+    from tests.conftest import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
 
     folder = _package_source(kind, tmp_path, labels_json)
     package = ModelPackage.load(folder)

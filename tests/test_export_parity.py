@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from edge_runtime.package import ModelPackage  # noqa: E402
+from edge_runtime.inference.package import ModelPackage  # noqa: E402
 from export.onnx import export_onnx_with_info  # noqa: E402
 from export.package import write_package  # noqa: E402
 from export.parity import (  # noqa: E402

@@ -12,15 +12,15 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
-from edge_runtime.inference import segment  # noqa: E402
-from edge_runtime.package import ModelPackage  # noqa: E402
-from edge_runtime.phantom import make_phantom  # noqa: E402
-from edge_runtime.runner import load_runner  # noqa: E402
-from edge_runtime.volume import Volume  # noqa: E402
+from edge_runtime.imaging.volume import Volume  # noqa: E402
+from edge_runtime.inference.package import ModelPackage  # noqa: E402
+from edge_runtime.inference.pipeline import segment  # noqa: E402
+from edge_runtime.inference.runner import load_runner  # noqa: E402
 from export.engine import count_qdq_nodes  # noqa: E402
 from export.onnx import export_onnx  # noqa: E402
 from export.package import write_package  # noqa: E402
 from export.quantize import PhantomCalibrationReader, QuantizeOptions, quantize_package  # noqa: E402
+from phantom import make_phantom  # noqa: E402
 from tests.export_fixtures import TINY_MANIFEST as MANIFEST  # noqa: E402
 from tests.export_fixtures import TinySegNet  # noqa: E402
 

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime.listener import STATUS_CANNOT_PARSE, InstanceInfo, Refusal, inspect_dataset
-from edge_runtime.phantom import write_series
-from edge_runtime.volume import GeometryPolicy, VolumeError, load_volume
+from edge_runtime.imaging.volume import GeometryPolicy, VolumeError, load_volume
+from edge_runtime.ingest.listener import STATUS_CANNOT_PARSE, InstanceInfo, Refusal, inspect_dataset
+from phantom import write_series
 
 FUZZ = settings(
     max_examples=150,

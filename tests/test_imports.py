@@ -11,7 +11,7 @@ import edge_runtime
 
 def test_every_edge_runtime_module_imports_without_torch() -> None:
     modules = sorted(m.name for m in pkgutil.walk_packages(edge_runtime.__path__, "edge_runtime."))
-    assert "edge_runtime.service" in modules and "edge_runtime.runner.onnxruntime" in modules
+    assert "edge_runtime.service" in modules and "edge_runtime.inference.runner.onnxruntime" in modules
     script = (
         "import sys, importlib\n"
         "sys.modules['torch'] = None  # any 'import torch' now raises ImportError\n"

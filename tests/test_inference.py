@@ -7,10 +7,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edge_runtime.inference import ModelGrid, gaussian_importance, segment, sliding_window, window_starts
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage, Normalization
-from edge_runtime.runner import Runner
-from edge_runtime.volume import Volume
+from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage, Normalization
+from edge_runtime.inference.pipeline import (
+    ModelGrid,
+    gaussian_importance,
+    segment,
+    sliding_window,
+    window_starts,
+)
+from edge_runtime.inference.runner import Runner
 
 
 class ThresholdRunner(Runner):
@@ -117,7 +123,7 @@ def test_ct_window_normalisation() -> None:
     array = np.array([[[-3000.0, -500.0, 0.0, 500.0, 3000.0]]] * 3)
     volume = make_volume(array)
     grid = ModelGrid.for_volume(volume, dataclasses.replace(package, target_spacing=None))
-    from edge_runtime.inference import normalize
+    from edge_runtime.inference.pipeline import normalize
 
     out = normalize(grid.resample(volume.array), package.normalization)
     np.testing.assert_allclose(out[0, 0], [-1, -0.5, 0, 0.5, 1])

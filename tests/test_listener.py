@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.listener import Listener, ListenerConfig
-from edge_runtime.phantom import write_series
-from edge_runtime.spool import Spool
-
-from .conftest import dcmtk_env, free_port, require_tool
+from edge_runtime.ingest.listener import Listener, ListenerConfig
+from edge_runtime.spool.store import Spool
+from phantom import write_series
+from tests.conftest import dcmtk_env, free_port, require_tool
 
 
 def make_certs(folder: Path) -> dict[str, Path]:

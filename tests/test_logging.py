@@ -24,7 +24,7 @@ def test_json_lines_and_uids_masked(restore_logging, capsys: pytest.CaptureFixtu
     setup_logging("info", as_json=True)
     logging.getLogger("pynetdicom.acse").warning("association for 1.2.840.113619.2.55.3.604688119 refused")
     logging.getLogger("edge_runtime.service").info("series %s segmented", "3f9a0c1d2e4b")
-    logging.getLogger("edge_runtime.listener").info("listening on 127.0.0.1:11112")
+    logging.getLogger("edge_runtime.ingest.listener").info("listening on 127.0.0.1:11112")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert lines[0]["msg"] == "association for <uid> refused" and lines[0]["level"] == "warning"
     assert lines[1]["msg"] == "series 3f9a0c1d2e4b segmented" and lines[1]["logger"] == "edge_runtime.service"

@@ -1,4 +1,4 @@
-"""Tests of edge_runtime.metrics against independent implementations.
+"""Tests of edge_runtime.quality.metrics against independent implementations.
 
 Reference: SimpleITK (ITK's C++ filters). ``LabelOverlapMeasuresImageFilter`` gives Dice, Jaccard,
 false negative error (1 - sensitivity), false positive error (1 - specificity) and false discovery rate
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from edge_runtime.metrics import (
+from edge_runtime.quality.metrics import (
     ConfusionCounts,
     LabelMetrics,
     compare_label_maps,
@@ -499,5 +499,5 @@ def test_invalid_input(pred, ref, spacing, labels, error) -> None:
 
 
 def test_metrics_module_does_not_import_torch() -> None:
-    code = "import sys, edge_runtime.metrics; sys.exit('torch' in sys.modules)"
+    code = "import sys, edge_runtime.quality.metrics; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage, PackageError
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage, PackageError
 
 
 def copy_default(tmp_path: Path) -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage as CT_IMAGE_STORAGE
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -20,11 +21,10 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     RLELossless,
 )
+from pydicom.uid import MRImageStorage as MR_IMAGE_STORAGE
 
-from edge_runtime.phantom import (
-    CT_IMAGE_STORAGE,
+from phantom import (
     LABELS,
-    MR_IMAGE_STORAGE,
     Phantom,
     SeriesInfo,
     main,
@@ -481,13 +481,13 @@ def test_cli_main(tmp_path: Path) -> None:
 
 def test_module_entry_point_without_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; from edge_runtime.phantom import main; "
+        "import sys; from phantom import main; "
         f"rc = main([{str(tmp_path / 's')!r}, '--slices', '3', '--size', '32', '--spacing', '5', '9', '9']); "
         "assert 'torch' not in sys.modules, 'edge_runtime must not import torch'; sys.exit(rc)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_runtime.phantom", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "phantom", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "--with-seg" in proc.stdout

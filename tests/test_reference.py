@@ -16,10 +16,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from edge_runtime.reference import read_reference_masks, read_reference_seg
-from edge_runtime.volume import Volume, load_volume
-
-from .conftest import SHARED_DATA
+from edge_runtime.imaging.volume import Volume, load_volume
+from edge_runtime.quality.reference import read_reference_masks, read_reference_seg
+from tests.conftest import SHARED_DATA
 
 DCMQI = SHARED_DATA / "dcmqi" / "segmentations"
 HIGHDICOM = SHARED_DATA / "highdicom"
@@ -394,7 +393,7 @@ def test_a_seg_that_does_not_fit_the_volume_is_refused(ct_3slice: Volume, change
 def test_pixel_data_no_decoder_handles_is_refused_as_undecodable(ct_3slice: Volume) -> None:
     """liver_rle.dcm (the dcmqi liver SEG, RLE Lossless at 1 bit allocated): pydicom and pylibjpeg-rle both
     refuse 1-bit RLE; the service records that as undecodable-pixels instead of failing."""
-    from edge_runtime.reference import UndecodablePixels
+    from edge_runtime.quality.reference import UndecodablePixels
 
     with pytest.raises(UndecodablePixels, match="RLE Lossless, 1 bit"):
         read_reference_seg(corpus(PYDICOM_DATA / "liver_rle.dcm"), ct_3slice)
@@ -411,9 +410,9 @@ def test_other_image_size_and_non_seg_are_refused(ct_3slice: Volume) -> None:
 
 def test_our_own_seg_reads_back(tmp_path: Path) -> None:
     """No corpus needed: the runtime's SEG (BINARY, empty frames omitted) on its phantom CT."""
-    from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-    from edge_runtime.phantom import make_phantom, write_series
-    from edge_runtime.seg import build_seg
+    from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+    from edge_runtime.results.seg import build_seg
+    from phantom import make_phantom, write_series
 
     package = ModelPackage.load(DEFAULT_PACKAGE)
     phantom = make_phantom((10, 40, 40), (5.0, 8.0, 8.0), rng=11)

@@ -4,8 +4,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.runner import BackendUnavailable, RunnerError, load_runner
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.inference.runner import BackendUnavailable, RunnerError, load_runner
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -19,7 +19,7 @@ def package() -> ModelPackage:
 
 def test_onnxruntime_cpu_runs_the_bundled_model(package: ModelPackage) -> None:
     """One window of a phantom at the model's own grid: the bundled U-Net finds each organ in it."""
-    from edge_runtime.phantom import make_phantom
+    from phantom import make_phantom
 
     phantom = make_phantom((96, 160, 160), package.target_spacing, rng=123)
     pz, py, px = package.patch_size

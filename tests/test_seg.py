@@ -10,14 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_runtime.inference import segment
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.phantom import make_phantom, write_series
-from edge_runtime.runner import load_runner
-from edge_runtime.seg import build_seg, measure
-from edge_runtime.volume import Volume, load_volume
-
-from .conftest import dciodvfy_errors
+from edge_runtime.imaging.volume import Volume, load_volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.inference.pipeline import segment
+from edge_runtime.inference.runner import load_runner
+from edge_runtime.results.seg import build_seg, measure
+from phantom import make_phantom, write_series
+from tests.conftest import dciodvfy_errors
 
 
 @pytest.fixture(scope="module")

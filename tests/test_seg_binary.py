@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_runtime.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
-from edge_runtime.phantom import make_phantom, write_series
-from edge_runtime.seg import build_seg
-from edge_runtime.seg_binary import SEGMENTATION_STORAGE, encode_binary_seg
-from edge_runtime.volume import Volume, load_volume
-
-from .conftest import dciodvfy_errors
+from edge_runtime.dicom import SegmentationStorage as SEGMENTATION_STORAGE
+from edge_runtime.imaging.volume import Volume, load_volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
+from edge_runtime.results.seg import build_seg
+from edge_runtime.results.seg_binary import encode_binary_seg
+from phantom import make_phantom, write_series
+from tests.conftest import dciodvfy_errors
 
 #: top-level attributes that must be the same in both encoders' output
 SAME_ATTRIBUTES = [
@@ -329,7 +329,7 @@ def test_package_order_codes_are_kept(odd_volume: Volume) -> None:
 def test_copied_attributes_follow_highdicom() -> None:
     """The attributes copied from the source are those highdicom 0.28 copies (its standard tables)."""
     standard = pytest.importorskip("highdicom._standard_utils")
-    from edge_runtime.seg_binary import _COPIED_FROM_SOURCE
+    from edge_runtime.results.seg_binary import _COPIED_FROM_SOURCE
 
     iods, modules, attributes = (
         standard.get_sop_class_iod_map(),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.spool import SeriesState, Spool, SpoolFull
+from edge_runtime.spool.store import SeriesState, Spool, SpoolFull
 
 
 def store(spool: Spool, sop: str, series: str = "1.2.3.2", data: bytes = b"DICM-data") -> object:

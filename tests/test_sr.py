@@ -11,13 +11,12 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.phantom import make_phantom, write_series
-from edge_runtime.seg import build_seg, measure
-from edge_runtime.sr import build_sr
-from edge_runtime.volume import Volume, load_volume
-
-from .conftest import dciodvfy_errors
+from edge_runtime.imaging.volume import Volume, load_volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.results.seg import build_seg, measure
+from edge_runtime.results.sr import build_sr
+from phantom import make_phantom, write_series
+from tests.conftest import dciodvfy_errors
 
 #: phantom label -> default package label value: the bundled model was trained on these phantoms' labels
 PHANTOM_TO_PACKAGE = np.array([0, 1, 2, 3, 4, 5], dtype=np.uint8)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, free_port, wait_port
+from tests.conftest import REPO, free_port, wait_port
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime import engine as engines
-from edge_runtime.engine import EngineError, EngineInfo, EngineKey, EngineKeyMismatch
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.runner import BackendUnavailable
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.inference.runner import BackendUnavailable
+from edge_runtime.inference.runner.tensorrt import engine as engines
+from edge_runtime.inference.runner.tensorrt.engine import EngineError, EngineInfo, EngineKey, EngineKeyMismatch
 
 
 def _gpu_missing() -> str | None:
@@ -129,7 +129,7 @@ def test_check_engine_refuses_saying_which_key_differs(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(GPU_MISSING is None, reason="tensorrt and a GPU are present: the runner would start")
 def test_runner_without_tensorrt_is_backend_unavailable_naming_the_extra() -> None:
-    from edge_runtime.runner.tensorrt import TensorRTRunner
+    from edge_runtime.inference.runner.tensorrt.runner import TensorRTRunner
 
     with pytest.raises(BackendUnavailable, match=r"tensorrt.*edge-runtime\[tensorrt\]"):
         TensorRTRunner(default_package())
@@ -201,8 +201,8 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelPackag
 @pytest.mark.parametrize("precision, atol", [("fp32", 1e-3), ("fp16", 5e-2)])
 def test_engine_builds_runs_and_matches_onnxruntime(tiny_packages: tuple, precision: str, atol: float,
                                                     capsys: pytest.CaptureFixture) -> None:
-    from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
-    from edge_runtime.runner.tensorrt import TensorRTRunner
+    from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
+    from edge_runtime.inference.runner.tensorrt.runner import TensorRTRunner
     from export.engine import build_package_engine
 
     fp32, _ = tiny_packages
@@ -225,8 +225,8 @@ def test_engine_builds_runs_and_matches_onnxruntime(tiny_packages: tuple, precis
 @pytest.mark.gpu
 @needs_gpu
 def test_int8_engine_from_the_quantised_package(tiny_packages: tuple) -> None:
-    from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
-    from edge_runtime.runner.tensorrt import TensorRTRunner
+    from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
+    from edge_runtime.inference.runner.tensorrt.runner import TensorRTRunner
     from export.engine import build_package_engine
     from export.parity import label_agreement, phantom_volumes
 
@@ -241,8 +241,8 @@ def test_int8_engine_from_the_quantised_package(tiny_packages: tuple) -> None:
 @pytest.mark.gpu
 @needs_gpu
 def test_runner_refuses_a_mismatched_engine_and_rebuilds_on_request(tiny_packages: tuple, tmp_path: Path) -> None:
-    from edge_runtime.runner import RunnerError
-    from edge_runtime.runner.tensorrt import TensorRTRunner
+    from edge_runtime.inference.runner import RunnerError
+    from edge_runtime.inference.runner.tensorrt.runner import TensorRTRunner
     from export.engine import build_package_engine
 
     fp32, _ = tiny_packages

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.phantom import LABELS
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from phantom import LABELS
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")

@@ -22,19 +22,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_runtime.inference import segment
-from edge_runtime.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.runner import BackendUnavailable, RunnerError
-from edge_runtime.runner.onnxruntime import OnnxRuntimeRunner
-from edge_runtime.volume import Volume
-
-from .conftest import REPO, free_port
+from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.inference.pipeline import segment
+from edge_runtime.inference.runner import BackendUnavailable, RunnerError
+from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
+from tests.conftest import REPO, free_port
 
 grpcclient = pytest.importorskip(
     "tritonclient.grpc", reason="tritonclient[grpc] is not installed (extra 'triton')"
 )
 
-from edge_runtime.runner.triton import TritonRunner  # noqa: E402
+from edge_runtime.inference.runner.triton import TritonRunner  # noqa: E402
 
 SERVER_SCRIPT = REPO / "tests" / "triton_server.py"
 MODEL_NAME = "ct-test"
@@ -382,7 +381,7 @@ def test_runner_rides_out_a_server_restart(
     shared memory is registered again with the new server."""
     import threading
 
-    from edge_runtime.runner import triton as triton_module
+    from edge_runtime.inference.runner import triton as triton_module
 
     monkeypatch.setattr(triton_module, "RETRY_BACKOFF_S", (0.5,))
     first = TritonServer(tmp_path / "first", DEFAULT_PACKAGE)
@@ -447,7 +446,7 @@ def test_export_writes_a_config_tritons_protobuf_parses(tmp_path: Path, package:
     assert group.count == 2
     assert group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
     assert config.parameters["edge_runtime.model_sha256"].string_value == package.model_sha256
-    assert config.parameters["edge_runtime.package"].string_value == package.identity
+    assert config.parameters["edge_runtime.inference.package"].string_value == package.identity
 
 
 def test_export_options_and_errors(tmp_path: Path, package: ModelPackage) -> None:
@@ -552,8 +551,8 @@ def test_runner_rejects_a_served_model_with_another_sha256(package: ModelPackage
 @pytest.mark.e2e
 def test_service_segments_a_pushed_series_through_triton(server: TritonServer, tmp_path: Path) -> None:
     """The whole service with --backend triton: the SEG is the one the local runner gives."""
-    from .conftest import ServiceProcess, StoreSCP, storescu
-    from .test_e2e import check_seg, new_series
+    from tests.conftest import ServiceProcess, StoreSCP, storescu
+    from tests.test_e2e import check_seg, new_series
 
     pacs = StoreSCP(tmp_path / "pacs")
     svc = ServiceProcess(
@@ -582,7 +581,7 @@ def test_service_segments_a_pushed_series_through_triton(server: TritonServer, t
 
 
 def test_service_without_triton_fails_or_falls_back_loudly(tmp_path: Path, package: ModelPackage) -> None:
-    from .conftest import ServiceProcess
+    from tests.conftest import ServiceProcess
 
     url = f"127.0.0.1:{free_port()}"  # nothing listens there
     out = subprocess.run(

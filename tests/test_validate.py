@@ -15,10 +15,8 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from edge_runtime import validate
-from edge_runtime.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
-from edge_runtime.phantom import LABELS, make_phantom, write_reference_seg, write_series
-from edge_runtime.validate import (
+from edge_runtime.apps import validate
+from edge_runtime.apps.validate import (
     ModelConfig,
     Progress,
     RefSegment,
@@ -28,6 +26,8 @@ from edge_runtime.validate import (
     run_validation,
     summarize,
 )
+from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
+from phantom import LABELS, make_phantom, write_reference_seg, write_series
 
 SHAPE = (24, 96, 96)
 SPACING = (2.5, 3.5, 3.5)

@@ -1,0 +1,1 @@
+"""Applications built on the runtime's public API: push, status and offline validation."""

@@ -1,0 +1,1 @@
+"""Egress: sending results to their destinations (C-STORE SCU)."""

@@ -1,0 +1,1 @@
+"""Imaging: slice geometry, pixel decoding and the volume a series becomes."""

@@ -1,0 +1,1 @@
+"""Inference: the model package, the sliding-window pipeline and the runners."""

@@ -1,0 +1,210 @@
+"""From a volume to a label map on the source grid: resample, normalise, sliding window, argmax, map back.
+
+Grids are aligned on the centre of the first voxel. Along the slice axis the true slice positions are used,
+so an irregularly spaced stack is interpolated onto a regular grid and every source slice takes the label of
+the nearest model slice. In-plane resampling is separable linear interpolation; the way back is nearest
+neighbour on the label map, which keeps the result exactly pixel-aligned with the source images.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.package import ModelPackage, Normalization
+from edge_runtime.inference.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Segmentation:
+    """A label map on the source grid (values are the package's label values; 0 is background)."""
+
+    labels: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+    windows: int = 0
+
+
+def segment(volume: Volume, package: ModelPackage, runner: Runner) -> Segmentation:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    grid = ModelGrid.for_volume(volume, package)
+    image = grid.resample(volume.array)
+    image = normalize(image, package.normalization)
+    timings["preprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    logits, windows = sliding_window(image, package, runner)
+    timings["inference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels_model = argmax_labels(logits)
+    del logits
+    labels = grid.back_to_source(labels_model)
+    timings["postprocess"] = time.perf_counter() - t0
+    return Segmentation(labels=labels, timings=timings, windows=windows)
+
+
+def argmax_labels(logits: np.ndarray) -> np.ndarray:
+    """Argmax over the class axis as uint8/uint16, a few times faster than np.argmax's int64 for few classes."""
+    dtype = np.uint8 if logits.shape[0] < 256 else np.uint16
+    best = logits[0].copy()
+    labels = np.zeros(best.shape, dtype=dtype)
+    for k in range(1, logits.shape[0]):
+        better = logits[k] > best
+        labels[better] = k
+        np.maximum(best, logits[k], out=best)
+    return labels
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """Where the model's regular grid samples the source volume, axis by axis (fractional source indices)."""
+
+    source_shape: tuple[int, int, int]
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]
+    #: for each source index, the nearest model index (used to map the labels back)
+    back: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @classmethod
+    def for_volume(cls, volume: Volume, package: ModelPackage) -> ModelGrid:
+        target = package.target_spacing or (None, None, None)
+        coords = []
+        back = []
+        for axis in range(3):
+            n = volume.array.shape[axis]
+            if axis == 0:
+                positions = volume.positions.astype(np.float64)
+            else:
+                positions = np.arange(n, dtype=np.float64) * volume.spacing[axis]
+            step = target[axis]
+            if step is None:
+                if axis == 0 and not volume.regular:
+                    step = volume.spacing[0]
+                else:
+                    idx = np.arange(n, dtype=np.float64)
+                    coords.append(idx)
+                    back.append(np.arange(n))
+                    continue
+            extent = positions[-1] - positions[0]
+            m = int(np.floor(extent / step + 1e-6)) + 1
+            model_positions = positions[0] + np.arange(m) * step
+            coords.append(np.interp(model_positions, positions, np.arange(n, dtype=np.float64)))
+            back.append(np.clip(np.rint((positions - positions[0]) / step), 0, m - 1).astype(np.intp))
+        return cls(tuple(volume.array.shape), tuple(coords), tuple(back))  # type: ignore[arg-type]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(len(c) for c in self.coords)  # type: ignore[return-value]
+
+    def resample(self, array: np.ndarray) -> np.ndarray:
+        """A new float32 array on the model grid (never ``array`` itself: callers normalise it in place)."""
+        out = array
+        for axis, c in enumerate(self.coords):
+            if len(c) == out.shape[axis] and np.array_equal(c, np.arange(len(c))):
+                continue
+            out = _linear_along(out, axis, c)
+        return np.array(out, dtype=np.float32, order="C", copy=out is array)
+
+    def back_to_source(self, labels: np.ndarray) -> np.ndarray:
+        return labels[np.ix_(*self.back)]
+
+
+def _linear_along(array: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+    n = array.shape[axis]
+    lo = np.clip(np.floor(coords).astype(np.intp), 0, n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (coords - lo).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[axis] = len(coords)
+    w = w.reshape(shape)
+    a = np.take(array, lo, axis=axis)
+    b = np.take(array, hi, axis=axis)
+    a *= 1 - w
+    a += b * w
+    return a
+
+
+def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
+    if norm.kind == "ct_window":
+        np.clip(image, norm.lower, norm.upper, out=image)
+        image -= norm.mean
+        image /= norm.std
+    elif norm.kind == "zscore":
+        std = float(image.std())
+        image -= float(image.mean())
+        image /= std if std > 0 else 1.0
+    return image
+
+
+def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's blending weights: a Gaussian over the patch, never exactly zero at the edges."""
+    weights = np.ones(patch, dtype=np.float32)
+    for axis, size in enumerate(patch):
+        x = np.arange(size, dtype=np.float32) - (size - 1) / 2
+        g = np.exp(-0.5 * (x / (size * sigma_scale)) ** 2)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        weights = weights * g.reshape(shape)
+    weights /= weights.max()
+    floor = weights[weights > 0].min()
+    return np.maximum(weights, floor).astype(np.float32)
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Evenly spread window starts covering ``size`` with at least ``overlap`` between neighbours."""
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1 - overlap)))
+    count = int(np.ceil((size - patch) / step)) + 1
+    return [int(round(v)) for v in np.linspace(0, size - patch, count)]
+
+
+def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> Iterator[tuple[slice, ...]]:
+    for z in window_starts(shape[0], patch[0], overlap):
+        for y in window_starts(shape[1], patch[1], overlap):
+            for x in window_starts(shape[2], patch[2], overlap):
+                yield (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+
+
+def sliding_window(image: np.ndarray, package: ModelPackage, runner: Runner) -> tuple[np.ndarray, int]:
+    """Blend logits of overlapping windows into ``(K, Z, Y, X)`` logits over the whole image."""
+    patch = package.patch_size
+    pad = [(0, max(0, p - s)) for p, s in zip(patch, image.shape, strict=False)]
+    padded = (
+        np.pad(image, pad, mode="constant", constant_values=float(image.min()))
+        if any(after for _, after in pad)
+        else image
+    )
+    weights = gaussian_importance(patch) if package.blending == "gaussian" else np.ones(patch, dtype=np.float32)
+    k = package.num_classes
+    logits = np.zeros((k, *padded.shape), dtype=np.float32)
+    norm = np.zeros(padded.shape, dtype=np.float32)
+    batch = np.empty((package.batch_size, package.input_channels, *patch), dtype=np.float32)
+    pending: list[tuple[slice, ...]] = []
+    count = 0
+
+    def flush() -> None:
+        out = runner.infer(batch[: len(pending)])
+        for i, where in enumerate(pending):
+            logits[(slice(None), *where)] += out[i] * weights
+            norm[where] += weights
+        pending.clear()
+
+    for where in _windows(padded.shape, patch, package.overlap):
+        batch[len(pending)] = padded[where]
+        pending.append(where)
+        count += 1
+        if len(pending) == package.batch_size:
+            flush()
+    if pending:
+        flush()
+    logits /= norm
+    crop = (slice(None), *(slice(0, s) for s in image.shape))
+    return logits[crop], count

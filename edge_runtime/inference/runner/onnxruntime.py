@@ -1,0 +1,103 @@
+"""ONNX Runtime backend: CPU by default; CUDA and TensorRT execution providers when asked for and present."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from edge_runtime.inference.package import ModelPackage
+from edge_runtime.inference.runner.base import BackendUnavailable, Runner, RunnerError
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class OnnxRuntimeRunner(Runner):
+    name = "onnxruntime"
+
+    def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int = 0):
+        super().__init__(package)
+        import onnxruntime as ort
+
+        if device not in PROVIDERS:
+            raise BackendUnavailable(
+                f"Requested device was: {device!r}, but this backend knows: {', '.join(PROVIDERS)}"
+            )
+        wanted = PROVIDERS[device]
+        available = ort.get_available_providers()
+        if wanted not in available:
+            raise BackendUnavailable(
+                f"Requested provider was: {wanted}, but available providers are: {', '.join(available)}"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.log_severity_level = 3
+        providers = self._providers(wanted, available)
+        try:
+            self.session = ort.InferenceSession(str(package.model_path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own C++ exception types
+            raise RunnerError(f"ONNX Runtime could not load {package.model_path.name}: {exc}") from exc
+        got = self.session.get_providers()
+        if got[0] != wanted:
+            # ORT logs an error and quietly falls back to CPU when a GPU provider fails to initialise.
+            raise BackendUnavailable(
+                f"Requested provider was: {wanted}, but the session got: {', '.join(got)} "
+                "(the provider failed to initialise; see ONNX Runtime's log)"
+            )
+        self.device = device
+        self._check_signature()
+
+    def _providers(self, wanted: str, available: list[str]) -> list:
+        """The provider list: TensorRT with an engine cache, fp16 and profiles for the window shapes, then CUDA
+        (for the nodes TensorRT rejects), then the CPU; CUDA then CPU; or the CPU alone."""
+        if wanted == "CPUExecutionProvider":
+            return [wanted]
+        if wanted == "CUDAExecutionProvider":
+            return [wanted, "CPUExecutionProvider"]
+        patch = "x".join(str(v) for v in self.package.patch_size)
+        name, channels = self.package.input_name, self.package.input_channels
+        cache = self.package.root / "trt-cache"
+        trt_options = {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "True",
+            "trt_fp16_enable": "True",
+            "trt_profile_min_shapes": f"{name}:1x{channels}x{patch}",
+            "trt_profile_opt_shapes": f"{name}:{self.package.batch_size}x{channels}x{patch}",
+            "trt_profile_max_shapes": f"{name}:{max(2, 2 * self.package.batch_size)}x{channels}x{patch}",
+        }
+        rest = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        return [(wanted, trt_options), *rest]
+
+    def _check_signature(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        problems = []
+        if self.package.input_name not in inputs:
+            problems.append(f"input {self.package.input_name!r} not in the model (it has {sorted(inputs)})")
+        if self.package.output_name not in outputs:
+            problems.append(f"output {self.package.output_name!r} not in the model (it has {sorted(outputs)})")
+        else:
+            shape = outputs[self.package.output_name].shape
+            if len(shape) == 5 and isinstance(shape[1], int) and shape[1] != self.package.num_classes:
+                problems.append(
+                    f"the model outputs {shape[1]} channels; the manifest's labels need {self.package.num_classes}"
+                )
+        if problems:
+            raise RunnerError("model does not match its manifest: " + "; ".join(problems))
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run([self.package.output_name], {self.package.input_name: batch})
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> str:
+        opts = self.session.get_session_options()
+        return f"onnxruntime {self.session.get_providers()[0]} threads={opts.intra_op_num_threads}"

@@ -1,0 +1,1 @@
+"""The native TensorRT backend: engine building and keying beside the runner."""

@@ -1,0 +1,1 @@
+"""Ingest: the DICOM listener, its connection guard and the series tracker."""

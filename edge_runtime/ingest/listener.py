@@ -1,0 +1,451 @@
+"""The DICOM listener: a pynetdicom SCP for C-ECHO and C-STORE of the image types the model can use.
+
+The C-STORE handler only checks, persists and returns a status; all other work happens elsewhere. Success
+(0x0000) is returned only once the instance is durable in the spool and indexed. Statuses (PS3.4 B.2.3):
+
+======  ==========================================================================
+0x0000  stored durably (or already stored: a re-sent SOP Instance UID)
+0xA700  refused, out of resources: spool below its free-space watermark, or a write failed
+0xA900  the data set's SOP Class/Instance UID differ from the command's
+0xC210  cannot understand: the data set does not parse
+0xC220  cannot understand: Study, Series or SOP Instance UID missing
+0xC221  cannot understand: a UID is not a valid DICOM UID
+======  ==========================================================================
+
+SOP classes the model cannot use are rejected at association negotiation, so a sender learns at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from edge_runtime.dicom import (
+    COMPRESSED_SYNTAXES,
+    IMAGE_STORAGE,
+    NATIVE_SYNTAXES,
+    SEGMENTATION_CLASSES,
+    STATUS_CANNOT_PARSE,
+    STATUS_DATASET_MISMATCH,
+    STATUS_INVALID_UID,
+    STATUS_MISSING_ATTRIBUTE,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    VERIFICATION,
+)
+from edge_runtime.imaging.volume import SliceGeometry
+from edge_runtime.spool.store import Spool, SpoolFull
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def valid_uid(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and _UID.match(value) is not None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    geometry: SliceGeometry | None
+
+
+def inspect_dataset(ds: Dataset, affected_class: str, affected_instance: str) -> InstanceInfo | Refusal:
+    """What the listener needs of a received data set, or the status that refuses it. Never raises."""
+    try:
+        sop_class = ds.get("SOPClassUID")
+        sop_uid = ds.get("SOPInstanceUID")
+        study_uid = ds.get("StudyInstanceUID")
+        series_uid = ds.get("SeriesInstanceUID")
+        modality = str(ds.get("Modality", "") or "")
+        geometry = SliceGeometry.from_dataset(ds)
+        uids = [str(u) if u is not None else "" for u in (sop_class, sop_uid, study_uid, series_uid)]
+    except Exception as exc:  # pydicom parses lazily: a malformed element surfaces here
+        return Refusal(STATUS_CANNOT_PARSE, f"data set does not parse: {type(exc).__name__}")
+    if not all(uids):
+        return Refusal(STATUS_MISSING_ATTRIBUTE, "SOP Class, SOP Instance, Study or Series UID missing")
+    if not all(valid_uid(u) for u in uids):
+        return Refusal(STATUS_INVALID_UID, "a UID in the data set is not a valid DICOM UID")
+    if uids[0] != affected_class or uids[1] != affected_instance:
+        return Refusal(STATUS_DATASET_MISMATCH, "data set UIDs differ from the command's")
+    return InstanceInfo(uids[0], uids[1], uids[2], uids[3], modality, geometry)
+
+
+def decodable_syntaxes() -> list[str]:
+    """Native syntaxes, then the compressed ones for which pydicom has a working decoder installed."""
+    from pydicom.pixels import get_decoder
+
+    syntaxes = list(NATIVE_SYNTAXES)
+    for uid in COMPRESSED_SYNTAXES:
+        try:
+            if get_decoder(uid).is_available:
+                syntaxes.append(uid)
+        except NotImplementedError:
+            continue
+    return syntaxes
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str
+    host: str
+    port: int
+    modalities: tuple[str, ...]
+    accept_reference_segs: bool = True
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = 16
+    #: seconds a connection may stay silent (also bounds a peer that stops mid-PDU)
+    network_timeout: float = 60.0
+    acse_timeout: float = 10.0
+    dimse_timeout: float = 60.0
+    maximum_pdu_size: int = 131072
+    allowed_networks: tuple[str, ...] = ()
+    #: a C-STORE data set larger than this aborts its association
+    max_instance_bytes: int = 2 * 1024**3
+    tls_port: int = 0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+
+class GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the accept path closed to slow or silent peers.
+
+    - Accepted sockets get a timeout (pynetdicom leaves them blocking), so a peer that stops mid-PDU is
+      dropped instead of holding an association thread forever.
+    - The TLS handshake runs in the connection's own thread, under that timeout (pynetdicom runs it in the
+      accept loop, where one silent client blocks every other).
+    - No association (and so no association slot) exists until a complete first PDU has arrived: a peer that
+      opens TCP and never speaks, or stops inside its A-ASSOCIATE-RQ, waits in a bounded pending pool and is
+      dropped after ``first_pdu_timeout``.
+    - Connections from outside the allowed networks, or beyond the pending cap, are closed before any thread
+      is spawned or byte parsed.
+    """
+
+    guard: ConnectionGuard
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()  # type: ignore[union-attr]
+        client.settimeout(self.guard.stall_timeout)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        return self.guard.admit(client_address)
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            if self.guard.tls is not None:
+                request = self.guard.tls.wrap_socket(request, server_side=True)
+            ready = _wait_for_first_pdu(request, time.monotonic() + self.guard.first_pdu_timeout)
+        except (OSError, ValueError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
+            log.warning("connection from %s dropped before association: %s", _host(client_address), exc)
+            ready = False
+        finally:
+            self.guard.release()
+        if not ready:
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def _wait_for_first_pdu(sock: socket.socket, deadline: float) -> bool:
+    """Wait until the peer's first PDU is buffered in full (plain TCP) or data flows (TLS)."""
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not readable:
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return True  # no MSG_PEEK through TLS; the handshake already proved a live peer
+        head = sock.recv(6, socket.MSG_PEEK)
+        if not head:
+            return False  # closed
+        if len(head) == 6:
+            need = 6 + int.from_bytes(head[2:6], "big")
+            if need > 1 << 16 or len(sock.recv(need, socket.MSG_PEEK)) >= need:
+                return True  # complete, or too large for an A-ASSOCIATE-RQ: pynetdicom rejects it
+        time.sleep(0.05)  # part of the PDU is buffered: select would return at once
+    return False
+
+
+@dataclass
+class ConnectionGuard:
+    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: connections accepted but not yet associated
+    max_pending: int = 64
+    stall_timeout: float = 10.0
+    first_pdu_timeout: float = 10.0
+    tls: ssl.SSLContext | None = None
+    _pending: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def admit(self, client_address: object) -> bool:
+        host = _host(client_address)
+        if self.allowed_networks:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            if not any(ip in net for net in self.allowed_networks):
+                log.warning("connection from %s refused: not in the allowed networks", host)
+                return False
+        with self._lock:
+            if self._pending >= self.max_pending:
+                log.warning("connection from %s refused: %d connections waiting to associate", host, self._pending)
+                return False
+            self._pending += 1
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+
+def _host(client_address: object) -> str:
+    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+
+
+def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """Server TLS (1.2+, BCP 195 ciphers from the system); with ``ca`` every client must present a cert it signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=cert, keyfile=key)
+    if ca:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class Listener:
+    """Owns the pynetdicom server; stores through ``spool`` and calls ``on_stored(series_id, path)`` after each
+    new instance."""
+
+    def __init__(
+        self,
+        config: ListenerConfig,
+        spool: Spool,
+        on_stored: Callable[[int, Path], None] | None = None,
+        on_released: Callable[[set[int], str], None] | None = None,
+        on_status: Callable[[int], None] | None = None,
+    ):
+        self.config = config
+        self.spool = spool
+        self.on_stored = on_stored
+        self.on_released = on_released
+        self.on_status = on_status
+        #: series that received new instances, per association still open
+        self._touched: dict[int, set[int]] = {}
+        #: open associations: calling AE title and when they were accepted (monotonic)
+        self._opened: dict[int, tuple[str, float]] = {}
+        self._touched_lock = threading.Lock()
+        self.servers: list[GuardedAssociationServer] = []
+        self._threads: list[threading.Thread] = []
+        #: bytes received per association since its last C-STORE, to cap the size of one instance
+        self._received: dict[int, int] = {}
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        cfg = self.config
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.network_timeout
+        ae.acse_timeout = cfg.acse_timeout
+        ae.dimse_timeout = cfg.dimse_timeout
+        ae.maximum_pdu_size = cfg.maximum_pdu_size
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(cfg.allowed_calling_aets)
+        syntaxes = decodable_syntaxes()
+        for modality in cfg.modalities:
+            for sop_class in IMAGE_STORAGE.get(modality, ()):
+                ae.add_supported_context(sop_class, syntaxes)
+        if cfg.accept_reference_segs:
+            for sop_class in SEGMENTATION_CLASSES:
+                ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(VERIFICATION)
+        return ae
+
+    def start(self) -> None:
+        cfg = self.config
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_DATA_RECV, self._on_data),
+        ]
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks)
+        ports = [(cfg.port, None)]
+        if cfg.tls_port:
+            if not (cfg.tls_cert and cfg.tls_key):
+                raise ValueError("a TLS port needs tls_cert and tls_key")
+            ports.append((cfg.tls_port, tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)))
+        for port, tls in ports:
+            server = self.ae.make_server((cfg.host, port), evt_handlers=handlers, server_class=GuardedAssociationServer)
+            server.guard = ConnectionGuard(
+                networks,
+                max_pending=4 * cfg.max_associations + 16,
+                stall_timeout=min(cfg.network_timeout, 10.0),
+                first_pdu_timeout=cfg.acse_timeout,
+                tls=tls,
+            )
+            # make_server() does not register the server with its AE, yet shutdown() expects it there.
+            self.ae._servers.append(server)
+            thread = threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True)
+            thread.start()
+            self.servers.append(server)
+            self._threads.append(thread)
+            log.info(
+                "listening as %s on %s:%d%s",
+                cfg.ae_title,
+                cfg.host,
+                server.server_address[1],
+                " (TLS)" if tls else "",
+            )
+
+    def sender_activity(self, calling_ae: str, series_id: int, since: float) -> str:
+        """What ``calling_ae``'s open associations are doing: ``"this-series"`` if one has sent instances of
+        ``series_id``, ``"new"`` if one opened after ``since`` (monotonic) and may be about to, else ``"none"``."""
+        with self._touched_lock:
+            open_now = [(key, t) for key, (ae, t) in self._opened.items() if ae == calling_ae]
+            if any(series_id in self._touched.get(key, ()) for key, _ in open_now):
+                return "this-series"
+        return "new" if any(t > since for _, t in open_now) else "none"
+
+    def serving(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    @property
+    def port(self) -> int:
+        return int(self.servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return int(self.servers[1].server_address[1]) if len(self.servers) > 1 else None
+
+    def stop(self) -> None:
+        """Stop accepting; associations in progress are aborted by pynetdicom's shutdown."""
+        for server in self.servers:
+            server.shutdown()
+        self.servers.clear()
+
+    def _on_data(self, event: evt.Event) -> None:
+        key = id(event.assoc)
+        total = self._received.get(key, 0) + len(event.data)
+        self._received[key] = total
+        if total > self.config.max_instance_bytes:
+            log.warning(
+                "association from %s aborted: instance larger than %d bytes",
+                event.assoc.requestor.ae_title.strip(),
+                self.config.max_instance_bytes,
+            )
+            self._received.pop(key, None)
+            event.assoc.abort()
+
+    def _on_store(self, event: evt.Event) -> int:
+        status = self._store(event)
+        if self.on_status is not None:
+            self.on_status(status)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
+        t0 = time.perf_counter()
+        self._received.pop(id(event.assoc), None)
+        request = event.request
+        try:
+            ds = event.dataset
+        except Exception as exc:  # pydicom raises many types on malformed input
+            log.warning(
+                "C-STORE refused (0x%04X): data set does not parse: %s",
+                STATUS_CANNOT_PARSE,
+                type(exc).__name__,
+            )
+            return STATUS_CANNOT_PARSE
+        checked = inspect_dataset(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+        if isinstance(checked, Refusal):
+            log.warning("C-STORE refused (0x%04X): %s", checked.status, checked.reason)
+            return checked.status
+        sop_class, sop_uid, study_uid, series_uid = (
+            checked.sop_class,
+            checked.sop_uid,
+            checked.study_uid,
+            checked.series_uid,
+        )
+        modality, geometry = checked.modality, checked.geometry
+        called = event.assoc.acceptor.ae_title.strip()
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            stored = self.spool.store(
+                event.encoded_dataset(),
+                called_ae=called,
+                calling_ae=calling,
+                study_uid=str(study_uid),
+                series_uid=str(series_uid),
+                sop_uid=str(sop_uid),
+                sop_class=str(sop_class),
+                transfer_syntax=str(event.context.transfer_syntax),
+                modality=modality,
+                geometry=geometry.to_json() if geometry is not None else None,
+            )
+        except SpoolFull as exc:
+            log.error("C-STORE refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)
+            return STATUS_OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("C-STORE refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror)
+            return STATUS_OUT_OF_RESOURCES
+        log.debug(
+            "stored instance of series %s from %s%s in %.1f ms",
+            stored.key_hash,
+            calling,
+            " (duplicate)" if stored.duplicate else "",
+            1000 * (time.perf_counter() - t0),
+        )
+        if not stored.duplicate:
+            with self._touched_lock:
+                self._touched.setdefault(id(event.assoc), set()).add(stored.series_id)
+            if self.on_stored is not None and stored.path is not None:
+                self.on_stored(stored.series_id, stored.path)
+        return STATUS_SUCCESS
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        with self._touched_lock:
+            self._opened[id(event.assoc)] = (event.assoc.requestor.ae_title.strip(), time.monotonic())
+
+    def _on_released(self, event: evt.Event) -> None:
+        """A sender that releases properly has said: that is all I have for now (evidence, not proof)."""
+        self._received.pop(id(event.assoc), None)
+        with self._touched_lock:
+            self._opened.pop(id(event.assoc), None)
+            series = self._touched.pop(id(event.assoc), set())
+        if series and self.on_released is not None:
+            self.on_released(series, event.assoc.requestor.ae_title.strip())
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._received.pop(id(event.assoc), None)
+        with self._touched_lock:
+            self._opened.pop(id(event.assoc), None)
+            self._touched.pop(id(event.assoc), None)

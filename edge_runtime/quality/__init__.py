@@ -1,0 +1,1 @@
+"""Quality: label-map metrics, reference SEGs and in-service agreement."""

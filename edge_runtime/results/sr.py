@@ -1,0 +1,228 @@
+"""Measurements as DICOM: a TID 1500 Measurement Report (Comprehensive 3D SR) that references the SEG.
+
+One measurement group (TID 1411, Volumetric ROI Measurements and Qualitative Evaluations) per segment of
+the SEG, in segment number order, each holding:
+
+- Tracking Identifier / Tracking Unique Identifier: the segment's own Tracking ID / Tracking UID from the
+  SEG (so SEG segment and SR group share one identity), else the segment label and a UID derived from
+  ``uid_seed``.
+- Referenced Segment: the SEG's SOP Class / SOP Instance UID and the segment number, with "Source series
+  for image segmentation" = the source series (the segment reference applies to all frames of the
+  segment, as in dcmqi's TID 1500 examples; no per-frame or per-slice lists).
+- Finding = the segment's Segmented Property Type, Finding Category = its Segmented Property Category,
+  Algorithm Identification = the model package.
+- Measurements (TID 300):
+
+  ========================================  =====================================  ================
+  concept name                               concept modifier                       units (UCUM)
+  ========================================  =====================================  ================
+  (118565006, SCT, "Volume")                 Measurement Method = (126030, DCM,     ml
+                                             "Sum of segmented voxel method for
+                                             volume")
+  (voxel-count, 99EDGE, "Number of voxels")  --                                     {voxels}
+  (112031, DCM, "Attenuation Coefficient")   Derivation = (SCT) Mean, Standard      [hnsf'U] (CT)
+  for CT; (110852, DCM, "MR signal           Deviation, Minimum, Maximum            1 (MR)
+  intensity") for MR
+  ========================================  =====================================  ================
+
+  Intensities are in modality units after the Modality LUT (HU for CT). Only CT and MR get intensity
+  statistics in the SR: DICOM has no modality-independent concept for "pixel value"; the JSON
+  measurements keep them for every modality. The voxel count uses a private coding scheme (99EDGE,
+  declared in the Coding Scheme Identification Sequence) since no standard concept exists.
+- Truncation: a qualitative evaluation (130576, DCM, "Anatomy coverage incomplete") = (373066001, SCT,
+  "Yes") when the segment touches the border of the scanned volume, so that its volume is a lower
+  bound, else (373067005, SCT, "No").
+
+Empty segments (0 voxels) are reported, not omitted: their group carries Volume = 0 ml and Number of
+voxels = 0, and no intensity statistics nor truncation evaluation (both undefined for an empty region).
+A structure that the model looked for and did not find is a result, and the report then lists every
+segment of the SEG.
+
+The observer is the device (the runtime; its Device Observer UID is derived from the device serial number
+so that it is stable across reports); the document is complete, unverified and preliminary (machine output
+awaiting review).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from edge_runtime import __version__
+from edge_runtime.dicom import SEGMENTATION_CLASSES, derive_uid
+from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.package import ModelPackage
+from edge_runtime.results.seg import SegmentMeasurement
+
+if TYPE_CHECKING:  # pragma: no cover
+    import highdicom as hd
+
+
+#: private coding scheme for the concepts DICOM does not define
+PRIVATE_SCHEME = "99EDGE"
+VOXEL_COUNT = ("voxel-count", PRIVATE_SCHEME, "Number of voxels")
+
+
+def _concept(value: str, scheme: str, meaning: str):  # noqa: ANN202 - highdicom type
+    import highdicom as hd
+
+    return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def _coded(item: Dataset):  # noqa: ANN202 - highdicom type
+    return _concept(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+
+
+def _intensity_concept(modality: str):  # noqa: ANN202
+    """(concept name, unit) of intensity statistics for ``modality``; None where no standard concept fits."""
+    if modality == "CT":
+        return codes.DCM.AttenuationCoefficient, _concept("[hnsf'U]", "UCUM", "Hounsfield unit")
+    if modality == "MR":
+        return codes.DCM.MRSignalIntensity, _concept("1", "UCUM", "no units")
+    return None
+
+
+def _procedure_reported(modality: str):  # noqa: ANN202
+    return {
+        "CT": codes.cid100.CTUnspecifiedBodyRegion,
+        "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+        "PT": codes.cid100.PETUnspecifiedBodyRegion,
+    }.get(modality, codes.cid100.ImagingProcedure)
+
+
+def build_sr(
+    seg: Dataset,
+    measurements: list[SegmentMeasurement],
+    volume: Volume,
+    package: ModelPackage,
+    *,
+    uid_seed: str,
+    series_number: int | None = None,
+    device_serial_number: str = "edge-runtime",
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report for ``measurements`` of the segments of ``seg`` on ``volume``.
+
+    ``seg`` is the SEG the measurements were taken from (a highdicom ``Segmentation`` or any SEG dataset,
+    e.g. read back from disk); ``measurements`` come from :func:`edge_runtime.results.seg.measure` and are matched
+    to the SEG's segments by segment number. ``uid_seed`` makes the Series and SOP Instance UIDs
+    deterministic (a result re-sent after a crash keeps its UIDs); the SEG built from the same seed has
+    different UIDs. ``series_number`` defaults to 6000 + the source series number.
+    """
+    import highdicom as hd
+
+    if str(seg.get("SOPClassUID", "")) not in SEGMENTATION_CLASSES:
+        raise ValueError(f"seg is not a Segmentation (SOP Class {seg.get('SOPClassUID')!r})")
+    descriptions = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
+    by_number = {m.segment_number: m for m in measurements}
+    unknown = sorted(set(by_number) - set(descriptions))
+    if unknown:
+        raise ValueError(f"measurements for segment(s) {unknown} that the SEG does not describe")
+    source_series = str(volume.datasets[0].SeriesInstanceUID)
+    seg_series = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if seg_series and source_series not in seg_series:
+        raise ValueError("the SEG does not reference the series of the volume the measurements were taken on")
+
+    modality = volume.modality
+    intensity = _intensity_concept(modality)
+    ml = _concept("ml", "UCUM", "milliliter")
+    voxels_unit = _concept("{voxels}", "UCUM", "voxels")
+    algorithm = hd.sr.AlgorithmIdentification(name=package.algorithm_name, version=package.algorithm_version)
+
+    groups = []
+    for number in sorted(by_number):
+        m = by_number[number]
+        desc = descriptions[number]
+        tracking_uid = desc.get("TrackingUID") or derive_uid(uid_seed, "sr-tracking", str(number))
+        tracking_id = desc.get("TrackingID") or str(desc.get("SegmentLabel") or m.name)
+        items = [
+            hd.sr.Measurement(
+                name=codes.SCT.Volume,
+                value=float(m.volume_ml),
+                unit=ml,
+                method=codes.DCM.SumOfSegmentedVoxelMethodForVolume,
+            ),
+            hd.sr.Measurement(name=_concept(*VOXEL_COUNT), value=int(m.voxels), unit=voxels_unit),
+        ]
+        evaluations = []
+        if m.voxels > 0:
+            if intensity is not None:
+                name, unit = intensity
+                for derivation, value in (
+                    (codes.SCT.Mean, m.mean),
+                    (codes.SCT.StandardDeviation, m.std),
+                    (codes.SCT.Minimum, m.min),
+                    (codes.SCT.Maximum, m.max),
+                ):
+                    if value is not None:
+                        items.append(hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation))
+            evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name=codes.DCM.AnatomyCoverageIncomplete,
+                    value=codes.SCT.Yes if m.truncated else codes.SCT.No,
+                )
+            )
+        finding = desc.SegmentedPropertyTypeCodeSequence[0]
+        category = desc.SegmentedPropertyCategoryCodeSequence[0]
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=str(tracking_uid), identifier=str(tracking_id)[:64]),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=str(seg.SOPClassUID),
+                    sop_instance_uid=str(seg.SOPInstanceUID),
+                    segment_number=number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(source_series),
+                ),
+                finding_type=_coded(finding),
+                finding_category=_coded(category),
+                algorithm_id=algorithm,
+                measurements=items,
+                qualitative_evaluations=evaluations or None,
+            )
+        )
+
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid("edge-runtime device", device_serial_number),
+        name="edge-runtime",
+        manufacturer_name="edge-runtime",
+        model_name=package.name[:64],
+        serial_number=device_serial_number,
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=device,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=_procedure_reported(modality),
+        imaging_measurements=groups,
+    )
+    source_number = volume.datasets[0].get("SeriesNumber")
+    if series_number is None:
+        series_number = 6000 + int(source_number) if source_number not in (None, "") else 6000
+    return hd.sr.Comprehensive3DSR(
+        evidence=[seg, *volume.datasets],
+        content=report,
+        series_instance_uid=derive_uid(uid_seed, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=derive_uid(uid_seed, "sr"),
+        instance_number=1,
+        manufacturer="edge-runtime",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=f"AI measurements: {package.name}"[:64],
+        manufacturer_model_name=package.name[:64],
+        software_versions=f"edge-runtime {__version__}; model {package.version}",
+        device_serial_number=device_serial_number,
+        coding_schemes=[
+            hd.coding_schemes.CodingSchemeIdentificationItem(
+                designator=PRIVATE_SCHEME,
+                name="edge-runtime private concepts",
+                responsible_organization="edge-runtime",
+            )
+        ],
+    )

@@ -1,0 +1,564 @@
+"""The spool: received instances as files, and the SQLite index that every other stage works from.
+
+Every hand-over survives a crash. An instance is written to a temporary file, fsynced, renamed into place
+(and its directory fsynced), then indexed in one committed transaction, before the listener answers success.
+File names are random; nothing a peer sent ever becomes part of a path.
+
+Series move through :class:`SeriesState`. A new instance (re)opens its series (``receiving``) and bumps its
+``generation``; the tracker queues it after the quiet period; the worker publishes a result only if the
+generation it processed is still current, so a series that grew while it was processed is processed again
+rather than sent half-done.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from edge_runtime.dicom import fsync_dir
+from edge_runtime.errors import SpoolFull
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    called_ae TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    key_hash TEXT NOT NULL,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    reason TEXT,
+    updated REAL NOT NULL,
+    UNIQUE (called_ae, study_uid, series_uid)
+);
+CREATE INDEX IF NOT EXISTS series_state ON series (state, last_received);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    series_id INTEGER NOT NULL REFERENCES series (id),
+    sop_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received REAL NOT NULL,
+    geometry TEXT,
+    UNIQUE (series_id, sop_uid)
+);
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY,
+    series_id INTEGER NOT NULL REFERENCES series (id),
+    generation INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    directory TEXT NOT NULL,
+    created REAL NOT NULL,
+    timings TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    result_id INTEGER NOT NULL REFERENCES results (id),
+    path TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_error TEXT,
+    sent REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, next_attempt);
+"""
+
+
+class SeriesState(str, enum.Enum):
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    series_id: int
+    key_hash: str
+    duplicate: bool
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    id: int
+    called_ae: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    key_hash: str
+    state: SeriesState
+    generation: int
+    instance_count: int
+    last_received: float
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    result_id: int
+    path: Path
+    destination: str
+    attempts: int
+
+
+class Spool:
+    """Files under ``root/instances`` and the index ``root/index.sqlite3``. Thread-safe."""
+
+    def __init__(self, root: Path, *, min_free_bytes: int = 512 * 1024 * 1024):
+        self.root = Path(root)
+        self.instances_dir = self.root / "instances"
+        self.tmp_dir = self.root / "tmp"
+        for d in (self.root, self.instances_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.min_free_bytes = min_free_bytes
+        self._secret = self._load_secret()
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+        if has_tables and version != SCHEMA_VERSION:
+            self._db.close()
+            raise RuntimeError(
+                f"the spool index in {self.root} has schema version {version}; this version of edge-runtime "
+                f"uses {SCHEMA_VERSION}. Use a new spool directory (the old one still holds its instances)."
+            )
+        self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for leftover in self.tmp_dir.iterdir():  # a crash mid-write leaves only unacknowledged data here
+            leftover.unlink(missing_ok=True)
+
+    # -- keys and transactions -------------------------------------------------------------------------
+
+    def _load_secret(self) -> bytes:
+        path = self.root / "secret"
+        if not path.exists():
+            tmp = self.tmp_dir / f"secret-{uuid.uuid4().hex}"
+            tmp.write_bytes(secrets.token_bytes(32))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        return path.read_bytes()
+
+    def key_hash(self, *parts: str) -> str:
+        """A short keyed hash that names a series in logs without revealing its UIDs."""
+        return hmac.new(self._secret, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()[:12]
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- instances --------------------------------------------------------------------------------------
+
+    def check_space(self) -> None:
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            raise SpoolFull(f"{free} bytes free on the spool's file system; the watermark is {self.min_free_bytes}")
+
+    def has_instance(self, called_ae: str, study_uid: str, series_uid: str, sop_uid: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM instances i JOIN series s ON s.id = i.series_id "
+                "WHERE s.called_ae=? AND s.study_uid=? AND s.series_uid=? AND i.sop_uid=?",
+                (called_ae, study_uid, series_uid, sop_uid),
+            ).fetchone()
+        return row is not None
+
+    def store(
+        self,
+        data: bytes,
+        *,
+        called_ae: str,
+        calling_ae: str,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sop_class: str,
+        transfer_syntax: str,
+        modality: str,
+        geometry: str | None = None,
+    ) -> StoredInstance:
+        """Make one instance durable and index it. A re-sent SOP Instance UID is acknowledged, not stored twice."""
+        key = self.key_hash(called_ae, study_uid, series_uid)
+        if self.has_instance(called_ae, study_uid, series_uid, sop_uid):
+            return StoredInstance(self._series_id(called_ae, study_uid, series_uid), key, duplicate=True)
+        self.check_space()
+        path = self._write_durably(data)
+        now = time.time()
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO series (called_ae, study_uid, series_uid, modality, key_hash, state, generation, "
+                    "instance_count, first_received, last_received, updated) VALUES (?,?,?,?,?,?,0,0,?,?,?) "
+                    "ON CONFLICT (called_ae, study_uid, series_uid) DO NOTHING",
+                    (
+                        called_ae,
+                        study_uid,
+                        series_uid,
+                        modality,
+                        key,
+                        SeriesState.RECEIVING.value,
+                        now,
+                        now,
+                        now,
+                    ),
+                )
+                series_id = db.execute(
+                    "SELECT id FROM series WHERE called_ae=? AND study_uid=? AND series_uid=?",
+                    (called_ae, study_uid, series_uid),
+                ).fetchone()[0]
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO instances (series_id, sop_uid, sop_class, transfer_syntax, path, size, "
+                    "calling_ae, received, geometry) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        series_id,
+                        sop_uid,
+                        sop_class,
+                        transfer_syntax,
+                        str(path.relative_to(self.root)),
+                        len(data),
+                        calling_ae,
+                        now,
+                        geometry,
+                    ),
+                )
+                duplicate = cur.rowcount == 0
+                if not duplicate:
+                    db.execute(
+                        "UPDATE series SET state=?, generation=generation+1, instance_count=instance_count+1, "
+                        "last_received=?, updated=?, reason=NULL WHERE id=?",
+                        (SeriesState.RECEIVING.value, now, now, series_id),
+                    )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if duplicate:  # a concurrent association stored the same instance first
+            path.unlink(missing_ok=True)
+        return StoredInstance(series_id, key, duplicate, None if duplicate else path)
+
+    def _write_durably(self, data: bytes) -> Path:
+        name = uuid.uuid4().hex
+        day = time.strftime("%Y%m%d")
+        final_dir = self.instances_dir / day
+        if not final_dir.is_dir():
+            final_dir.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.instances_dir)
+        tmp = self.tmp_dir / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        final = final_dir / f"{name}.dcm"
+        os.replace(tmp, final)
+        fsync_dir(final_dir)
+        return final
+
+    def _series_id(self, called_ae: str, study_uid: str, series_uid: str) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT id FROM series WHERE called_ae=? AND study_uid=? AND series_uid=?",
+                (called_ae, study_uid, series_uid),
+            ).fetchone()[0]
+
+    def instance_paths(self, series_id: int) -> list[Path]:
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)).fetchall()
+        return [self.root / r[0] for r in rows]
+
+    def instance_geometries(self, series_id: int) -> list[str | None]:
+        """The slice geometry recorded at ingest for each instance of a series (None: not an image slice)."""
+        with self._lock:
+            rows = self._db.execute("SELECT geometry FROM instances WHERE series_id=?", (series_id,)).fetchall()
+        return [r[0] for r in rows]
+
+    # -- series -----------------------------------------------------------------------------------------
+
+    def _row(self, r: tuple) -> SeriesRow:
+        return SeriesRow(r[0], r[1], r[2], r[3], r[4], r[5], SeriesState(r[6]), r[7], r[8], r[9], r[10])
+
+    _COLUMNS = (
+        "id, called_ae, study_uid, series_uid, modality, key_hash, state, generation, instance_count, "
+        "last_received, reason"
+    )
+
+    def series(self, series_id: int) -> SeriesRow:
+        with self._lock:
+            r = self._db.execute(f"SELECT {self._COLUMNS} FROM series WHERE id=?", (series_id,)).fetchone()
+        return self._row(r)
+
+    def find_series(self, called_ae: str, study_uid: str, series_uid: str) -> SeriesRow | None:
+        with self._lock:
+            r = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM series WHERE called_ae=? AND study_uid=? AND series_uid=?",
+                (called_ae, study_uid, series_uid),
+            ).fetchone()
+        return None if r is None else self._row(r)
+
+    def all_series(self) -> list[SeriesRow]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {self._COLUMNS} FROM series ORDER BY id").fetchall()
+        return [self._row(r) for r in rows]
+
+    def queue_quiet_series(self, quiet_seconds: float, now: float | None = None) -> list[SeriesRow]:
+        """Queue every receiving series that has been quiet for ``quiet_seconds``; return them."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {self._COLUMNS} FROM series WHERE state=? AND last_received <= ?",
+                (SeriesState.RECEIVING.value, now - quiet_seconds),
+            ).fetchall()
+            for r in rows:
+                db.execute("UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.QUEUED.value, now, r[0]))
+        return [self._row(r) for r in rows]
+
+    def queue_series(self, series_id: int, generation: int) -> bool:
+        """Queue one receiving series now (completion on evidence), if no instance arrived since ``generation``."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, updated=? WHERE id=? AND generation=? AND state=?",
+                (SeriesState.QUEUED.value, time.time(), series_id, generation, SeriesState.RECEIVING.value),
+            )
+        return cur.rowcount == 1
+
+    def next_receiving_deadline(self, quiet_seconds: float) -> float | None:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT MIN(last_received) FROM series WHERE state=?", (SeriesState.RECEIVING.value,)
+            ).fetchone()
+        return None if r[0] is None else r[0] + quiet_seconds
+
+    def claim_job(self) -> SeriesRow | None:
+        """Take the oldest queued series for processing."""
+        with self._tx() as db:
+            r = db.execute(
+                f"SELECT {self._COLUMNS} FROM series WHERE state=? ORDER BY last_received LIMIT 1",
+                (SeriesState.QUEUED.value,),
+            ).fetchone()
+            if r is None:
+                return None
+            db.execute(
+                "UPDATE series SET state=?, updated=? WHERE id=?",
+                (SeriesState.PROCESSING.value, time.time(), r[0]),
+            )
+        return replace(self._row(r), state=SeriesState.PROCESSING)
+
+    def requeue_interrupted(self) -> int:
+        """After a restart: jobs that were being processed go back to the queue, and series still receiving get
+        their whole quiet period again: time the service was down is not time the sender was quiet (it could not
+        send), so it is no evidence that the series is complete."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, updated=? WHERE state=?",
+                (SeriesState.QUEUED.value, now, SeriesState.PROCESSING.value),
+            )
+            db.execute(
+                "UPDATE series SET last_received=? WHERE state=? AND last_received < ?",
+                (now, SeriesState.RECEIVING.value, now),
+            )
+        return cur.rowcount
+
+    def fail(self, series_id: int, generation: int, reason: str) -> bool:
+        """Record why a series produced no result (only if no newer instance arrived meanwhile)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
+                (
+                    SeriesState.FAILED.value,
+                    reason,
+                    time.time(),
+                    series_id,
+                    generation,
+                    SeriesState.PROCESSING.value,
+                ),
+            )
+        return cur.rowcount == 1
+
+    def finish(self, series_id: int, generation: int, note: str) -> bool:
+        """Mark a processed series done without a result of its own (e.g. a reference SEG that was compared)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
+                (
+                    SeriesState.DONE.value,
+                    note,
+                    time.time(),
+                    series_id,
+                    generation,
+                    SeriesState.PROCESSING.value,
+                ),
+            )
+        return cur.rowcount == 1
+
+    def publish(
+        self,
+        series_id: int,
+        generation: int,
+        model: str,
+        directory: Path,
+        files: list[Path],
+        destinations: list[str],
+        timings: str = "{}",
+    ) -> int | None:
+        """Commit a result and its outbox rows, if ``generation`` is still the series' current one."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state=?, reason=NULL, updated=? WHERE id=? AND generation=? AND state=?",
+                (SeriesState.DONE.value, now, series_id, generation, SeriesState.PROCESSING.value),
+            )
+            if cur.rowcount != 1:
+                return None
+            result_id = db.execute(
+                "INSERT INTO results (series_id, generation, model, directory, created, timings) VALUES (?,?,?,?,?,?)",
+                (series_id, generation, model, str(directory), now, timings),
+            ).lastrowid
+            for dest in destinations:
+                for f in files:
+                    db.execute(
+                        "INSERT INTO outbox (result_id, path, destination, state, next_attempt) VALUES (?,?,?,?,?)",
+                        (result_id, str(f), dest, "pending", now),
+                    )
+        return result_id
+
+    def results(self, series_id: int) -> list[tuple[int, int, str, Path]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, generation, model, directory FROM results WHERE series_id=? ORDER BY id",
+                (series_id,),
+            ).fetchall()
+        return [(r[0], r[1], r[2], Path(r[3])) for r in rows]
+
+    # -- retention -------------------------------------------------------------------------------------------
+
+    def purge(self, older_than: float) -> tuple[int, int]:
+        """Delete the instances of series finished (done or failed) before ``older_than``, and sent outbox rows.
+
+        A series still receiving, queued, processing or with an unsent result is never touched. Rows go first,
+        then files: a crash in between leaves orphan files, which :meth:`remove_orphans` collects.
+        Returns (series purged, files deleted).
+        """
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT id FROM series WHERE state IN (?, ?) AND updated < ? AND NOT EXISTS ("
+                "SELECT 1 FROM results r JOIN outbox o ON o.result_id = r.id "
+                "WHERE r.series_id = series.id AND o.state = 'pending')",
+                (SeriesState.DONE.value, SeriesState.FAILED.value, older_than),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            paths: list[str] = []
+            for series_id in ids:
+                paths += [r[0] for r in db.execute("SELECT path FROM instances WHERE series_id=?", (series_id,))]
+                db.execute("DELETE FROM instances WHERE series_id=?", (series_id,))
+                db.execute(
+                    "DELETE FROM outbox WHERE result_id IN (SELECT id FROM results WHERE series_id=?)",
+                    (series_id,),
+                )
+                db.execute("DELETE FROM results WHERE series_id=?", (series_id,))
+                db.execute("DELETE FROM series WHERE id=?", (series_id,))
+        for rel in paths:
+            _unlink_quietly(self.root / rel)
+        return len(ids), len(paths)
+
+    def remove_orphans(self) -> int:
+        """Delete instance files the index does not know (a crash between rename and commit left them; their
+        sender never got a success status, so it sends them again)."""
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT path FROM instances")}
+        removed = 0
+        for path in self.instances_dir.rglob("*.dcm"):
+            if str(path.relative_to(self.root)) not in known:
+                _unlink_quietly(path)
+                removed += 1
+        return removed
+
+    # -- outbox -----------------------------------------------------------------------------------------
+
+    def due_outbox(self, now: float | None = None) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, result_id, path, destination, attempts FROM outbox WHERE state='pending' "
+                "AND next_attempt <= ? ORDER BY id",
+                (now,),
+            ).fetchall()
+        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows]
+
+    def next_outbox_attempt(self) -> float | None:
+        with self._lock:
+            r = self._db.execute("SELECT MIN(next_attempt) FROM outbox WHERE state='pending'").fetchone()
+        return r[0]
+
+    def mark_sent(self, item_id: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE outbox SET state='sent', sent=?, last_error=NULL WHERE id=?", (time.time(), item_id))
+
+    def mark_failed_attempt(self, item_id: int, error: str, retry_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt=? WHERE id=?",
+                (error[:500], retry_at, item_id),
+            )
+
+    def series_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM series GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
