@@ -1,4 +1,4 @@
-"""Loaders of ``export/loaders.py``: each source gives an eval-mode module with the source's weights, and the
+"""Loaders of ``export/loaders/``: each source gives an eval-mode module with the source's weights, and the
 source's own preprocessing read into manifest hints. Models are built in the tests; nothing is downloaded."""
 
 from __future__ import annotations
