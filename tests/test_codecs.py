@@ -14,7 +14,7 @@ import pytest
 from pydicom.pixels import get_decoder
 
 from edge_runtime.imaging.decode import needs_isolation, shared_decoder
-from tests.conftest import SHARED_DATA
+from tests.peers import SHARED_DATA
 
 CT = SHARED_DATA / "cornerstoneWADOImageLoader"
 LOSSY = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91"}

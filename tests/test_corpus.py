@@ -7,8 +7,6 @@ survives; every series that results ends done or refused with a documented reaso
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,11 +17,26 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from tests.conftest import SHARED_DATA, ServiceProcess
+from edge_runtime.dicom import (
+    STATUS_CANNOT_PARSE,
+    STATUS_DATASET_MISMATCH,
+    STATUS_INVALID_UID,
+    STATUS_MISSING_ATTRIBUTE,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+)
+from tests.peers import SHARED_DATA, ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
-DOCUMENTED_STATUSES = {0x0000, 0xA700, 0xA900, 0xC210, 0xC220, 0xC221}
+DOCUMENTED_STATUSES = {
+    STATUS_SUCCESS,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_DATASET_MISMATCH,
+    STATUS_CANNOT_PARSE,
+    STATUS_MISSING_ATTRIBUTE,
+    STATUS_INVALID_UID,
+}
 DOCUMENTED_REASONS = {
     "mixed-stacks",
     "duplicate-positions",
@@ -131,15 +144,9 @@ def test_every_corpus_file_gets_a_documented_answer(service: ServiceProcess) -> 
 
 
 def status(service: ServiceProcess) -> list[tuple[str, str]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    """(state, reason) of every series in the service's spool."""
     rows = []
-    for line in out.stdout.splitlines()[1:]:
+    for line in service.status()[1:]:
         if line.startswith("outbox:"):
             continue
         parts = line.split(None, 3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -15,15 +14,17 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
+from edge_runtime.dicom import Comprehensive3DSRStorage, SegmentationStorage
 from edge_runtime.imaging.volume import load_volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import load_runner
 from phantom import SeriesInfo, make_phantom, write_reference_seg, write_series
-from tests.conftest import SEG_SOP_CLASS, SR_SOP_CLASS, ServiceProcess, StoreSCP, dciodvfy_errors, dcmtk_env, storescu
+from tests.peers import ServiceProcess, StoreSCP, dciodvfy_errors, dcmtk_env, require_tool, storescu
 
 pytestmark = pytest.mark.e2e
 QUIET = 1.0
@@ -51,15 +52,14 @@ def new_series(folder: Path, seed: int, **kwargs: object) -> SeriesInfo:
     return write_series(phantom.hu, phantom.spacing, folder, **kwargs)
 
 
-def status_rows(service: ServiceProcess) -> list[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "edge_runtime", "status", "--spool", str(service.spool)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.splitlines()
+def metrics_with(service: ServiceProcess, text: str, timeout: float = 10.0) -> tuple[int, str]:
+    """``GET /metrics`` until it shows ``text`` (counters follow the work they count), else the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, metrics = service.http_get("/metrics")
+        if text in metrics or time.monotonic() >= deadline:
+            return code, metrics
+        time.sleep(0.2)
 
 
 def check_seg(seg_path: Path, info: SeriesInfo) -> None:
@@ -98,7 +98,7 @@ def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: St
     assert len(results) == 1, "results are also written to the output folder"
     data = json.loads(results[0].read_text())
     assert {s["name"] for s in data["segments"]} == {lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels}
-    sr = pacs.wait_for(SR_SOP_CLASS, info.series_uid, timeout=30)
+    sr = pacs.wait_for(Comprehensive3DSRStorage, info.series_uid, timeout=30)
     assert dciodvfy_errors(sr) == []
     sr_ds = pydicom.dcmread(sr)
     assert str(sr_ds.SOPInstanceUID) == data["sr_sop_instance_uid"]
@@ -106,7 +106,8 @@ def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: St
     refs = {
         str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         for item in _walk(sr_ds.ContentSequence)
-        if "ReferencedSOPSequence" in item and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SEG_SOP_CLASS
+        if "ReferencedSOPSequence" in item
+        and item.ReferencedSOPSequence[0].ReferencedSOPClassUID == SegmentationStorage
     }
     assert refs == {seg_uid}, "the SR's measurement groups reference the SEG"
 
@@ -126,12 +127,7 @@ def test_health_and_metrics_endpoints(service: ServiceProcess, pacs: StoreSCP, t
     assert code == 200 and json.loads(body)["ok"] is True
     code, body = service.http_get("/readyz")
     assert code == 200 and json.loads(body)["spool"] == "ok"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        code, metrics = service.http_get("/metrics")
-        if 'edge_sends_total{outcome="success"}' in metrics:
-            break
-        time.sleep(0.2)
+    code, metrics = metrics_with(service, 'edge_sends_total{outcome="success"}')
     assert code == 200
     stored = re.search(r'edge_instances_received_total\{outcome="stored"\} (\d+)', metrics)
     assert stored and int(float(stored.group(1))) >= SHAPE[0]
@@ -164,12 +160,7 @@ def test_reference_seg_pushed_back_is_compared_with_our_result(
     for values in record["labels"].values():
         assert 0.0 <= values["dice"] <= 1.0 and "hd95_mm" in values
     assert record["labels"]["Lung"]["dice"] > 0.5  # the comparison ran on real overlap, not on empty masks
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        _, metrics = service.http_get("/metrics")
-        if 'edge_validation_dice{label="Lung"' in metrics:
-            break
-        time.sleep(0.2)
+    _, metrics = metrics_with(service, 'edge_validation_dice{label="Lung"')
     assert 'edge_validation_dice{label="Lung"' in metrics
 
 
@@ -207,7 +198,7 @@ def test_resent_series_gives_exactly_one_seg(service: ServiceProcess, pacs: Stor
 def send_file_raw(port: int, path: Path, sop_class: str) -> int | None:
     """C-STORE a file's bytes as they are (pynetdicom reads the command UIDs from its file meta)."""
     ae = AE(ae_title="FUZZ")
-    ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title="EDGE")
     assert assoc.is_established
     old = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
@@ -227,7 +218,7 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
 
     # A SOP class the model cannot use is rejected at negotiation: DCMTK storescu reports it and fails.
     sc = pydicom.dcmread(info.paths[1])
-    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    sc.SOPClassUID = sc.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     sc.save_as(tmp_path / "sc.dcm")
     out = storescu(service.port, [tmp_path / "sc.dcm"], check=False)
     assert out.returncode != 0 or "no presentation context" in (out.stdout + out.stderr).lower()
@@ -271,10 +262,10 @@ def test_bad_input_gets_documented_statuses(service: ServiceProcess, pacs: Store
     assert service.alive()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if any("gantry-tilt" in line for line in status_rows(service)):
+        if any("gantry-tilt" in line for line in service.status()):
             break
         time.sleep(0.3)
-    rows = status_rows(service)
+    rows = service.status()
     assert any("failed" in line and "gantry-tilt: slices are sheared by 20.0 degrees" in line for line in rows), rows
     assert tilted.series_uid not in pacs.segs()
     log = service.log()
@@ -341,7 +332,7 @@ def test_concurrent_associations_from_one_sender_each_complete_on_evidence(
     a = new_series(tmp_path / "a", seed=14)
     b = new_series(tmp_path / "b", seed=15)
     t0 = time.monotonic()
-    cmd = ["/usr/bin/storescu", "-aec", "EDGE", "-aet", "SCANNER", "127.0.0.1", str(patient_service.port)]
+    cmd = [require_tool("storescu"), "-aec", "EDGE", "-aet", "SCANNER", "127.0.0.1", str(patient_service.port)]
     slow = subprocess.Popen([*cmd, *map(str, b.paths)], env=dcmtk_env())  # still open while a completes
     storescu(patient_service.port, list(a.paths))
     assert slow.wait(60) == 0

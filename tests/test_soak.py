@@ -1,8 +1,8 @@
-"""Crash safety: ``benchmarks/soak.py`` SIGKILLs the service while series are pushed, then counts.
+"""Crash safety: ``python -m benchmarks.soak`` SIGKILLs the service while series are pushed, then counts.
 
 The small soak runs on every CI run (3 kills, 2 small series, well under a minute); the longer one is
 ``slow`` (excluded by the default ``-m 'not slow'``; run it with ``pytest -m slow tests/test_soak.py``), and
-the full issue #4 soak (20 kills) is ``python benchmarks/soak.py``.
+the full issue #4 soak (20 kills) is ``python -m benchmarks.soak``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.peers import REPO, SYSTEM_BIN
 
 pytestmark = pytest.mark.e2e
-SOAK = REPO / "benchmarks" / "soak.py"
-STORESCP = Path("/usr/bin/storescp")  # DCMTK's, not pynetdicom's app of the same name in the venv
+STORESCP = SYSTEM_BIN / "storescp"  # DCMTK's, not pynetdicom's app of the same name in the venv
 
 
 def run_soak(tmp_path: Path, *args: str, timeout: float) -> dict:
     if not STORESCP.exists():
         pytest.skip("DCMTK storescp is not installed in /usr/bin (apt-get install dcmtk)")
     out = subprocess.run(
-        [sys.executable, str(SOAK), "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path), *args],
+        [sys.executable, "-m", "benchmarks.soak", "--workdir", str(tmp_path / "work"), "--results-dir", str(tmp_path)]
+        + list(args),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, wait_port
+from tests.peers import REPO, free_port, serve_command, wait_port
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
@@ -42,22 +42,7 @@ def test_service_sends_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     port = free_port()
     env = dict(os.environ, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edge_runtime",
-            "serve",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--spool",
-            str(tmp_path / "spool"),
-            "--output",
-            str(tmp_path / "out"),
-            "--http-port",
-            "0",
-        ],
+        serve_command(port, tmp_path / "spool", tmp_path / "out"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
