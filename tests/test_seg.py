@@ -14,7 +14,8 @@ from edge_runtime.imaging.volume import Volume, load_volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import load_runner
-from edge_runtime.results.seg import build_seg, measure
+from edge_runtime.results.measurements import measure
+from edge_runtime.results.seg import build_seg
 from phantom import make_phantom, write_series
 from tests.conftest import dciodvfy_errors
 

@@ -13,7 +13,8 @@ from pydicom.sr.codedict import codes
 
 from edge_runtime.imaging.volume import Volume, load_volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.results.seg import build_seg, measure
+from edge_runtime.results.measurements import measure
+from edge_runtime.results.seg import build_seg
 from edge_runtime.results.sr import build_sr
 from phantom import make_phantom, write_series
 from tests.conftest import dciodvfy_errors

@@ -45,37 +45,31 @@ awaiting review).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from edge_runtime import __version__
 from edge_runtime.dicom import SEGMENTATION_CLASSES, derive_uid
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage
-from edge_runtime.results.seg import SegmentMeasurement
-
-if TYPE_CHECKING:  # pragma: no cover
-    import highdicom as hd
-
+from edge_runtime.results.measurements import SegmentMeasurement
 
 #: private coding scheme for the concepts DICOM does not define
 PRIVATE_SCHEME = "99EDGE"
 VOXEL_COUNT = ("voxel-count", PRIVATE_SCHEME, "Number of voxels")
 
 
-def _concept(value: str, scheme: str, meaning: str):  # noqa: ANN202 - highdicom type
-    import highdicom as hd
-
+def _concept(value: str, scheme: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
 
-def _coded(item: Dataset):  # noqa: ANN202 - highdicom type
+def _coded(item: Dataset) -> hd.sr.CodedConcept:
     return _concept(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
 
 
-def _intensity_concept(modality: str):  # noqa: ANN202
+def _intensity_concept(modality: str) -> tuple[Code, hd.sr.CodedConcept] | None:
     """(concept name, unit) of intensity statistics for ``modality``; None where no standard concept fits."""
     if modality == "CT":
         return codes.DCM.AttenuationCoefficient, _concept("[hnsf'U]", "UCUM", "Hounsfield unit")
@@ -84,7 +78,7 @@ def _intensity_concept(modality: str):  # noqa: ANN202
     return None
 
 
-def _procedure_reported(modality: str):  # noqa: ANN202
+def _procedure_reported(modality: str) -> Code:
     return {
         "CT": codes.cid100.CTUnspecifiedBodyRegion,
         "MR": codes.cid100.MRIUnspecifiedBodyRegion,
@@ -105,13 +99,11 @@ def build_sr(
     """A TID 1500 Measurement Report for ``measurements`` of the segments of ``seg`` on ``volume``.
 
     ``seg`` is the SEG the measurements were taken from (a highdicom ``Segmentation`` or any SEG dataset,
-    e.g. read back from disk); ``measurements`` come from :func:`edge_runtime.results.seg.measure` and are matched
-    to the SEG's segments by segment number. ``uid_seed`` makes the Series and SOP Instance UIDs
+    e.g. read back from disk); ``measurements`` come from :func:`edge_runtime.results.measurements.measure` and
+    are matched to the SEG's segments by segment number. ``uid_seed`` makes the Series and SOP Instance UIDs
     deterministic (a result re-sent after a crash keeps its UIDs); the SEG built from the same seed has
     different UIDs. ``series_number`` defaults to 6000 + the source series number.
     """
-    import highdicom as hd
-
     if str(seg.get("SOPClassUID", "")) not in SEGMENTATION_CLASSES:
         raise ValueError(f"seg is not a Segmentation (SOP Class {seg.get('SOPClassUID')!r})")
     descriptions = {int(item.SegmentNumber): item for item in seg.SegmentSequence}
