@@ -1,0 +1,7 @@
+"""``python -m phantom``: see :func:`phantom.cli.main`."""
+
+import sys
+
+from phantom.cli import main
+
+sys.exit(main())
