@@ -1,4 +1,8 @@
-"""Push a folder of DICOM files to a DICOM node (C-STORE SCU), one association, each file as it is."""
+"""Push a folder of DICOM files to a DICOM node (C-STORE SCU), one association, each file as it is.
+
+The association and the C-STORE requests are the sender's (:class:`edge_runtime.egress.sender.StoreSCU`); what
+push adds is the folder walk, a presentation context per (SOP Class, transfer syntax) found, and a report.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
 
-from edge_runtime.dicom import is_success
-from edge_runtime.egress.sender import Destination
+from edge_runtime.egress.destination import Destination
+from edge_runtime.egress.sender import StoreSCU
+
+#: the most presentation contexts one association may propose (PS3.8 9.3.2.2: odd context IDs 1-255)
+MAX_CONTEXTS = 128
 
 
 @dataclass
@@ -22,6 +28,8 @@ class PushReport:
 
 
 def push_folder(folder: Path, dest: Destination, *, calling_ae: str = "PUSH", timeout: float = 30.0) -> PushReport:
+    """Send every DICOM file below ``folder`` to ``dest``, each in its own transfer syntax; files that are not
+    DICOM are skipped and counted. Every file is tried, whatever became of the one before."""
     report = PushReport()
     files: list[tuple[Path, str, str]] = []
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
@@ -32,31 +40,21 @@ def push_folder(folder: Path, dest: Destination, *, calling_ae: str = "PUSH", ti
             report.skipped += 1
     if not files:
         return report
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    contexts = sorted({(c, t) for _, c, t in files})
-    for sop_class, syntax in contexts[:128]:
-        ae.add_requested_context(sop_class, [syntax])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-    if not assoc.is_established:
-        report.failed = len(files)
-        report.failures.append(f"association with {dest} not established")
-        return report
-    try:
+    contexts = [(sop_class, [syntax]) for sop_class, syntax in sorted({(c, t) for _, c, t in files})]
+    with StoreSCU.open(dest, calling_ae=calling_ae, contexts=contexts[:MAX_CONTEXTS], timeout=timeout) as scu:
+        if not scu.established:
+            report.failed = len(files)
+            report.failures.append(f"association with {dest} not established")
+            return report
         for path, _, _ in files:
-            try:
-                status = assoc.send_c_store(str(path))
-            except (ValueError, RuntimeError, OSError) as exc:
-                report.failed += 1
-                report.failures.append(f"{path.name}: {exc}")
-                continue
-            code = getattr(status, "Status", None)
-            if is_success(code):
+            result = scu.store(path)
+            if result.success:
                 report.sent += 1
+                continue
+            report.failed += 1
+            if result.error is not None:
+                report.failures.append(f"{path.name}: {result.error}")
             else:
-                report.failed += 1
+                code = result.status
                 report.failures.append(f"{path.name}: " + ("no response" if code is None else f"status 0x{code:04X}"))
-    finally:
-        if assoc.is_established:
-            assoc.release()
     return report

@@ -3,45 +3,106 @@
 A result leaves the outbox only when the destination answered success (0x0000, or a warning 0xB000-0xBFFF).
 Anything else (connection refused, association rejected, a failure status, a timeout) is retried with
 exponential backoff; the row stays pending across restarts.
+
+:class:`StoreSCU` is the one association-and-C-STORE code path: the :class:`Sender`'s outbox loop and
+``edge-runtime push`` (:mod:`edge_runtime.apps.push`) both send through it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from edge_runtime.dicom import is_success
+from edge_runtime.egress.destination import Destination
 from edge_runtime.spool.store import OutboxItem, Spool
+
+__all__ = ["Destination", "RetryPolicy", "Sender", "StoreResult", "StoreSCU"]
 
 log = logging.getLogger(__name__)
 
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
-
 
 @dataclass(frozen=True)
-class Destination:
-    ae_title: str
-    host: str
-    port: int
+class StoreResult:
+    """What became of one C-STORE request: the Status the destination answered (None when no answer came: a
+    timeout or an abort), or the error that kept the request from being sent."""
+
+    status: int | None = None
+    error: Exception | None = None
+
+    @property
+    def success(self) -> bool:
+        """The destination stored the instance (success, or a warning)."""
+        return self.error is None and is_success(self.status)
+
+
+class StoreSCU:
+    """One association with a destination for sending files by C-STORE; a context manager that releases it.
+
+    Opening never raises for a destination that refuses or cannot be reached: :attr:`established` is then
+    False and :attr:`rejected` tells an association rejection from a connection that never came up.
+    """
+
+    def __init__(self, destination: Destination, association: Association):
+        self.destination = destination
+        self._association = association
 
     @classmethod
-    def parse(cls, text: str) -> Destination:
-        m = _DESTINATION.match(text.strip())
-        if not m or not 0 < int(m["port"]) < 65536 or not m["ae"].strip():
-            raise ValueError(f"destination {text!r} is not AE@host:port (AE title up to 16 characters, port 1-65535)")
-        return cls(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
+    def open(
+        cls,
+        destination: Destination,
+        *,
+        calling_ae: str,
+        contexts: Iterable[tuple[str, Sequence[str]]],
+        timeout: float,
+    ) -> StoreSCU:
+        """Request an association calling ``destination`` from ``calling_ae``, proposing each (SOP Class,
+        transfer syntaxes) of ``contexts``; ``timeout`` bounds the connection, ACSE, DIMSE and network waits."""
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+        for sop_class, syntaxes in contexts:
+            ae.add_requested_context(sop_class, list(syntaxes))
+        return cls(destination, ae.associate(destination.host, destination.port, ae_title=destination.ae_title))
 
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+    @property
+    def established(self) -> bool:
+        return bool(self._association.is_established)
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self._association.is_rejected)
+
+    def store(self, path: Path) -> StoreResult:
+        """Send the file at ``path`` as it is, with C-STORE."""
+        try:
+            status = self._association.send_c_store(str(path))
+        except (OSError, ValueError, RuntimeError) as exc:
+            return StoreResult(error=exc)
+        return StoreResult(status=getattr(status, "Status", None))
+
+    def release(self) -> None:
+        if self._association.is_established:
+            self._association.release()
+
+    def __enter__(self) -> StoreSCU:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
 
 
 @dataclass(frozen=True)
@@ -101,14 +162,14 @@ class Sender:
 
     def send_due(self) -> int:
         """Send every due outbox item, one association per destination. Returns how many were sent."""
-        by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
+        by_dest: dict[Destination, list[OutboxItem]] = defaultdict(list)
         for item in self.spool.due_outbox():
             by_dest[item.destination].append(item)
         sent = 0
-        for dest_text, items in by_dest.items():
+        for dest, items in by_dest.items():
             if self._stop.is_set():
                 break
-            sent += self._send_to(Destination.parse(dest_text), items)
+            sent += self._send_to(dest, items)
         return sent
 
     def _send_to(self, dest: Destination, items: list[OutboxItem]) -> int:
@@ -119,43 +180,34 @@ class Sender:
             except (OSError, pydicom.errors.InvalidDicomError) as exc:
                 self._failed(item, dest, f"cannot read result file: {exc}")
         sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets.values()})
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
-        ae.connection_timeout = self.timeout
-        for sop_class in sop_classes:
-            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-        if not assoc.is_established:
-            why = "association rejected" if assoc.is_rejected else "association not established"
-            for item in items:
-                if item.id in datasets:
-                    self._failed(item, dest, why)
-            return 0
-        sent = 0
-        try:
+        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        contexts = [(sop_class, syntaxes) for sop_class in sop_classes]
+        with StoreSCU.open(dest, calling_ae=self.calling_ae, contexts=contexts, timeout=self.timeout) as scu:
+            if not scu.established:
+                why = "association rejected" if scu.rejected else "association not established"
+                for item in items:
+                    if item.id in datasets:
+                        self._failed(item, dest, why)
+                return 0
+            sent = 0
             for item in items:
                 if item.id not in datasets or self._stop.is_set():
                     continue
-                try:
-                    status = assoc.send_c_store(str(item.path))
-                except (OSError, ValueError, RuntimeError) as exc:
-                    self._failed(item, dest, f"{type(exc).__name__}: {exc}")
-                    continue
-                code = getattr(status, "Status", None)
-                if is_success(code):
+                result = scu.store(item.path)
+                if result.error is not None:
+                    self._failed(item, dest, f"{type(result.error).__name__}: {result.error}")
+                elif result.success:
                     self.spool.mark_sent(item.id)
                     if self.on_result is not None:
                         self.on_result(True)
                     sent += 1
                     log.info("sent result %d file %s to %s", item.result_id, item.path.name, dest)
                 else:
+                    code = result.status
                     why = "no response (timeout or abort)" if code is None else f"status 0x{code:04X}"
                     self._failed(item, dest, why)
                     if code is None:
                         break
-        finally:
-            if assoc.is_established:
-                assoc.release()
         return sent
 
     def _failed(self, item: OutboxItem, dest: Destination, why: str) -> None:
