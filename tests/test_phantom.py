@@ -14,24 +14,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import CTImageStorage as CT_IMAGE_STORAGE
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    RLELossless,
-)
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import MRImageStorage as MR_IMAGE_STORAGE
 
-from phantom import (
-    LABELS,
-    Phantom,
-    SeriesInfo,
-    main,
-    make_phantom,
-    write_reference_seg,
-    write_series,
-)
+from phantom import LABELS, Phantom, SeriesInfo, main, make_phantom, write_reference_seg, write_series
 
 STD_SHAPE = (64, 128, 128)
 STD_SPACING = (2.5, 2.7, 2.7)
@@ -305,30 +291,20 @@ def test_write_series_shuffle_and_instance_numbers(small: Phantom, tmp_path: Pat
     assert [x.InstanceNumber for x in dss] == list(range(nz, 0, -1))
     np.testing.assert_array_equal(vol, np.rint(small.hu))
 
-    info_r = write_series(
-        small.hu,
-        small.spacing,
-        tmp_path / "b",
-        shuffle_files=True,
-        rng=5,
-        instance_number_order="random",
-        file_prefix="img",
-    )
+    seeded_random_order: dict[str, Any] = {
+        "shuffle_files": True,
+        "rng": 5,
+        "instance_number_order": "random",
+        "file_prefix": "img",
+    }
+    info_r = write_series(small.hu, small.spacing, tmp_path / "b", **seeded_random_order)
     assert sorted(info_r.instance_numbers) == list(range(1, nz + 1))
     assert info_r.instance_numbers != list(range(1, nz + 1))
     assert all(p.name.startswith("img") for p in info_r.paths)
     dss, _ = _read_sorted(info_r.paths)
     assert [x.InstanceNumber for x in dss] == info_r.instance_numbers
     # same rng seed, same shuffle
-    info_r2 = write_series(
-        small.hu,
-        small.spacing,
-        tmp_path / "c",
-        shuffle_files=True,
-        rng=5,
-        instance_number_order="random",
-        file_prefix="img",
-    )
+    info_r2 = write_series(small.hu, small.spacing, tmp_path / "c", **seeded_random_order)
     assert [p.name for p in info_r2.paths] == [p.name for p in info_r.paths]
     assert info_r2.instance_numbers == info_r.instance_numbers
     with pytest.raises(ValueError):
@@ -365,7 +341,13 @@ def test_write_series_uids_extra_and_mr(small: Phantom, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "ts", [ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian, RLELossless]
+    "ts",
+    [
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.ExplicitVRBigEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+        pydicom.uid.RLELossless,
+    ],
 )
 def test_write_series_transfer_syntaxes(small: Phantom, tmp_path: Path, ts: str) -> None:
     info = write_series(small.hu[:3], small.spacing, tmp_path, transfer_syntax=ts)
@@ -487,7 +469,5 @@ def test_module_entry_point_without_torch(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "phantom", "--help"], capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-m", "phantom", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--with-seg" in proc.stdout
