@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_runtime.dicom import STATUS_CANNOT_PARSE
 from edge_runtime.imaging.volume import GeometryPolicy, VolumeError, load_volume
-from edge_runtime.ingest.listener import STATUS_CANNOT_PARSE, InstanceInfo, Refusal, inspect_dataset
+from edge_runtime.ingest.listener import InstanceInfo, Refusal, inspect_dataset
 from phantom import write_series
 
 FUZZ = settings(
@@ -57,9 +58,7 @@ edits_strategy = st.lists(st.tuples(st.integers(128, 10**6), st.integers(0, 255)
 
 @FUZZ
 @given(edits=edits_strategy, cut=st.one_of(st.none(), st.integers(132, 4000)))
-def test_inspection_never_raises(
-    seed_series: list[bytes], edits: list[tuple[int, int]], cut: int | None
-) -> None:
+def test_inspection_never_raises(seed_series: list[bytes], edits: list[tuple[int, int]], cut: int | None) -> None:
     ds = parse(mutate(seed_series[0], edits, cut))
     if ds is None:
         return

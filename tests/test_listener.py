@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.ingest.listener import Listener, ListenerConfig
-from edge_runtime.spool.store import Spool
+from edge_runtime.spool import Spool
 from phantom import write_series
 from tests.conftest import dcmtk_env, free_port, require_tool
 
@@ -28,21 +28,13 @@ def make_certs(folder: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Test CA",
-    )
+    def self_signed(name: str, common_name: str) -> None:
+        run(
+            *f"req -x509 -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.pem -days 2 -subj".split(),
+            f"/CN={common_name}",
+        )
+
+    self_signed("ca", "Test CA")
     for name in ("server", "client"):
         run(
             "req",
@@ -74,21 +66,7 @@ def make_certs(folder: Path) -> dict[str, Path]:
             "-extfile",
             f"{name}.ext",
         )
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "rogue.key",
-        "-out",
-        "rogue.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=rogue",
-    )
+    self_signed("rogue", "rogue")
     return {p.stem + p.suffix.replace(".", "_"): p for p in folder.iterdir()}
 
 
@@ -135,9 +113,7 @@ def tls_args(certs: dict[str, Path], who: str = "client") -> list[str]:
     return ["+tls", str(certs[f"{who}_key"]), str(certs[f"{who}_pem"]), "+cf", str(certs["ca_pem"])]
 
 
-def test_stalled_and_idle_peers_do_not_block_a_legitimate_echo(
-    tls_listener: Listener, certs: dict[str, Path]
-) -> None:
+def test_stalled_and_idle_peers_do_not_block_a_legitimate_echo(tls_listener: Listener, certs: dict[str, Path]) -> None:
     peers = []
     for port in (tls_listener.port, tls_listener.tls_port):
         for _ in range(6):  # more than max_associations (4), on each port
@@ -145,9 +121,7 @@ def test_stalled_and_idle_peers_do_not_block_a_legitimate_echo(
             peers.append(s)  # idle: opens TCP and never speaks
         for _ in range(6):
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(
-                b"\x01\x00\x00\x00\x03\xe8\x00\x01"
-            )  # A-ASSOCIATE-RQ header announcing 1000 bytes, then 2
+            s.sendall(b"\x01\x00\x00\x00\x03\xe8\x00\x01")  # A-ASSOCIATE-RQ header announcing 1000 bytes, then 2
             peers.append(s)
     time.sleep(0.5)
     try:

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.spool.store import SeriesState, Spool, SpoolFull
+from edge_runtime.egress.destination import Destination
+from edge_runtime.imaging.volume import SliceGeometry
+from edge_runtime.spool import ResultRow, SeriesState, Spool, SpoolFull
+
+PACS = Destination.parse("PACS@h:1")
+P = Destination.parse("P@h:1")
 
 
 def store(spool: Spool, sop: str, series: str = "1.2.3.2", data: bytes = b"DICM-data") -> object:
@@ -73,10 +78,10 @@ def test_quiet_period_queue_claim_publish(tmp_path: Path) -> None:
     assert [r.id for r in queued] == [s.series_id]
     job = spool.claim_job()
     assert job is not None and job.state is SeriesState.PROCESSING and spool.claim_job() is None
-    result = spool.publish(job.id, job.generation, "m 1", tmp_path, [tmp_path / "seg.dcm"], ["PACS@h:1"])
+    result = spool.publish(job.id, job.generation, "m 1", tmp_path, [tmp_path / "seg.dcm"], [PACS])
     assert result is not None
     assert spool.series(job.id).state is SeriesState.DONE
-    assert [i.destination for i in spool.due_outbox()] == ["PACS@h:1"]
+    assert [str(i.destination) for i in spool.due_outbox()] == ["PACS@h:1"]
 
 
 def test_result_of_a_series_that_grew_meanwhile_is_not_published(tmp_path: Path) -> None:
@@ -85,7 +90,7 @@ def test_result_of_a_series_that_grew_meanwhile_is_not_published(tmp_path: Path)
     spool.queue_quiet_series(0.0)
     job = spool.claim_job()
     store(spool, "1.2")  # a late instance arrives while the job runs
-    assert spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "x"], ["P@h:1"]) is None
+    assert spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "x"], [P]) is None
     row = spool.series(job.id)
     assert row.state is SeriesState.RECEIVING and row.instance_count == 2
     assert spool.due_outbox() == []
@@ -112,7 +117,7 @@ def test_outbox_retry_bookkeeping(tmp_path: Path) -> None:
     store(spool, "1.1")
     spool.queue_quiet_series(0.0)
     job = spool.claim_job()
-    spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "seg.dcm"], ["P@h:1"])
+    spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "seg.dcm"], [P])
     (item,) = spool.due_outbox()
     spool.mark_failed_attempt(item.id, "refused", retry_at=1e12)
     assert spool.due_outbox() == [] and spool.outbox_counts() == {"pending": 1}
@@ -137,7 +142,7 @@ def test_retention_purges_finished_series_only(tmp_path: Path) -> None:
     spool.queue_quiet_series(0.0)
     for _ in range(2):
         job = spool.claim_job()
-        dests = ["P@h:1"] if job.id == unsent.series_id else []
+        dests = [P] if job.id == unsent.series_id else []
         spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "seg.dcm"], dests)
     store(spool, "1.4", series="5.3")  # keeps 5.3 receiving
     files_before = set(spool.instances_dir.rglob("*.dcm"))
@@ -156,3 +161,28 @@ def test_orphan_files_from_an_interrupted_store_are_removed(tmp_path: Path) -> N
     orphan.write_bytes(b"never acknowledged")
     assert spool.remove_orphans() == 1
     assert not orphan.exists() and spool.instance_paths(kept.series_id)[0].exists()
+
+
+def test_rows_come_back_typed(tmp_path: Path) -> None:
+    """Geometry, destinations and results go in and come out as types; the index's text stays inside."""
+    spool = Spool(tmp_path)
+    geometry = SliceGeometry(
+        iop=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        ipp=(0.0, 0.0, 2.5),
+        rows=16,
+        columns=16,
+        pixel_spacing=(0.8, 0.8),
+        thickness=2.5,
+        expected=None,
+    )
+    common = dict(called_ae="EDGE", calling_ae="CT", study_uid="1.2", series_uid="1.2.1", sop_class="1.2")
+    common.update(transfer_syntax="1.2.840.10008.1.2.1", modality="CT")
+    spool.store(b"a", **common, sop_uid="1.2.1.1", geometry=geometry)
+    stored = spool.store(b"b", **common, sop_uid="1.2.1.2")  # not an image slice: no geometry
+    assert spool.instance_geometries(stored.series_id) == [geometry], "an instance without geometry is skipped"
+    spool.queue_quiet_series(0.0)
+    job = spool.claim_job()
+    assert job is not None
+    result_id = spool.publish(job.id, job.generation, "m", tmp_path / "r", [tmp_path / "seg.dcm"], [PACS, P])
+    assert spool.results(job.id) == [ResultRow(result_id, job.id, job.generation, "m", tmp_path / "r")]
+    assert [item.destination for item in spool.due_outbox()] == [PACS, P]

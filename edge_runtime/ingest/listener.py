@@ -20,18 +20,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import select
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.dimse_primitives import C_STORE
 
 from edge_runtime.dicom import (
     COMPRESSED_SYNTAXES,
@@ -47,7 +46,8 @@ from edge_runtime.dicom import (
     VERIFICATION,
 )
 from edge_runtime.imaging.volume import SliceGeometry
-from edge_runtime.spool.store import Spool, SpoolFull
+from edge_runtime.ingest.guard import ConnectionGuard, GuardedAssociationServer, tls_context
+from edge_runtime.spool import Spool, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def decodable_syntaxes() -> list[str]:
     """Native syntaxes, then the compressed ones for which pydicom has a working decoder installed."""
     from pydicom.pixels import get_decoder
 
-    syntaxes = list(NATIVE_SYNTAXES)
+    syntaxes: list[str] = list(NATIVE_SYNTAXES)
     for uid in COMPRESSED_SYNTAXES:
         try:
             if get_decoder(uid).is_available:
@@ -130,114 +130,6 @@ class ListenerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
-
-
-class GuardedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the accept path closed to slow or silent peers.
-
-    - Accepted sockets get a timeout (pynetdicom leaves them blocking), so a peer that stops mid-PDU is
-      dropped instead of holding an association thread forever.
-    - The TLS handshake runs in the connection's own thread, under that timeout (pynetdicom runs it in the
-      accept loop, where one silent client blocks every other).
-    - No association (and so no association slot) exists until a complete first PDU has arrived: a peer that
-      opens TCP and never speaks, or stops inside its A-ASSOCIATE-RQ, waits in a bounded pending pool and is
-      dropped after ``first_pdu_timeout``.
-    - Connections from outside the allowed networks, or beyond the pending cap, are closed before any thread
-      is spawned or byte parsed.
-    """
-
-    guard: ConnectionGuard
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = self.socket.accept()  # type: ignore[union-attr]
-        client.settimeout(self.guard.stall_timeout)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return client, address
-
-    def verify_request(self, request: object, client_address: object) -> bool:
-        return self.guard.admit(client_address)
-
-    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
-        try:
-            if self.guard.tls is not None:
-                request = self.guard.tls.wrap_socket(request, server_side=True)
-            ready = _wait_for_first_pdu(request, time.monotonic() + self.guard.first_pdu_timeout)
-        except (OSError, ValueError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
-            log.warning("connection from %s dropped before association: %s", _host(client_address), exc)
-            ready = False
-        finally:
-            self.guard.release()
-        if not ready:
-            self.shutdown_request(request)
-            return
-        super().process_request_thread(request, client_address)
-
-
-def _wait_for_first_pdu(sock: socket.socket, deadline: float) -> bool:
-    """Wait until the peer's first PDU is buffered in full (plain TCP) or data flows (TLS)."""
-    while time.monotonic() < deadline:
-        readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
-        if not readable:
-            return False
-        if isinstance(sock, ssl.SSLSocket):
-            return True  # no MSG_PEEK through TLS; the handshake already proved a live peer
-        head = sock.recv(6, socket.MSG_PEEK)
-        if not head:
-            return False  # closed
-        if len(head) == 6:
-            need = 6 + int.from_bytes(head[2:6], "big")
-            if need > 1 << 16 or len(sock.recv(need, socket.MSG_PEEK)) >= need:
-                return True  # complete, or too large for an A-ASSOCIATE-RQ: pynetdicom rejects it
-        time.sleep(0.05)  # part of the PDU is buffered: select would return at once
-    return False
-
-
-@dataclass
-class ConnectionGuard:
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    #: connections accepted but not yet associated
-    max_pending: int = 64
-    stall_timeout: float = 10.0
-    first_pdu_timeout: float = 10.0
-    tls: ssl.SSLContext | None = None
-    _pending: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def admit(self, client_address: object) -> bool:
-        host = _host(client_address)
-        if self.allowed_networks:
-            try:
-                ip = ipaddress.ip_address(host)
-            except ValueError:
-                return False
-            if not any(ip in net for net in self.allowed_networks):
-                log.warning("connection from %s refused: not in the allowed networks", host)
-                return False
-        with self._lock:
-            if self._pending >= self.max_pending:
-                log.warning("connection from %s refused: %d connections waiting to associate", host, self._pending)
-                return False
-            self._pending += 1
-        return True
-
-    def release(self) -> None:
-        with self._lock:
-            self._pending -= 1
-
-
-def _host(client_address: object) -> str:
-    return str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
-
-
-def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
-    """Server TLS (1.2+, BCP 195 ciphers from the system); with ``ca`` every client must present a cert it signed."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile=cert, keyfile=key)
-    if ca:
-        ctx.load_verify_locations(cafile=ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 class Listener:
@@ -290,7 +182,7 @@ class Listener:
 
     def start(self) -> None:
         cfg = self.config
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -299,22 +191,25 @@ class Listener:
             (evt.EVT_DATA_RECV, self._on_data),
         ]
         networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks)
-        ports = [(cfg.port, None)]
+        ports: list[tuple[int, ssl.SSLContext | None]] = [(cfg.port, None)]
         if cfg.tls_port:
             if not (cfg.tls_cert and cfg.tls_key):
                 raise ValueError("a TLS port needs tls_cert and tls_key")
             ports.append((cfg.tls_port, tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)))
         for port, tls in ports:
-            server = self.ae.make_server((cfg.host, port), evt_handlers=handlers, server_class=GuardedAssociationServer)
-            server.guard = ConnectionGuard(
+            guard = ConnectionGuard(
                 networks,
                 max_pending=4 * cfg.max_associations + 16,
                 stall_timeout=min(cfg.network_timeout, 10.0),
                 first_pdu_timeout=cfg.acse_timeout,
                 tls=tls,
             )
-            # make_server() does not register the server with its AE, yet shutdown() expects it there.
-            self.ae._servers.append(server)
+            server = cast(  # make_server() returns an instance of server_class, and passes guard to it
+                GuardedAssociationServer,
+                self.ae.make_server(
+                    (cfg.host, port), evt_handlers=handlers, server_class=GuardedAssociationServer, guard=guard
+                ),
+            )
             thread = threading.Thread(target=server.serve_forever, name=f"dicom-listener-{port}", daemon=True)
             thread.start()
             self.servers.append(server)
@@ -375,7 +270,7 @@ class Listener:
     def _store(self, event: evt.Event) -> int:
         t0 = time.perf_counter()
         self._received.pop(id(event.assoc), None)
-        request = event.request
+        request = cast(C_STORE, event.request)  # the EVT_C_STORE handler: always a C-STORE request
         try:
             ds = event.dataset
         except Exception as exc:  # pydicom raises many types on malformed input
@@ -389,13 +284,6 @@ class Listener:
         if isinstance(checked, Refusal):
             log.warning("C-STORE refused (0x%04X): %s", checked.status, checked.reason)
             return checked.status
-        sop_class, sop_uid, study_uid, series_uid = (
-            checked.sop_class,
-            checked.sop_uid,
-            checked.study_uid,
-            checked.series_uid,
-        )
-        modality, geometry = checked.modality, checked.geometry
         called = event.assoc.acceptor.ae_title.strip()
         calling = event.assoc.requestor.ae_title.strip()
         try:
@@ -403,13 +291,13 @@ class Listener:
                 event.encoded_dataset(),
                 called_ae=called,
                 calling_ae=calling,
-                study_uid=str(study_uid),
-                series_uid=str(series_uid),
-                sop_uid=str(sop_uid),
-                sop_class=str(sop_class),
+                study_uid=checked.study_uid,
+                series_uid=checked.series_uid,
+                sop_uid=checked.sop_uid,
+                sop_class=checked.sop_class,
                 transfer_syntax=str(event.context.transfer_syntax),
-                modality=modality,
-                geometry=geometry.to_json() if geometry is not None else None,
+                modality=checked.modality,
+                geometry=checked.geometry,
             )
         except SpoolFull as exc:
             log.error("C-STORE refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)

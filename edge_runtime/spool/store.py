@@ -12,7 +12,6 @@ rather than sent half-done.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import os
@@ -21,13 +20,17 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.dicom import fsync_dir
+from edge_runtime.egress.destination import Destination
 from edge_runtime.errors import SpoolFull
+from edge_runtime.imaging.volume import SliceGeometry
+from edge_runtime.spool.rows import OutboxItem, ResultRow, SeriesRow, SeriesState, StoredInstance
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -83,46 +86,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, next_attempt);
 """
-
-
-class SeriesState(str, enum.Enum):
-    RECEIVING = "receiving"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class StoredInstance:
-    series_id: int
-    key_hash: str
-    duplicate: bool
-    path: Path | None = None
-
-
-@dataclass(frozen=True)
-class SeriesRow:
-    id: int
-    called_ae: str
-    study_uid: str
-    series_uid: str
-    modality: str
-    key_hash: str
-    state: SeriesState
-    generation: int
-    instance_count: int
-    last_received: float
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class OutboxItem:
-    id: int
-    result_id: int
-    path: Path
-    destination: str
-    attempts: int
 
 
 class Spool:
@@ -213,7 +176,7 @@ class Spool:
         sop_class: str,
         transfer_syntax: str,
         modality: str,
-        geometry: str | None = None,
+        geometry: SliceGeometry | None = None,
     ) -> StoredInstance:
         """Make one instance durable and index it. A re-sent SOP Instance UID is acknowledged, not stored twice."""
         key = self.key_hash(called_ae, study_uid, series_uid)
@@ -256,7 +219,7 @@ class Spool:
                         len(data),
                         calling_ae,
                         now,
-                        geometry,
+                        geometry.to_json() if geometry is not None else None,
                     ),
                 )
                 duplicate = cur.rowcount == 0
@@ -310,15 +273,15 @@ class Spool:
             rows = self._db.execute("SELECT path FROM instances WHERE series_id=? ORDER BY id", (series_id,)).fetchall()
         return [self.root / r[0] for r in rows]
 
-    def instance_geometries(self, series_id: int) -> list[str | None]:
-        """The slice geometry recorded at ingest for each instance of a series (None: not an image slice)."""
+    def instance_geometries(self, series_id: int) -> list[SliceGeometry]:
+        """The slice geometry recorded at ingest for each instance of a series that is an image slice."""
         with self._lock:
             rows = self._db.execute("SELECT geometry FROM instances WHERE series_id=?", (series_id,)).fetchall()
-        return [r[0] for r in rows]
+        return [SliceGeometry.from_json(r[0]) for r in rows if r[0]]
 
     # -- series -----------------------------------------------------------------------------------------
 
-    def _row(self, r: tuple) -> SeriesRow:
+    def _row(self, r: tuple[Any, ...]) -> SeriesRow:
         return SeriesRow(r[0], r[1], r[2], r[3], r[4], r[5], SeriesState(r[6]), r[7], r[8], r[9], r[10])
 
     _COLUMNS = (
@@ -406,34 +369,12 @@ class Spool:
     def fail(self, series_id: int, generation: int, reason: str) -> bool:
         """Record why a series produced no result (only if no newer instance arrived meanwhile)."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
-                (
-                    SeriesState.FAILED.value,
-                    reason,
-                    time.time(),
-                    series_id,
-                    generation,
-                    SeriesState.PROCESSING.value,
-                ),
-            )
-        return cur.rowcount == 1
+            return _end_processing(db, series_id, generation, SeriesState.FAILED, reason, time.time())
 
     def finish(self, series_id: int, generation: int, note: str) -> bool:
         """Mark a processed series done without a result of its own (e.g. a reference SEG that was compared)."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
-                (
-                    SeriesState.DONE.value,
-                    note,
-                    time.time(),
-                    series_id,
-                    generation,
-                    SeriesState.PROCESSING.value,
-                ),
-            )
-        return cur.rowcount == 1
+            return _end_processing(db, series_id, generation, SeriesState.DONE, note, time.time())
 
     def publish(
         self,
@@ -441,18 +382,14 @@ class Spool:
         generation: int,
         model: str,
         directory: Path,
-        files: list[Path],
-        destinations: list[str],
+        files: Sequence[Path],
+        destinations: Sequence[Destination],
         timings: str = "{}",
     ) -> int | None:
         """Commit a result and its outbox rows, if ``generation`` is still the series' current one."""
         now = time.time()
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE series SET state=?, reason=NULL, updated=? WHERE id=? AND generation=? AND state=?",
-                (SeriesState.DONE.value, now, series_id, generation, SeriesState.PROCESSING.value),
-            )
-            if cur.rowcount != 1:
+            if not _end_processing(db, series_id, generation, SeriesState.DONE, None, now):
                 return None
             result_id = db.execute(
                 "INSERT INTO results (series_id, generation, model, directory, created, timings) VALUES (?,?,?,?,?,?)",
@@ -462,17 +399,18 @@ class Spool:
                 for f in files:
                     db.execute(
                         "INSERT INTO outbox (result_id, path, destination, state, next_attempt) VALUES (?,?,?,?,?)",
-                        (result_id, str(f), dest, "pending", now),
+                        (result_id, str(f), str(dest), "pending", now),
                     )
         return result_id
 
-    def results(self, series_id: int) -> list[tuple[int, int, str, Path]]:
+    def results(self, series_id: int) -> list[ResultRow]:
+        """The results published for a series, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, generation, model, directory FROM results WHERE series_id=? ORDER BY id",
+                "SELECT id, series_id, generation, model, directory FROM results WHERE series_id=? ORDER BY id",
                 (series_id,),
             ).fetchall()
-        return [(r[0], r[1], r[2], Path(r[3])) for r in rows]
+        return [ResultRow(r[0], r[1], r[2], r[3], Path(r[4])) for r in rows]
 
     # -- retention -------------------------------------------------------------------------------------------
 
@@ -527,7 +465,7 @@ class Spool:
                 "AND next_attempt <= ? ORDER BY id",
                 (now,),
             ).fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows]
+        return [OutboxItem(r[0], r[1], Path(r[2]), Destination.parse(r[3]), r[4]) for r in rows]
 
     def next_outbox_attempt(self) -> float | None:
         with self._lock:
@@ -556,9 +494,20 @@ class Spool:
         return {r[0]: r[1] for r in rows}
 
 
+def _end_processing(
+    db: sqlite3.Connection, series_id: int, generation: int, state: SeriesState, reason: str | None, now: float
+) -> bool:
+    """Move a series out of processing to ``state``, unless an instance arrived since ``generation`` (then the
+    series is receiving again and this outcome is stale). Runs inside the caller's transaction."""
+    cur = db.execute(
+        "UPDATE series SET state=?, reason=?, updated=? WHERE id=? AND generation=? AND state=?",
+        (state.value, reason, now, series_id, generation, SeriesState.PROCESSING.value),
+    )
+    return cur.rowcount == 1
+
+
 def _unlink_quietly(path: Path) -> None:
     try:
         path.unlink()
     except FileNotFoundError:
         pass
-

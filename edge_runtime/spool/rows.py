@@ -1,0 +1,70 @@
+"""What the spool hands out: typed rows, never SQL tuples, JSON or strings to parse again.
+
+The index stores text (a geometry as JSON, a destination as ``AE@host:port``); the spool turns it back into
+the types the other stages work with, so no caller unpacks a row by position or parses what the spool kept.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.egress.destination import Destination
+
+
+class SeriesState(str, enum.Enum):
+    """Where a series stands: receiving -> queued -> processing -> done | failed; a new instance reopens it."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """The outcome of one C-STORE: its series, and whether it was new (``path``) or a re-sent duplicate."""
+
+    series_id: int
+    key_hash: str
+    duplicate: bool
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    id: int
+    called_ae: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    key_hash: str
+    state: SeriesState
+    generation: int
+    instance_count: int
+    last_received: float
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """A published result: the model that made it and the directory that holds its files."""
+
+    id: int
+    series_id: int
+    generation: int
+    model: str
+    directory: Path
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One result file still to be sent to one destination."""
+
+    id: int
+    result_id: int
+    path: Path
+    destination: Destination
+    attempts: int
