@@ -53,7 +53,7 @@ def make_phantom(
     ``shape`` and ``spacing`` are ``(z, y, x)`` (mm). ``rng`` seeds everything (same seed, same
     phantom); ``variety=False`` gives the canonical anatomy and tissue values (noise still comes from
     ``rng``). The anatomy depends only on the seed and the field of view (``shape * spacing``), not on
-    the spacing itself. Arrays follow the module conventions (column index toward patient left, row
+    the spacing itself. Arrays follow the package conventions (column index toward patient left, row
     toward posterior, slice toward superior), so :func:`write_series` with its default orientation
     writes an anatomically correct series.
     """
