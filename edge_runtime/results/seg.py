@@ -13,9 +13,11 @@ so the two cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom.datadict import keyword_dict
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -81,6 +83,19 @@ class SegIdentity:
             device_serial_number=device_serial_number,
             content_description=f"{package.identity}"[:64],
         )
+
+    def by_keyword(self) -> dict[str, Any]:
+        """The same values by DICOM keyword (``sop_instance_uid``: ``SOPInstanceUID``), for an encoder that sets
+        them on a Dataset."""
+        return {_keyword(name): value for name, value in asdict(self).items()}
+
+
+def _keyword(parameter: str) -> str:
+    """The DICOM keyword of a highdicom parameter named after it."""
+    keyword = "".join(part.upper() if part in ("sop", "uid") else part.capitalize() for part in parameter.split("_"))
+    if keyword not in keyword_dict:
+        raise KeyError(f"{parameter!r} names no DICOM attribute ({keyword!r} is not a keyword)")
+    return keyword
 
 
 def segment_descriptions(package: ModelPackage, uid_seed: str) -> list[hd.seg.SegmentDescription]:

@@ -342,18 +342,12 @@ def _patient_and_study(ds: Dataset, src: Dataset) -> None:
 
 
 def _series_equipment_and_sop_common(ds: Dataset, identity: SegIdentity, src: Dataset, now: datetime.datetime) -> None:
-    """General Series, General Equipment (and Enhanced General Equipment), SOP Common modules."""
+    """General Series, General Equipment (and Enhanced General Equipment), SOP Common modules, and the
+    identifying attributes of the Segmentation Image module (Content Label, Description, Creator's Name)."""
     ds.Modality = "SEG"
-    ds.SeriesInstanceUID = identity.series_instance_uid
-    ds.SeriesNumber = identity.series_number
-    ds.SeriesDescription = identity.series_description
-    ds.Manufacturer = identity.manufacturer
-    ds.ManufacturerModelName = identity.manufacturer_model_name
-    ds.DeviceSerialNumber = identity.device_serial_number
-    ds.SoftwareVersions = identity.software_versions
     ds.SOPClassUID = SegmentationStorage
-    ds.SOPInstanceUID = identity.sop_instance_uid
-    ds.InstanceNumber = identity.instance_number
+    for keyword, value in identity.by_keyword().items():
+        setattr(ds, keyword, value)
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S.%f")
     ds.ContentDate = now.strftime("%Y%m%d")
@@ -382,8 +376,8 @@ def _contributing_equipment(source: Dataset, now: datetime.datetime) -> list[Dat
     return items
 
 
-def _image_and_segmentation_image(ds: Dataset, src: Dataset, identity: SegIdentity) -> None:
-    """General Image, Image Pixel and Segmentation Image modules (the segments themselves aside)."""
+def _image_and_segmentation_image(ds: Dataset, src: Dataset) -> None:
+    """General Image, Image Pixel and Segmentation Image modules (segments and identifying attributes aside)."""
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -401,9 +395,6 @@ def _image_and_segmentation_image(ds: Dataset, src: Dataset, identity: SegIdenti
                 ds.add(src.data_element(keyword))  # type: ignore[arg-type]
     ds.SegmentationType = "BINARY"
     ds.SegmentsOverlap = "NO"  # a label map: one segment per voxel
-    ds.ContentLabel = identity.content_label
-    ds.ContentDescription = identity.content_description
-    ds.ContentCreatorName = identity.content_creator_name
 
 
 def _multiframe_dimension(ds: Dataset, organization_uid: str) -> None:
@@ -490,7 +481,7 @@ def encode_binary_seg(
     if "FrameOfReferenceUID" in src:  # Frame of Reference
         ds.FrameOfReferenceUID = src.FrameOfReferenceUID
         ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator")
-    _image_and_segmentation_image(ds, src, identity)
+    _image_and_segmentation_image(ds, src)
     ds.SegmentSequence = segment_descriptions(package, uid_seed)
     _multiframe_dimension(ds, derive_uid(uid_seed, "dimension-organization"))
     single_segment = len(values) == 1
