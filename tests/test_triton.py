@@ -381,7 +381,7 @@ def test_runner_rides_out_a_server_restart(
     shared memory is registered again with the new server."""
     import threading
 
-    from edge_runtime.inference.runner import triton as triton_module
+    from edge_runtime.inference.runner.triton import retry as triton_module
 
     monkeypatch.setattr(triton_module, "RETRY_BACKOFF_S", (0.5,))
     first = TritonServer(tmp_path / "first", DEFAULT_PACKAGE)

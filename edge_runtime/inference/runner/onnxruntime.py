@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 
+from edge_runtime.errors import BackendUnavailable, RunnerError
 from edge_runtime.inference.package import ModelPackage
-from edge_runtime.inference.runner.base import BackendUnavailable, Runner, RunnerError
+from edge_runtime.inference.runner.base import Runner
 
 log = logging.getLogger(__name__)
 
