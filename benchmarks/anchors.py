@@ -1,7 +1,7 @@
 """Anchors for the latency targets, measured in the same run on this machine.
 
 (a) ``ingest``: the same 512x512xN series sent with DCMTK ``storescu`` (TCP_NODELAY=1, one association) to
-    our service, to DCMTK ``storescp -od`` and to ``benchmarks/minimal_scp.py`` (pynetdicom, raw bytes to
+    our service, to DCMTK ``storescp -od`` and to ``benchmarks.minimal_scp`` (pynetdicom, raw bytes to
     files); storescu wall time each, interleaved (the order rotates every repetition). The service gets a
     copy with new UIDs every time and is idle (previous result sent) before each send.
 (b) ``windows``: per-window inference on the spleen UNet: ONNX Runtime through the project's runner
@@ -12,15 +12,15 @@
     OPENBLAS_L2_SIZE unset (and, for contrast, with the environment as is), with threadpoolctl's report.
 ``overhead``: the inference stage without the network (``sliding_window`` with a runner that returns
     zeros) and the pre/post-processing steps, in-process on the same series.
-(c) ``seg``: ``benchmarks/bench_seg.py --no-write`` (another engineer's SEG encoder benchmark), verbatim.
+(c) ``seg``: ``python -m benchmarks.bench_seg --no-write`` (another engineer's SEG encoder benchmark), verbatim.
 (d) ``monai``: the MONAI Deploy App SDK spleen app (``benchmarks/monai_deploy/run.sh``) on the same series
     with the same weights (TorchScript), /usr/bin/time -v wall and peak RSS; compared with the latest
-    ``latency.py`` result for the same package and slice count, if there is one.
+    ``benchmarks.latency`` result for the same package and slice count, if there is one.
     ``h2h``: the same, interleaved with warm runs of our service (pairs share the machine's noise).
 
 Writes ``benchmarks/results/anchors.json`` and ``anchors.md`` and prints the Markdown::
 
-    python benchmarks/anchors.py [--only ingest,windows,overhead,ceiling,seg,monai] [--slices 300] [--reps 5]
+    python -m benchmarks.anchors [--only ingest,windows,overhead,ceiling,seg,monai] [--slices 300] [--reps 5]
                                  [--model benchmarks/results/spleen-unet] [--md-runs 1]
 """
 
@@ -36,12 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import harness, latency
+from benchmarks.report import REPO, RESULTS, command, fmt, machine, median, write_results
+from tests.peers import StoreSCP
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import harness  # noqa: E402
-from harness import PYTHON, RESULTS, fmt, median  # noqa: E402
-
+PYTHON = sys.executable
 SPLEEN = RESULTS / "spleen-unet"
 MDVENV = RESULTS / "mdvenv"
 
@@ -80,7 +80,7 @@ def fsync_floor(files: list[Path], folder: Path, mode: str = "spool") -> float:
 
 def ingest(slices: int, reps: int, work: Path, variants: bool = True) -> dict:
     base = harness.base_series(slices)
-    pacs = harness.DcmtkSCP(work / "pacs")
+    pacs = StoreSCP(work / "pacs", fork=False)
     service = harness.Service(work / "service", "--destination", pacs.address)
     nocache = (
         harness.Service(work / "service-nocache", "--destination", pacs.address, "--decode-cache-mb", "0")
@@ -88,7 +88,7 @@ def ingest(slices: int, reps: int, work: Path, variants: bool = True) -> dict:
         else None
     )
     scp_dir, min_dir = work / "storescp", work / "minimal"
-    dcmtk = harness.DcmtkSCP(scp_dir, ae_title="STORESCP")
+    dcmtk = StoreSCP(scp_dir, ae_title="STORESCP", fork=False)
     minimal = harness.MinimalSCP(min_dir)
     walls: dict[str, list[float]] = {"ours": [], "storescp": [], "minimal": []}
     if nocache is not None:
@@ -113,12 +113,12 @@ def ingest(slices: int, reps: int, work: Path, variants: bool = True) -> dict:
                     if who == "ours_no_decode_cache":
                         copy = harness.fresh_copy(base, work / "send")
                         time.sleep(0.5)
-                    r = harness.storescu(copy.files, svc.port, svc.ae_title)
+                    r = harness.timed_storescu(copy.files, svc.port, svc.ae_title)
                     svc.record(copy.series_uid, timeout=300)  # idle again before the next send
                 elif who == "storescp":
-                    r = harness.storescu(copy.files, dcmtk.port, dcmtk.ae_title)
+                    r = harness.timed_storescu(copy.files, dcmtk.port, dcmtk.ae_title)
                 else:
-                    r = harness.storescu(copy.files, minimal.port, minimal.ae_title)
+                    r = harness.timed_storescu(copy.files, minimal.port, minimal.ae_title)
                     n_min = len(list(min_dir.iterdir()))
                     if n_min != slices:
                         raise RuntimeError(f"minimal SCP wrote {n_min} files, expected {slices}")
@@ -230,7 +230,7 @@ WORKER = r"""
 import json, os, sys, time
 import numpy as np
 kind, package_dir, windows_path, batch_size, reps, out_npy = sys.argv[1:7]
-threads = int(sys.argv[8])  # 0: the engine's default (one per core)
+threads = int(sys.argv[7])  # 0: the engine's default (one per core)
 batch_size, reps = int(batch_size), int(reps)
 x = np.load(windows_path)
 if kind == "ort":
@@ -241,8 +241,7 @@ if kind == "ort":
     info = runner.describe()
 else:
     import torch
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[7])))
-    from make_spleen_package import build_unet
+    from benchmarks.make_spleen_package import build_unet
     meta = json.load(open(os.path.join(package_dir, "unet.json")))
     net = build_unet(meta["norm"], meta["seed"])
     net.load_state_dict(torch.load(os.path.join(package_dir, "weights.pt")))
@@ -299,7 +298,7 @@ def windows(package_dir: Path, slices: int, work: Path, rounds: int, reps: int, 
     wpath = make_windows(package_dir, slices, 8, work / "windows.npy")
     script = work / "window_worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, PYTHONPATH=f"{harness.REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     results: dict[str, dict] = {}
     outputs: dict[str, Path] = {}
     paired: dict[int, list[float]] = {1: [], pkg_batch: []}  # torch/ort ratio of medians, per round
@@ -317,7 +316,6 @@ def windows(package_dir: Path, slices: int, work: Path, rounds: int, reps: int, 
                     str(batch),
                     str(reps),
                     str(out_npy),
-                    str(HERE / "make_spleen_package.py"),
                     str(threads),
                 ]
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
@@ -387,19 +385,18 @@ def ceiling() -> dict:
 
 
 def seg_bench() -> dict:
-    script = HERE / "bench_seg.py"
-    if not script.exists():
+    if not (HERE / "bench_seg.py").exists():
         return {"skipped": "benchmarks/bench_seg.py not present"}
     t0 = time.perf_counter()
     p = subprocess.run(
-        [PYTHON, str(script), "--no-write"], capture_output=True, text=True, timeout=1800, cwd=harness.REPO
+        [PYTHON, "-m", "benchmarks.bench_seg", "--no-write"], capture_output=True, text=True, timeout=1800, cwd=REPO
     )
     return {
         "returncode": p.returncode,
         "stdout": p.stdout.strip(),
         "stderr_tail": p.stderr[-1500:],
         "wall_s": time.perf_counter() - t0,
-        "command": f"{PYTHON} benchmarks/bench_seg.py --no-write",
+        "command": f"{PYTHON} -m benchmarks.bench_seg --no-write",
     }
 
 
@@ -478,12 +475,10 @@ def head_to_head(package_dir: Path, slices: int, pairs: int, work: Path) -> dict
     pair is one MONAI Deploy run (``run.sh``, /usr/bin/time -v) and one warm ``latency.py`` run (new UIDs),
     in alternating order. Ratios are per pair; the summary is their median.
     """
-    import latency
-
     if not (MDVENV / "bin" / "python").exists():
         return {"skipped": f"no MONAI Deploy venv at {MDVENV}: run benchmarks/monai_deploy/setup.sh"}
     base = harness.base_series(slices)
-    pacs = harness.DcmtkSCP(work / "pacs")
+    pacs = StoreSCP(work / "pacs", fork=False)
     service = harness.Service(work / "service", "--model", str(package_dir), "--destination", pacs.address)
     out: dict[str, object] = {"pairs": []}
     try:
@@ -680,7 +675,8 @@ def markdown(res: dict) -> str:
     if "seg" in res:
         s = res["seg"]
         L += [
-            "**(c) SEG encoding**: `benchmarks/bench_seg.py --no-write` (another engineer's benchmark), verbatim:",
+            "**(c) SEG encoding**: `python -m benchmarks.bench_seg --no-write` (another engineer's benchmark), "
+            "verbatim:",
             "",
         ]
         L += [s.get("stdout") or s.get("skipped") or f"failed: {s.get('stderr_tail')}", ""]
@@ -789,8 +785,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     res: dict[str, object] = {
-        "machine": harness.machine(),
-        "command": " ".join([PYTHON, "benchmarks/anchors.py", *(argv or sys.argv[1:])]),
+        "machine": machine(),
+        "command": command("anchors", argv),
     }
     path = RESULTS / f"{args.out}.json"
     if path.exists():  # keep parts measured by an earlier invocation with another --only
@@ -816,8 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         res["monai_vs_ours"] = compare_with_latency(res["monai"], package_dir, args.slices)  # type: ignore[arg-type]
     res["load_avg_end"] = os.getloadavg()
     md = markdown(res)
-    path.write_text(json.dumps(res, indent=1, default=str))
-    (RESULTS / f"{args.out}.md").write_text(md + "\n")
+    write_results(args.out, md, res)
     print(md)
     shutil.rmtree(work / "ingest", ignore_errors=True)
     return 0

@@ -1,6 +1,6 @@
 """INT8 (QDQ, ``edge-export quantize``) against FP32 in ONNX Runtime on the CPU: speed per window and Dice.
 
-Model: by default the MONAI spleen UNet shape (``benchmarks/models.py``: ``UNet(3, 1, 2, (16, 32, 64, 128, 256),
+Model: by default the MONAI spleen UNet shape (``benchmarks.models``: ``UNet(3, 1, 2, (16, 32, 64, 128, 256),
 (2, 2, 2, 2), num_res_units=2)``, seeded random weights) exported through ``export.onnx.export_onnx`` with the
 spleen bundle's manifest (patch 96^3, 2.0 x 1.5 x 1.5 mm, ct_window -57..164); or any FP32 package with
 ``--package DIR`` (e.g. the trained phantom U-Net, whose labels the phantom's ground truth also has).
@@ -17,13 +17,12 @@ INT8 QDQ on a CPU is not automatically faster: ONNX Runtime runs quantised convo
 only where it has them (and they pay off with VNNI / AMX); elsewhere Q/DQ pairs add work. The table reports
 what this machine does. Usage::
 
-    python benchmarks/bench_int8.py [--package DIR] [--windows 8] [--repeats 5] [--volume-shape 96 192 192]
+    python -m benchmarks.bench_int8 [--package DIR] [--windows 8] [--repeats 5] [--volume-shape 96 192 192]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,28 +34,12 @@ from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.make_spleen_package import spleen_manifest
+from benchmarks.report import cpu_model, write_results
 
-SPLEEN_MANIFEST = {
-    "name": "spleen-unet-random",
-    "version": "0.1.0",
-    "description": "Benchmark model: the MONAI spleen_ct_segmentation UNet shape with seeded random weights.",
-    "model": {"input": "image", "output": "logits", "input_channels": 1, "activation": "softmax"},
-    "series_filter": {"modalities": ["CT"]},
-    "preprocessing": {
-        "target_spacing": [2.0, 1.5, 1.5],
-        "normalization": {"kind": "ct_window", "lower": -57, "upper": 164, "mean": -57, "std": 221},
-    },
-    "inference": {"patch_size": [96, 96, 96], "overlap": 0.5, "blending": "constant", "batch_size": 1},
-    "labels": [{
-        "value": 1, "name": "Spleen",
-        "category": {"value": "91772007", "scheme": "SCT", "meaning": "Organ"},
-        "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"},
-        "color": [157, 108, 162],
-    }],
-}
+SPLEEN_MANIFEST = spleen_manifest(
+    "Benchmark model: the MONAI spleen_ct_segmentation UNet shape with seeded random weights.", batch_size=1
+)
 
 
 def cpu_flags() -> list[str]:
@@ -69,13 +52,7 @@ def cpu_flags() -> list[str]:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return cpu_model() or platform.processor() or "unknown CPU"
 
 
 def build_spleen_package(out: Path, seed: int) -> Any:
@@ -250,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(table) + "\n"
     print(text)
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "int8.md").write_text(text, encoding="utf-8")
-        (RESULTS / "int8.json").write_text(json.dumps({
+        write_results("int8", text, {
             "package": fp32.identity, "patch": list(patch), "windows": len(windows), "repeats": args.repeats,
             "volume_shape": list(shape), "threads": args.threads, "speed_ratio_fp32_over_int8": ratio,
             "median_pair_ratio": pair_ratio, "times_s": times,
@@ -262,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "method": args.method},
             "cpu": cpu_name(), "cpu_flags": flags, "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-        }, indent=2) + "\n", encoding="utf-8")
+        })
     tmp.cleanup()
     return 0
 

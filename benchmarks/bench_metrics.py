@@ -21,13 +21,12 @@ and, once each, the independent reference implementations as anchors in the same
 Prints a Markdown table and writes it to ``benchmarks/results/metrics.md``, with the raw figures in
 ``benchmarks/results/metrics.json``. Usage::
 
-    python benchmarks/bench_metrics.py [--shape 500 512 512] [--labels 100] [--repeats 3]
+    python -m benchmarks.bench_metrics [--shape 500 512 512] [--labels 100] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,9 +41,10 @@ import numpy as np
 import scipy
 from scipy import ndimage
 
+from benchmarks.harness import paint_ellipsoid
+from benchmarks.report import RESULTS, table_head, write_results
 from edge_runtime.quality.metrics import compare_label_maps, surface_distances
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPACING = (1.25, 0.78, 0.78)  # (z, y, x) mm, a typical abdominal CT
 
 
@@ -56,12 +56,7 @@ def make_volumes(shape: tuple[int, int, int], n_labels: int, seed: int = 0) -> t
     radii_all = np.exp(rng.uniform(np.log(8), np.log(120), (n_labels, 3)))
     radii_all[:, 0] *= 0.6  # fewer voxels along z (thicker slices)
     for label, radii in enumerate(radii_all, start=1):
-        centre = rng.uniform(radii, np.array(shape) - radii)
-        lo = np.maximum(np.floor(centre - radii).astype(int), 0)
-        hi = np.minimum(np.ceil(centre + radii).astype(int) + 1, shape)
-        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
-        ref[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))][inside] = label
+        paint_ellipsoid(ref, label, radii, rng)
     pred = np.roll(ref, (1, 2, -1), axis=(0, 1, 2))
     boxes = ndimage.find_objects(pred)
     for label, box in enumerate(boxes, start=1):
@@ -252,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Median of {args.repeats} runs for edge_runtime, one run for references. "
         f"Anchor labels {subset} (smallest, median, largest by volume: "
         f"{env['anchor_label_voxels']} voxels).\n",
-        "| what | implementation | labels | median s | s / label | edge_runtime speedup |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *table_head("what", "implementation", "labels", "median s", "s / label", "edge_runtime speedup", left=2),
     ]
     for r in rows:
         speed = "" if r["edge_runtime_speedup"] is None else f"{r['edge_runtime_speedup']:.1f}x"
@@ -268,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     text = "\n".join(md) + "\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.md").write_text(text)
-    (args.out / "metrics.json").write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    write_results("metrics", text, {"environment": env, "results": rows}, args.out)
     return 0
 
 

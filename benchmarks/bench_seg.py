@@ -12,13 +12,12 @@ both writing to a file in a temporary folder, and checks that the two files hold
 Dimension Index Values, referenced instances and pixel bits). Prints a Markdown table and writes it to
 ``benchmarks/results/seg.md``, with the raw figures in ``benchmarks/results/seg.json``. Usage::
 
-    python benchmarks/bench_seg.py [--shape 500 512 512] [--labels 117] [--repeats 5] [--anchor-repeats 1]
+    python -m benchmarks.bench_seg [--shape 500 512 512] [--labels 117] [--repeats 5] [--anchor-repeats 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,17 +31,17 @@ import highdicom
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
 
+from benchmarks.harness import paint_ellipsoid
+from benchmarks.report import write_results
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
 
-RESULTS = Path(__file__).resolve().parent / "results"
 hd_version = highdicom.__version__
 SPACING = (1.25, 0.78, 0.78)  # (z, y, x) mm, a typical abdominal CT
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def make_sources(shape: tuple[int, int, int], spacing: tuple[float, float, float] = SPACING) -> list[Dataset]:
@@ -50,7 +49,7 @@ def make_sources(shape: tuple[int, int, int], spacing: tuple[float, float, float
     nz, ny, nx = shape
     study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
     base = Dataset()
-    base.SOPClassUID = CT_IMAGE_STORAGE
+    base.SOPClassUID = CTImageStorage
     base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     base.Modality = "CT"
     base.Manufacturer = "bench"
@@ -88,13 +87,7 @@ def make_labels(shape: tuple[int, int, int], n_labels: int, seed: int = 0) -> np
     radii_all = np.minimum(radii_all, (np.array(shape) - 1) / 2)  # small test shapes
     order = np.argsort(-radii_all.prod(axis=1))  # large first, so small structures stay visible
     for index in order:
-        label, radii = int(index) + 1, radii_all[index]
-        centre = rng.uniform(radii, np.array(shape) - radii)
-        lo = np.maximum(np.floor(centre - radii).astype(int), 0)
-        hi = np.minimum(np.ceil(centre + radii).astype(int) + 1, shape)
-        grid = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
-        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
-        labels[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))][inside] = label
+        paint_ellipsoid(labels, int(index) + 1, radii_all[index], rng)
     return labels
 
 
@@ -219,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "seg.md").write_text(table, encoding="utf-8")
-        (RESULTS / "seg.json").write_text(json.dumps({
+        write_results("seg", table, {
             "shape": list(shape), "labels": args.labels, "frames": n_frames, "setup_s": setup_s,
             "highdicom_s": anchor_times, "ours_s": ours_times, "highdicom_build_write_s": anchor_runs,
             "ours_build_write_s": ours_runs, "highdicom_median_s": anchor_s, "highdicom": hd_version,
@@ -229,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours_median_s": ours_s, "speedup": anchor_s / ours_s, "file_bytes": sizes, "same_frames": same,
             "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
             "pydicom": pydicom.__version__, "platform": platform.platform(),
-        }, indent=2) + "\n", encoding="utf-8")
+        })
     return 0 if same else 1
 
 

@@ -1,7 +1,8 @@
 """Benchmark the remote hop: TritonRunner (gRPC to Triton on loopback) vs the local ONNX Runtime runner.
 
-Starts ``tests/triton_server.py`` (PyTriton's tritonserver, CPU, ONNX Runtime inside its Python backend)
-with the bundled package, then times on the same machine, same model, same ONNX Runtime thread count:
+Starts ``tests/triton_server.py`` (PyTriton's tritonserver, CPU, ONNX Runtime inside its Python backend) with
+the bundled package, as the tests start it (``tests.test_triton.TritonServer``: one ONNX Runtime thread), then
+times on the same machine, same model, same ONNX Runtime thread count (``--threads 1``, the default):
 
 * one window (batch 1) and one sliding-window batch (the package's batch size) of the package's patch size:
   local ``OnnxRuntimeRunner.infer`` vs ``TritonRunner.infer`` with raw binary gRPC tensors and with system
@@ -17,19 +18,16 @@ backend), not what a GPU server would save; with a GPU server the same table sho
 Prints a Markdown table and writes it to ``benchmarks/results/triton.md``, with the raw figures in
 ``benchmarks/results/triton.json``. Usage::
 
-    python benchmarks/bench_triton.py [--windows 60] [--repeats 5] [--threads 1] [--in-flight 2]
+    python -m benchmarks.bench_triton [--windows 60] [--repeats 5] [--threads 1] [--in-flight 2]
         [--triton-python ~/venv-triton/bin/python] [--url HOST:PORT --model-name NAME  (an existing server)]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,78 +37,33 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import table_head, write_results
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
 from edge_runtime.inference.runner.triton import TritonRunner
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
-SERVER_SCRIPT = REPO / "tests" / "triton_server.py"
 MODEL_NAME = "ct-bench"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_server(python: str, package_dir: Path, max_batch_size: int) -> tuple[Any, float]:
+    """The tests' Triton server (``tests.test_triton.TritonServer``) on free loopback ports, and the seconds
+    it took to be ready (the interpreter check included)."""
+    import pytest
 
+    os.environ["EDGE_TRITON_PYTHON"] = python  # the interpreter the tests' server runs PyTriton with
+    from tests.test_triton import TritonServer
 
-class Server:
-    def __init__(self, python: str, package_dir: Path, threads: int, max_batch_size: int):
-        import tritonclient.grpc as grpcclient
-
-        self.workdir = Path(tempfile.mkdtemp(prefix="bench-triton-"))
-        self.log_path = self.workdir / "triton.log"
-        grpc_port = free_port()
-        self.url = f"127.0.0.1:{grpc_port}"
-        cmd = [
-            python,
-            str(SERVER_SCRIPT),
-            "--package",
-            str(package_dir),
-            "--model-name",
-            MODEL_NAME,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            str(free_port()),
-            "--threads",
-            str(threads),
-            "--max-batch-size",
-            str(max_batch_size),
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    t0 = time.monotonic()
+    try:
+        server = TritonServer(
+            Path(tempfile.mkdtemp(prefix="bench-triton-")),
+            package_dir,
+            model_name=MODEL_NAME,
+            max_batch_size=max_batch_size,
         )
-        t0 = time.monotonic()
-        with grpcclient.InferenceServerClient(self.url) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"the Triton server exited:\n{self.log_path.read_text()[-3000:]}")
-                try:
-                    if client.is_model_ready(MODEL_NAME, client_timeout=2.0):
-                        break
-                except Exception:
-                    pass
-                if time.monotonic() - t0 > 180:
-                    self.stop()
-                    raise SystemExit("the Triton server was not ready after 180 s")
-                time.sleep(0.25)
-        self.startup_s = time.monotonic() - t0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self._log.close()
+    except pytest.skip.Exception as exc:  # no PyTriton interpreter: the tests skip, the benchmark stops
+        raise SystemExit(f"no Triton server: {exc}") from None
+    return server, time.monotonic() - t0
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -129,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads, local and server"
+        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the local runner (the server: 1)"
     )
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -166,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             yield pool[i % len(pool)][: min(bs, left)]
             left -= bs
 
-    server = None
+    server, startup_s = None, None
     url, model_name = args.url, args.model_name
     if url is None:
         print(f"starting the Triton server ({args.triton_python}) ...", file=sys.stderr)
-        server = Server(args.triton_python, DEFAULT_PACKAGE, args.threads, args.max_batch_size)
+        server, startup_s = start_server(args.triton_python, DEFAULT_PACKAGE, args.max_batch_size)
         url, model_name = server.url, MODEL_NAME
     rows: list[dict[str, Any]] = []
     try:
@@ -245,15 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     base = {r["what"]: r["median_s"] for r in rows if r["runner"] == "onnxruntime (local)"}
     in_mb = one.nbytes / 2**20
     out_mb = in_mb * package.num_classes
+    threads = "on both sides" if args.threads == 1 or not server else "locally and 1 in the server"
     lines = [
         f"Remote hop: TritonRunner vs local ONNX Runtime, model `{package.identity}` patch {list(patch)} "
-        f"({in_mb:.1f} MiB in, {out_mb:.1f} MiB out per window), "
-        f"ONNX Runtime threads {args.threads} on both sides, "
+        f"({in_mb:.1f} MiB in, {out_mb:.1f} MiB out per window), ONNX Runtime threads {args.threads} {threads}, "
         f"Triton {'on loopback (PyTriton, CPU)' if server else url}; median of {args.repeats} runs "
         f"({args.repeats * 4} for single requests).",
         "",
-        "| what | runner | median | per window | overhead vs local | overhead per window |",
-        "|---|---|---:|---:|---:|---:|",
+        *table_head("what", "runner", "median", "per window", "overhead vs local", "overhead per window", left=2),
     ]
     for r in rows:
         b = base[r["what"]]
@@ -271,33 +223,28 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}"
-        + (f"; server start-up {server.startup_s:.1f} s" if server else ""),
+        + (f"; server start-up {startup_s:.1f} s" if server else ""),
     ]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "triton.md").write_text(table + "\n", encoding="utf-8")
-        (RESULTS / "triton.json").write_text(
-            json.dumps(
-                {
-                    "package": package.identity,
-                    "patch_size": list(patch),
-                    "batch_size": bs,
-                    "windows": args.windows,
-                    "threads": args.threads,
-                    "in_flight": args.in_flight,
-                    "repeats": args.repeats,
-                    "runners": describe,
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "server_startup_s": server.startup_s if server else None,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n",
-            encoding="utf-8",
+        write_results(
+            "triton",
+            table,
+            {
+                "package": package.identity,
+                "patch_size": list(patch),
+                "batch_size": bs,
+                "windows": args.windows,
+                "threads": args.threads,
+                "in_flight": args.in_flight,
+                "repeats": args.repeats,
+                "runners": describe,
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "server_startup_s": startup_s,
+                "rows": rows,
+            },
         )
     return 0
 

@@ -34,9 +34,9 @@ Writes ``benchmarks/results/<tag>.md`` (printed) and ``<tag>.json`` (``--tag``, 
 device (``nvidia-smi``) and the versions. Needs only the standard library, numpy, onnxruntime,
 pydicom/pynetdicom and the project (torch, tensorrt, pycuda when present). Examples::
 
-    python benchmarks/gpu.py                                             # bundled model
-    python benchmarks/gpu.py --model benchmarks/results/spleen-unet --slices 300
-    python benchmarks/gpu.py --skip-service --windows 16 --reps 10
+    python -m benchmarks.gpu                                             # bundled model
+    python -m benchmarks.gpu --model benchmarks/results/spleen-unet --slices 300
+    python -m benchmarks.gpu --skip-service --windows 16 --reps 10
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
-import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,14 +58,12 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
+from benchmarks import harness
+from benchmarks.harness import adopt, release, series_files
+from benchmarks.report import REPO, command, cpu_model, fmt, median, pct, table_head, write_results
+from tests.peers import SYSTEM_BIN, ServiceProcess, StoreSCP, storescu, wait_for_seg
+
 PYTHON = sys.executable
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SPACING = (1.0, 500 / 512, 500 / 512)  # the latency baseline's series: 0.977 mm pixels, 1 mm slices
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 _children: list[subprocess.Popen] = []
@@ -90,62 +85,6 @@ def one_line(text: str, n: int = 300) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[-1] if lines else ""
     return line if len(line) <= n else line[: n - 1] + "…"
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def pct(values: list[float | None], q: float) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.percentile(vals, q)) if vals else None
-
-
-def fmt(v: float | None, digits: int = 2) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
-    """SIGTERM, then SIGKILL."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc in _children:
-        _children.remove(proc)
-    return proc.returncode
-
-
-def _stop_children() -> None:
-    for proc in list(_children):
-        stop(proc, 10)
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    _stop_children()
-    raise SystemExit(128 + signum)
 
 
 def module_version(name: str) -> str | None:
@@ -214,7 +153,7 @@ def detect(precision: str, torch_cpu: bool = False) -> tuple[dict, list[dict]]:
     import onnxruntime as ort
 
     import edge_runtime
-    from edge_runtime.inference.pipeline import runner as runners
+    from edge_runtime.inference import runner as runners
 
     providers = list(ort.get_available_providers())
     smi = nvidia_smi()
@@ -228,13 +167,8 @@ def detect(precision: str, torch_cpu: bool = False) -> tuple[dict, list[dict]]:
     }
     for mod in ("pydicom", "pynetdicom", "highdicom"):
         info[mod] = module_version(mod)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    if cpu_model():
+        info["cpu"] = cpu_model()
 
     backends: list[dict] = []
     for dev, prov in ORT_PROVIDERS.items():
@@ -295,26 +229,6 @@ def detect(precision: str, torch_cpu: bool = False) -> tuple[dict, list[dict]]:
 # -- windows -------------------------------------------------------------------------------------------
 
 
-def base_series(slices: int, size: int, seed: int, scratch: Path) -> Path:
-    """The latency benchmarks' phantom series (benchmarks/results/series cache), else written to ``scratch``."""
-    cached = RESULTS / "series" / f"ct{size}x{size}x{slices}-s{seed}"
-    if (cached / ".complete").exists():
-        return cached
-    from phantom import make_phantom, write_series
-
-    folder = scratch / f"ct{size}x{size}x{slices}-s{seed}"
-    if not folder.exists():
-        t0 = time.perf_counter()
-        ph = make_phantom((slices, size, size), SPACING, rng=seed)
-        write_series(ph.hu, ph.spacing, folder, series_description=f"gpu bench {slices}", rng=seed)
-        log(f"wrote series {folder} in {time.perf_counter() - t0:.1f} s")
-    return folder
-
-
-def series_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
-
-
 def make_windows(package_dir: Path, series: Path, count: int, out: Path) -> dict:
     """``count`` windows of the preprocessed series, cut as the service cuts them, spread over the volume."""
     from edge_runtime.imaging.volume import GeometryPolicy, load_volume
@@ -351,8 +265,7 @@ def torch_module(package_dir: Path):
     manifest = json.loads((package_dir / "manifest.json").read_text())
     source = manifest.get("source") or {}
     factory = source.get("factory")
-    if factory:
-        sys.path.insert(0, str(REPO))
+    if factory:  # the worker runs with the repository on PYTHONPATH: project factories import too
         mod_name, _, attr = factory.partition(":") if ":" in factory else factory.rpartition(".")
         fn = getattr(importlib.import_module(mod_name), attr)
         net = fn(**(source.get("args") or {}))
@@ -379,7 +292,7 @@ def worker(spec: dict) -> dict:
         runner = load_runner(package, "onnxruntime", spec["device"])
         run, info, close = runner.infer, runner.describe(), runner.close
     elif kind == "trt":
-        from edge_runtime.inference.pipeline import runner as runners
+        from edge_runtime.inference import runner as runners
 
         engine = Path(spec["scratch"]) / f"{package.name}.{spec['precision']}.engine"
         opts = {"precision": spec["precision"], "engine": engine, "rebuild": True}
@@ -439,7 +352,7 @@ def worker(spec: dict) -> dict:
                 t = time.perf_counter()
                 run(b)
                 times.append((time.perf_counter() - t) / len(b))
-        med = statistics.median(times)
+        med = median(times)
         results.append({"batch": batch, "first_call_s": first_s, "per_window_s": times,
                         "median_ms": 1000 * med, "windows_per_s": 1.0 / med})
     if close is not None:
@@ -453,13 +366,12 @@ def worker(spec: dict) -> dict:
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
-    """This script in ``--worker`` mode; any failure comes back as {"error": ...}."""
-    cmd = [PYTHON, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    """This module in ``--worker`` mode; any failure comes back as {"error": ...}."""
+    cmd = [PYTHON, "-m", "benchmarks.gpu", "--worker", json.dumps(spec)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-        _children.append(proc)
+        proc = adopt(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      start_new_session=True))
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -467,8 +379,7 @@ def run_worker(spec: dict, timeout: float) -> dict:
             out, err = proc.communicate()
             return {"error": f"timed out after {timeout:.0f} s", "stderr": tail(err)}
         finally:
-            if proc in _children:
-                _children.remove(proc)
+            release(proc)
     except OSError as exc:
         return {"error": f"could not start the worker: {exc}"}
     for line in reversed(out.strip().splitlines()):
@@ -486,128 +397,40 @@ def run_worker(spec: dict, timeout: float) -> dict:
 # -- (b) the service path ------------------------------------------------------------------------------
 
 
-def dcmtk_env() -> dict[str, str]:
-    return dict(os.environ, TCP_NODELAY="1")
-
-
-def fresh_copy(src: Path, dst: Path) -> tuple[str, list[Path]]:
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    files = []
-    for p in series_files(src):
-        ds = pydicom.dcmread(p)
-        sop = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SOPInstanceUID = sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.save_as(dst / p.name, enforce_file_format=True)
-        files.append(dst / p.name)
-    return series, files
-
-
-def wait_for_seg(folder: Path, seen: set[str], series_uid: str, timeout: float) -> tuple[Path, float]:
-    """A new SEG referencing ``series_uid`` written by storescp; (path, mtime = when it was stored)."""
-    import pydicom
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for entry in os.scandir(folder):
-            if entry.name in seen or entry.name.startswith(("SR", ".")):
-                continue
-            size = -1
-            while True:  # storescp may still be writing it
-                st = os.stat(entry.path)
-                if st.st_size == size and time.time() - st.st_mtime > 0.05:
-                    break
-                size = st.st_size
-                time.sleep(0.01)
-            seen.add(entry.name)
-            try:
-                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
-                if str(ds.SOPClassUID) != SEG_SOP_CLASS:
-                    continue
-                ref = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            except Exception:
-                continue
-            if ref == series_uid:
-                return Path(entry.path), os.stat(entry.path).st_mtime
-        time.sleep(0.01)
-    raise TimeoutError(f"no SEG for the series at storescp after {timeout:.0f} s")
-
-
-def spool_record(spool: Path, series_uid: str, timeout: float) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        con = sqlite3.connect(f"file:{spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
-        try:
-            row = con.execute("SELECT id, state, last_received, reason FROM series WHERE series_uid=?",
-                              (series_uid,)).fetchone()
-            if row is not None:
-                if row[1] == "failed":
-                    raise RuntimeError(f"series refused by the service: {row[3]}")
-                res = con.execute("SELECT timings FROM results WHERE series_id=? ORDER BY id DESC",
-                                  (row[0],)).fetchone()
-                if res is not None:
-                    return {"last_received": row[2], "timings": json.loads(res[0])}
-        except sqlite3.OperationalError:
-            pass
-        finally:
-            con.close()
-        time.sleep(0.05)
-    raise TimeoutError(f"no result in the spool after {timeout:.0f} s")
-
-
 def service_path(package_dir: Path, serve_args: list[str], series: Path, runs: int, work: Path,
                  timeout: float) -> dict:
     """Cold + ``runs`` warm series through one service process; last ack -> SEG at storescp."""
     work.mkdir(parents=True, exist_ok=True)
-    pacs_dir = work / "pacs"
-    pacs_dir.mkdir()
-    pacs_port, port = free_port(), free_port()
-    pacs = subprocess.Popen([STORESCP, "-od", str(pacs_dir), "-aet", "PACS", str(pacs_port)], env=dcmtk_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _children.append(pacs)
-    service_log = work / "service.log"
-    cmd = [PYTHON, "-m", "edge_runtime", "serve", "--host", "127.0.0.1", "--port", str(port), "--ae-title", "EDGE",
-           "--spool", str(work / "spool"), "--output", str(work / "out"), "--http-port", "0",
-           "--model", str(package_dir), "--destination", f"PACS@127.0.0.1:{pacs_port}", *serve_args]
+    pacs = StoreSCP(work / "pacs", fork=False)
+    adopt(pacs.proc)
     svc = None
     out: dict = {"serve_args": serve_args, "runs": []}
     try:
-        wait_port(pacs_port, 20, pacs)
-        with open(service_log, "ab") as fh:
-            t_launch = time.time()
-            svc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=work)
-        _children.append(svc)
         try:
-            wait_port(port, timeout, svc)
+            svc = ServiceProcess(work, "--model", str(package_dir), "--destination", pacs.address, *serve_args,
+                                 http_port=0, start_timeout=timeout)
         except Exception as exc:
-            text = service_log.read_text(errors="replace")
+            text = (work / "service.log").read_text(errors="replace")
             raise RuntimeError(f"service did not start: {one_line(text) or exc}") from exc
-        out["startup_s"] = time.time() - t_launch
+        adopt(svc.proc)
+        out["startup_s"] = svc.t_listening - svc.t_launch
         seen: set[str] = set()
         for i in range(runs + 1):
-            series_uid, files = fresh_copy(series, work / "send")
+            copy = harness.fresh_copy(series, work / "send")
             time.sleep(0.5)
             t0 = time.time()
-            if Path(STORESCU).exists():
-                send = subprocess.run([STORESCU, "-aec", "EDGE", "-aet", "SCANNER", "127.0.0.1", str(port),
-                                       *map(str, files)], env=dcmtk_env(), capture_output=True, text=True,
-                                      timeout=timeout)
+            if (SYSTEM_BIN / "storescu").exists():
+                send = storescu(svc.port, copy.files, svc.ae_title, check=False, timeout=timeout)
                 sender = "DCMTK storescu"
             else:
                 send = subprocess.run([PYTHON, "-m", "edge_runtime", "push", str(work / "send"),
-                                       f"EDGE@127.0.0.1:{port}"], capture_output=True, text=True, timeout=timeout)
+                                       f"{svc.ae_title}@127.0.0.1:{svc.port}"], capture_output=True, text=True,
+                                      timeout=timeout)
                 sender = "edge-runtime push"
             if send.returncode != 0:
                 raise RuntimeError(f"{sender} failed: {one_line(send.stderr + send.stdout)}")
-            _, stored = wait_for_seg(pacs_dir, seen, series_uid, timeout)
-            rec = spool_record(work / "spool", series_uid, 60)
+            _, _, stored = wait_for_seg(pacs.folder, seen, copy.series_uid, timeout)
+            rec = svc.record(copy.series_uid, 60)
             stages = rec["timings"]["stages"]
             ack = rec["last_received"]
             run = {"kind": "cold" if i == 0 else "warm", "sender": sender, "receive_s": ack - t0,
@@ -619,12 +442,14 @@ def service_path(package_dir: Path, serve_args: list[str], series: Path, runs: i
             shutil.rmtree(work / "send", ignore_errors=True)
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
-        if service_log.exists():
-            out["service_log_tail"] = tail(service_log.read_text(errors="replace"), 2000)
+        if (work / "service.log").exists():
+            out["service_log_tail"] = tail((work / "service.log").read_text(errors="replace"), 2000)
     finally:
         if svc is not None:
-            stop(svc, 60)
-        stop(pacs, 10)
+            release(svc.proc, 60)
+            svc.stop()
+        release(pacs.proc, 10)
+        pacs.stop()
     warm = [r for r in out["runs"] if r["kind"] == "warm"]
     cold = [r for r in out["runs"] if r["kind"] == "cold"]
     out["cold_last_ack_to_seg_s"] = cold[0]["last_ack_to_seg_s"] if cold else None
@@ -658,7 +483,7 @@ def markdown(meta: dict, backends: list[dict], windows: list[dict], service: lis
               f"{m['pycuda'] or '–'}, torch {torch.get('version', '–')} (CUDA {torch.get('cuda_build') or '–'}"
               f"{', cuDNN ' + str(torch['cudnn']) if torch.get('cudnn') else ''}), numpy {m['numpy']}, Python "
               f"{m['python']}; runner backends: {', '.join(m['runner_backends'])}.",
-          "", "| backend | status | detail |", "|---|---|---|"]
+          "", *table_head("backend", "status", "detail", left=3)]
     for b in backends:
         status = ("tried anyway" if b["why"].startswith("tried anyway") else "measured") if b["available"] \
             else "**skipped**"
@@ -666,8 +491,8 @@ def markdown(meta: dict, backends: list[dict], windows: list[dict], service: lis
     L += ["", f"#### (a) Per-window inference: the same windows of the 512x512x{meta['slices']} phantom, "
               "preprocessed as the service does; numpy in, logits out (host-device copies included); "
               f"median of {meta['reps']} passes over the windows, after a warm-up call", "",
-          "| package (window) | backend | batch | median ms/window | windows/s | first call s | load s | "
-          "max abs diff vs CPU | argmax agreement |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+          *table_head("package (window)", "backend", "batch", "median ms/window", "windows/s", "first call s",
+                      "load s", "max abs diff vs CPU", "argmax agreement", left=2)]
     for w in windows:
         name = f"{w['package']} ({'x'.join(map(str, w['patch']))}, {w['count']} windows)"
         if w.get("error"):
@@ -692,8 +517,8 @@ def markdown(meta: dict, backends: list[dict], windows: list[dict], service: lis
         L += ["", f"#### (b) Service path: 512x512x{meta['slices']} CT, DCMTK storescu → service → DCMTK storescp "
                   "(TCP_NODELAY=1); last instance acknowledged → SEG received at storescp. Cold = first series of "
                   f"the service process, warm = {meta['service_runs']} more series (new UIDs). Seconds", "",
-              "| package | service backend | cold | warm p50 | warm p95 | completion wait p50 | inference p50 | "
-              "job total p50 | series windows | start-up s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              *table_head("package", "service backend", "cold", "warm p50", "warm p95", "completion wait p50",
+                          "inference p50", "job total p50", "series windows", "start-up s", left=2)]
         for s in service:
             if s.get("skipped"):
                 L.append(f"| {s['package']} | {s['label']} | skipped: {s['skipped']} | | | | | | | |")
@@ -741,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    signal.signal(signal.SIGTERM, _on_signal)
+    harness.stop_children_on_exit()
     from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage, PackageError
 
     info, backends = detect(args.trt_precision, args.torch_cpu)
@@ -764,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     windows: list[dict] = []
     service: list[dict] = []
     try:
-        series = base_series(args.slices, args.size, args.seed, work / "series")
+        series = harness.base_series(args.slices, args.size, args.seed, work / "series", purpose="gpu bench")
         win_info = {}
         win_content = {}
         for p in good:
@@ -812,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                                for r in res["results"]))
                     windows.append(row)
         if not args.skip_service:
-            if not Path(STORESCP).exists():
-                notes.append(f"(b) skipped: {STORESCP} missing (apt-get install dcmtk)")
+            if not (SYSTEM_BIN / "storescp").exists():
+                notes.append(f"(b) skipped: {SYSTEM_BIN / 'storescp'} missing (apt-get install dcmtk)")
             else:
                 for p in good:
                     wi = win_info[p]
@@ -839,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"the benchmark stopped early: {one_line(traceback.format_exc())}")
         traceback.print_exc()
     finally:
-        _stop_children()
+        harness.stop_children()
         if args.keep:
             log(f"kept {work}")
         else:
@@ -849,15 +674,11 @@ def main(argv: list[str] | None = None) -> int:
             "windows": args.windows, "reps": args.reps, "service_runs": args.service_runs,
             "skip_service": args.skip_service, "trt_precision": args.trt_precision,
             "packages": [str(p) for p in good], "machine": info, "notes": notes,
-            "command": " ".join([Path(sys.executable).as_posix(), "benchmarks/gpu.py",
-                                 *(argv if argv is not None else sys.argv[1:])])}
+            "command": command("gpu", argv)}
     md = markdown(meta, backends, windows, service)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps(
-        {"meta": meta, "backends": backends, "windows": windows, "service": service}, indent=1, default=str))
-    (RESULTS / f"{args.tag}.md").write_text(md + "\n")
+    path = write_results(args.tag, md, {"meta": meta, "backends": backends, "windows": windows, "service": service})
     print(md)
-    log(f"\nwrote {RESULTS / args.tag}.md and .json")
+    log(f"\nwrote {path} and .json")
     return 0
 
 

@@ -1,70 +1,76 @@
-"""Shared pieces of ``latency.py`` and ``anchors.py``: the test series, the service, the PACS, the sender.
+"""What the latency benchmarks share beyond the peers of ``tests.peers``: the phantom series, the senders,
+the service with its start-up and memory probes, CPU and RSS probes, the service's stage timeline, and the
+child processes a benchmark must stop when it is interrupted.
 
-Everything talks DICOM over loopback with real peers: DCMTK ``storescu``/``storescp`` (always by absolute
-path and with ``TCP_NODELAY=1``: Debian's DCMTK leaves Nagle's algorithm on otherwise, 30x slower) and the
-service as ``python -m edge_runtime serve`` in a subprocess.
+Everything talks DICOM over loopback with real peers (``tests.peers``): DCMTK ``storescu``/``storescp`` (by
+absolute path and with ``TCP_NODELAY=1``) and the service as ``python -m edge_runtime serve`` in a subprocess.
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import json
 import os
 import shutil
-import socket
-import sqlite3
-import statistics
+import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
-PYTHON = sys.executable
-STORESCU = "/usr/bin/storescu"
-STORESCP = "/usr/bin/storescp"
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+from benchmarks.report import RESULTS
+from tests.peers import ServiceProcess, free_port, stop_process, storescu, wait_port
+
 #: the baseline's series: 512 x 512, 0.977 mm pixels (500 mm field of view), 1.0 mm slice step
 SPACING = (1.0, 500 / 512, 500 / 512)
+#: the service's own stages, in order (``results.timings.stages``)
+STAGES = ("load", "preprocess", "inference", "postprocess", "seg", "measurements")
+#: table labels of the part of a timeline that the service's spool records
+STAGE_LABELS = {
+    "completion_wait": "completion wait (last ack → job started)",
+    "load": "decode + assembly (`load`)",
+    "preprocess": "preprocessing (resample + window)",
+    "inference": "inference (network + window blending)",
+    "postprocess": "post-processing (argmax + back to source grid)",
+    "seg": "SEG encoding + write (`seg`)",
+    "measurements": "measurements + SR (`measurements`)",
+    "publish": "publish (measurements.json, spool transaction)",
+}
 
 
-def dcmtk_env() -> dict[str, str]:
-    return dict(os.environ, TCP_NODELAY="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+def add_service_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the end-to-end benchmarks that choose the model, the phantom and the service's options."""
+    ap.add_argument("--model", type=Path, default=None, help="model package (default: the bundled one)")
+    ap.add_argument("--size", type=int, default=512, help="rows and columns of the phantom's slices")
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed")
+    ap.add_argument("--threads", type=int, default=None, help="--threads for the service")
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `serve` (repeatable)")
 
 
 # -- series --------------------------------------------------------------------------------------------
 
 
-def base_series(slices: int, size: int = 512, seed: int = 0) -> Path:
-    """A phantom CT series (``phantom``), written once and cached in benchmarks/results/series."""
-    folder = RESULTS / "series" / f"ct{size}x{size}x{slices}-s{seed}"
-    done = folder / ".complete"
-    if done.exists():
+def base_series(
+    slices: int, size: int = 512, seed: int = 0, scratch: Path | None = None, purpose: str = "latency bench"
+) -> Path:
+    """A phantom CT series (``phantom``), cached in benchmarks/results/series.
+
+    With ``scratch``, a series missing from the cache is written there instead (the cache is left alone).
+    """
+    name = f"ct{size}x{size}x{slices}-s{seed}"
+    cached = RESULTS / "series" / name
+    if (cached / ".complete").exists():
+        return cached
+    folder = cached if scratch is None else scratch / name
+    if scratch is not None and folder.exists():
         return folder
     from phantom import make_phantom, write_series
 
@@ -72,14 +78,30 @@ def base_series(slices: int, size: int = 512, seed: int = 0) -> Path:
         shutil.rmtree(folder)
     t0 = time.perf_counter()
     ph = make_phantom((slices, size, size), SPACING, rng=seed)
-    write_series(ph.hu, ph.spacing, folder, series_description=f"latency bench {slices}", rng=seed)
-    done.write_text(json.dumps({"slices": slices, "size": size, "seed": seed, "spacing": SPACING}))
-    print(f"wrote base series {folder} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    write_series(ph.hu, ph.spacing, folder, series_description=f"{purpose} {slices}", rng=seed)
+    if scratch is None:
+        (folder / ".complete").write_text(
+            json.dumps({"slices": slices, "size": size, "seed": seed, "spacing": SPACING})
+        )
+    print(f"wrote series {folder} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return folder
 
 
 def series_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
+
+
+def with_new_uids(files: list[Path]) -> Iterator[tuple[Path, pydicom.Dataset]]:
+    """Each file read back under new Study/Series/SOP/Frame-of-Reference UIDs: to the service, a new series
+    with the same pixels."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for p in files:
+        ds = pydicom.dcmread(p)
+        sop = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        yield p, ds
 
 
 @dataclass
@@ -92,24 +114,16 @@ class SeriesCopy:
 
 
 def fresh_copy(src: Path, dst: Path) -> SeriesCopy:
-    """The same pixels under new Study/Series/SOP/Frame-of-Reference UIDs (a new series to the service)."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
+    """A copy of the series in ``src`` under new UIDs (:func:`with_new_uids`), written to ``dst``."""
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    files = []
-    for p in series_files(src):
-        ds = pydicom.dcmread(p)
-        sop = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SOPInstanceUID = sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        out = dst / p.name
-        ds.save_as(out, enforce_file_format=True)
-        files.append(out)
+    files: list[Path] = []
+    study = series = ""
+    for p, ds in with_new_uids(series_files(src)):
+        ds.save_as(dst / p.name, enforce_file_format=True)
+        files.append(dst / p.name)
+        study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     return SeriesCopy(dst, files, study, series, sum(f.stat().st_size for f in files))
 
 
@@ -128,11 +142,10 @@ class SendResult:
         return self.finished - self.started
 
 
-def storescu(files: list[Path], port: int, called_ae: str, timeout: float = 600) -> SendResult:
-    """DCMTK storescu, one association, full speed."""
-    cmd = [STORESCU, "-aec", called_ae, "-aet", "SCANNER", "127.0.0.1", str(port), *map(str, files)]
+def timed_storescu(files: list[Path], port: int, called_ae: str, timeout: float = 600) -> SendResult:
+    """DCMTK storescu (``tests.peers.storescu``), one association, full speed, timed on this host's clock."""
     t0 = time.time()
-    out = subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
+    out = storescu(port, files, called_ae, check=False, timeout=timeout)
     t1 = time.time()
     return SendResult(t0, t1, out.returncode, (out.stdout + out.stderr)[-2000:])
 
@@ -143,13 +156,12 @@ def paced_store(files: list[Path], port: int, called_ae: str, rate: float) -> Se
     DCMTK storescu cannot pace inside one association, so this sender is pynetdicom (one C-STORE per
     ``1/rate`` s, from the raw file bytes); at scanner rates its own speed does not matter.
     """
-    import pydicom
     from pynetdicom import AE
 
     ae = AE(ae_title="SCANNER")
     sop_classes = {str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPClassUID)}
     for sc in sop_classes:
-        ae.add_requested_context(sc, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        ae.add_requested_context(sc, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     t0 = time.time()
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
@@ -170,36 +182,8 @@ def paced_store(files: list[Path], port: int, called_ae: str, rate: float) -> Se
 # -- receivers -----------------------------------------------------------------------------------------
 
 
-class DcmtkSCP:
-    """DCMTK storescp writing every object to ``folder`` (the PACS), TCP_NODELAY=1."""
-
-    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None):
-        self.folder = folder
-        self.ae_title = ae_title
-        self.port = port or free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [STORESCP, "-od", str(folder), "-aet", ae_title, str(self.port)],
-            env=dcmtk_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_port(self.port, 20, self.proc)
-
-    @property
-    def address(self) -> str:
-        return f"{self.ae_title}@127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 class MinimalSCP:
-    """``benchmarks/minimal_scp.py``: pynetdicom, raw bytes to files, nothing else."""
+    """``python -m benchmarks.minimal_scp``: pynetdicom, raw bytes to files, nothing else."""
 
     def __init__(self, folder: Path, ae_title: str = "MIN", max_pdu: int = 131072):
         self.folder = folder
@@ -207,8 +191,9 @@ class MinimalSCP:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [
-                PYTHON,
-                str(HERE / "minimal_scp.py"),
+                sys.executable,
+                "-m",
+                "benchmarks.minimal_scp",
                 str(folder),
                 str(self.port),
                 "--ae-title",
@@ -222,106 +207,21 @@ class MinimalSCP:
         wait_port(self.port, 30, self.proc)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def wait_for_seg(folder: Path, seen: set[str], series_uid: str, timeout: float) -> tuple[Path, float, float]:
-    """Poll ``folder`` for a new SEG that references ``series_uid``.
-
-    Returns (path, first seen epoch, mtime epoch): the mtime is when storescp finished writing the file.
-    DCMTK names files ``<modality prefix>.<SOP Instance UID>`` ("SG." for Segmentation Storage, "SR3." for
-    Comprehensive 3D SR), so the poll is a directory listing; only new files are opened, and files that are
-    not a SEG of this series are remembered in ``seen``.
-    """
-    import pydicom
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for entry in os.scandir(folder):
-            if entry.name in seen or entry.name.startswith(("SR", ".")):
-                continue
-            first_seen = time.time()
-            size = -1
-            while True:  # storescp may still be writing it
-                st = os.stat(entry.path)
-                if st.st_size == size and time.time() - st.st_mtime > 0.05:
-                    break
-                size = st.st_size
-                time.sleep(0.01)
-            seen.add(entry.name)
-            try:
-                ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
-                if str(ds.SOPClassUID) != SEG_SOP_CLASS:
-                    continue
-                ref = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
-            except Exception:
-                continue
-            if ref == series_uid:
-                return Path(entry.path), first_seen, os.stat(entry.path).st_mtime
-        time.sleep(0.01)
-    raise TimeoutError(f"no SEG for the series after {timeout} s")
+        stop_process(self.proc, 10)
 
 
 # -- the service ---------------------------------------------------------------------------------------
 
 
-class Service:
-    """``python -m edge_runtime serve`` in a subprocess, with its own spool, output and log."""
+class Service(ServiceProcess):
+    """``python -m edge_runtime serve`` in a fresh ``workdir``, ready (``/readyz`` 200) when constructed,
+    with its start-up time and memory probes."""
 
     def __init__(self, workdir: Path, *args: str, ae_title: str = "EDGE"):
-        self.workdir = workdir
         if workdir.exists():
             shutil.rmtree(workdir)
-        workdir.mkdir(parents=True)
-        self.port = free_port()
-        self.http_port = free_port()
-        self.ae_title = ae_title
-        self.spool = workdir / "spool"
-        self.output = workdir / "out"
-        self.log_path = workdir / "service.log"
-        self._log = open(self.log_path, "ab")
-        cmd = [
-            PYTHON,
-            "-m",
-            "edge_runtime",
-            "serve",
-            "--port",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-            "--ae-title",
-            ae_title,
-            "--spool",
-            str(self.spool),
-            "--output",
-            str(self.output),
-            "--http-port",
-            str(self.http_port),
-            *args,
-        ]
-        self.cmd = cmd
-        self.t_launch = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir)
-        self.pid = self.proc.pid
-        try:
-            wait_port(self.port, 120, self.proc)
-        except Exception:
-            self.stop()
-            print(self.log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        end = time.monotonic() + 120
-        while time.monotonic() < end:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                time.sleep(0.05)
-        self.t_ready = time.time()
+        super().__init__(workdir, *args, ae_title=ae_title, start_timeout=120)
+        self.t_ready = self.wait_ready(120)
 
     @property
     def startup_s(self) -> float:
@@ -338,57 +238,20 @@ class Service:
     def memory(self) -> dict[str, float]:
         return proc_memory(self.pid)
 
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
 
-    def record(self, series_uid: str, timeout: float = 60.0) -> dict:
-        """The spool's rows for one series once its result is published and both files are sent."""
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            con = self.db()
-            try:
-                row = con.execute(
-                    "SELECT id, state, instance_count, first_received, last_received, reason "
-                    "FROM series WHERE series_uid=?",
-                    (series_uid,),
-                ).fetchone()
-                if row is not None:
-                    sid, state, count, first, last_rx, reason = row
-                    if state == "failed":
-                        raise RuntimeError(f"series refused by the service: {reason}")
-                    res = con.execute(
-                        "SELECT id, timings, created FROM results WHERE series_id=? ORDER BY id DESC", (sid,)
-                    ).fetchone()
-                    if res is not None:
-                        out = con.execute(
-                            "SELECT path, state, sent FROM outbox WHERE result_id=?", (res[0],)
-                        ).fetchall()
-                        last = {
-                            "instances": count,
-                            "first_received": first,
-                            "last_received": last_rx,
-                            "timings": json.loads(res[1]),
-                            "created": res[2],
-                            "outbox": {Path(p).name: {"state": s, "sent": t} for p, s, t in out},
-                        }
-                        if out and all(s == "sent" for _, s, _ in out):
-                            return last
-            finally:
-                con.close()
-            time.sleep(0.05)
-        raise TimeoutError(f"series not published and sent after {timeout} s (last seen: {last})")
+def service_durations(timings: dict, ack: float) -> dict[str, float]:
+    """The service's part of a timeline from its spool record (``results.timings``), seconds in order:
+    ``completion_wait`` (last instance acknowledged at ``ack`` → job started), each of :data:`STAGES`, and
+    ``publish`` (the rest of the job until published)."""
+    stages, started, published = timings["stages"], timings["started"], timings["published"]
+    durations = {"completion_wait": started - ack}
+    for k in STAGES:
+        durations[k] = stages.get(k, 0.0)
+    durations["publish"] = published - started - sum(stages.get(k, 0.0) for k in STAGES)
+    return durations
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+
+# -- probes --------------------------------------------------------------------------------------------
 
 
 def proc_memory(pid: int) -> dict[str, float]:
@@ -411,18 +274,24 @@ def proc_memory(pid: int) -> dict[str, float]:
     return out
 
 
-def cpu_snapshot(pid: int) -> tuple[float, float, float]:
-    """(wall, busy CPU-seconds of the whole machine, CPU-seconds of ``pid`` and its waited children)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    vals = [int(v) for v in fields]
-    busy = sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)  # minus idle and iowait
+def machine_busy() -> float:
+    """Busy CPU-seconds of the whole machine since boot (all but idle and iowait), from /proc/stat."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int, children: bool = True) -> float:
+    """CPU-seconds of ``pid`` (utime + stime; ``children``: plus those of its waited-for children)."""
     try:
         st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        own = sum(int(v) for v in st[11:15])  # utime stime cutime cstime
     except OSError:
-        own = 0
-    return time.time(), busy / tick, own / tick
+        return 0.0
+    return sum(int(v) for v in st[11 : 15 if children else 13]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pid: int) -> tuple[float, float, float]:
+    """(wall, busy CPU-seconds of the whole machine, CPU-seconds of ``pid`` and its waited children)."""
+    return time.time(), machine_busy(), process_cpu(pid)
 
 
 def foreign_cpu(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
@@ -461,55 +330,53 @@ class RssSampler:
         self._thread.join()
 
 
-# -- statistics ----------------------------------------------------------------------------------------
+# -- child processes -----------------------------------------------------------------------------------
+
+_children: list[subprocess.Popen] = []
 
 
-def pct(values: list[float], q: float) -> float | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    return float(np.percentile(vals, q))
+def adopt(proc: subprocess.Popen) -> subprocess.Popen:
+    """Remember a child process, to stop it with :func:`stop_children` (at exit, or on SIGTERM/SIGINT)."""
+    _children.append(proc)
+    return proc
 
 
-def median(values: list[float]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
+def release(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """Stop an adopted child (SIGTERM, then SIGKILL) and forget it; its exit status."""
+    code = stop_process(proc, timeout)
+    if proc in _children:
+        _children.remove(proc)
+    return code
 
 
-def machine() -> dict[str, object]:
-    import platform
-
-    info: dict[str, object] = {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_avg_start": os.getloadavg(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (OSError, ValueError):
-        pass
-    try:
-        info["git_head"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        info["edge_runtime_dirty"] = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "edge_runtime"], cwd=REPO, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        )
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for mod in ("numpy", "onnxruntime", "pydicom", "pynetdicom", "highdicom"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    return info
+def stop_children() -> None:
+    for proc in list(_children):
+        release(proc, 10)
 
 
-def fmt(v: float | None, digits: int = 2) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
+def stop_children_on_exit() -> None:
+    """Stop every adopted child at exit and on SIGTERM/SIGINT (then exit with 128 + the signal)."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_children()
+        raise SystemExit(128 + signum)
+
+    atexit.register(stop_children)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+# -- synthetic label maps ------------------------------------------------------------------------------
+
+
+def paint_ellipsoid(labels: np.ndarray, value: int, radii: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint an axis-aligned ellipsoid of ``radii`` (voxels) with ``value``, centred at random inside
+    ``labels`` (the centre drawn from ``rng``), over whatever is there."""
+    shape = labels.shape
+    centre = rng.uniform(radii, np.array(shape) - radii)
+    lo = np.maximum(np.floor(centre - radii).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + radii).astype(int) + 1, shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    grid = np.ogrid[box]
+    inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+    labels[box][inside] = value

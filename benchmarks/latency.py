@@ -36,9 +36,9 @@ Stages of the timeline (consecutive, seconds):
 Headline: last instance acknowledged -> SEG stored at the PACS. Outputs ``benchmarks/results/<tag>.json``,
 ``<tag>.md`` (printed) and ``<tag>.png`` (timeline and memory). Examples::
 
-    python benchmarks/latency.py --slices 100 --runs 3                       # bundled model
-    python benchmarks/latency.py --model benchmarks/results/spleen-unet --slices 300 --cold 1 --runs 2
-    python benchmarks/latency.py --slices 300 --pace 20 --runs 1              # scanner-like 20 slices/s
+    python -m benchmarks.latency --slices 100 --runs 3                       # bundled model
+    python -m benchmarks.latency --model benchmarks/results/spleen-unet --slices 300 --cold 1 --runs 2
+    python -m benchmarks.latency --slices 300 --pace 20 --runs 1              # scanner-like 20 slices/s
 """
 
 from __future__ import annotations
@@ -51,24 +51,15 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from benchmarks import harness
+from benchmarks.harness import STAGE_LABELS, STAGES
+from benchmarks.report import RESULTS, command, fmt, machine, pct, table_head, write_results
+from tests.peers import StoreSCP, wait_for_seg
 
-import harness  # noqa: E402
-from harness import RESULTS, fmt, pct  # noqa: E402
-
-STAGES = ("load", "preprocess", "inference", "postprocess", "seg", "measurements")
 TIMELINE = ("receive", "completion_wait", *STAGES, "publish", "send", "ack")
 LABELS = {
     "receive": "receive (sender launched → last instance stored + acknowledged)",
-    "completion_wait": "completion wait (last ack → job started)",
-    "load": "decode + assembly (`load`)",
-    "preprocess": "preprocessing (resample + window)",
-    "inference": "inference (network + window blending)",
-    "postprocess": "post-processing (argmax + back to source grid)",
-    "seg": "SEG encoding + write (`seg`)",
-    "measurements": "measurements + SR (`measurements`)",
-    "publish": "publish (measurements.json, spool transaction)",
+    **STAGE_LABELS,
     "send": "send (published → SEG stored at PACS)",
     "ack": "C-STORE-RSP (SEG stored → outbox sent)",
 }
@@ -89,7 +80,7 @@ COLORS = {
 
 def one_run(
     service: harness.Service,
-    pacs: harness.DcmtkSCP,
+    pacs: StoreSCP,
     base: Path,
     work: Path,
     kind: str,
@@ -107,10 +98,10 @@ def one_run(
         if pace > 0:
             send = harness.paced_store(copy.files, service.port, service.ae_title, pace)
         else:
-            send = harness.storescu(copy.files, service.port, service.ae_title)
+            send = harness.timed_storescu(copy.files, service.port, service.ae_title)
         if send.returncode != 0:
             raise RuntimeError(f"sender failed ({send.returncode}): {send.output}")
-        seg_path, seg_seen, seg_stored = harness.wait_for_seg(pacs.folder, seen, copy.series_uid, timeout)
+        seg_path, seg_seen, seg_stored = wait_for_seg(pacs.folder, seen, copy.series_uid, timeout)
         rec = service.record(copy.series_uid, timeout=60)
     cpu1 = harness.cpu_snapshot(service.pid)
     mem = service.memory()
@@ -121,10 +112,7 @@ def one_run(
     # the last instance is acknowledged right after the service commits it (``last_received``); the sender
     # exits only after the release round trip, a few ms later
     ack = rec["last_received"]
-    durations = {"receive": ack - send.started, "completion_wait": started - ack}
-    for k in STAGES:
-        durations[k] = stages.get(k, 0.0)
-    durations["publish"] = published - started - sum(stages.get(k, 0.0) for k in STAGES)
+    durations = {"receive": ack - send.started, **harness.service_durations(tm, ack)}
     durations["send"] = seg_stored - published
     durations["ack"] = (seg_sent - seg_stored) if seg_sent else None
     derived = {
@@ -171,6 +159,10 @@ def one_run(
     }
 
 
+def percentiles(vals: list) -> dict:
+    return {"n": len(vals), "p50": pct(vals, 50), "p95": pct(vals, 95), "p99": pct(vals, 99), "values": vals}
+
+
 def summarize(runs: list[dict]) -> dict:
     out: dict[str, dict] = {}
     for group in ("cold", "warm"):
@@ -183,18 +175,9 @@ def summarize(runs: list[dict]) -> dict:
             vals = [
                 r["durations"].get(k, r["derived"].get(k)) if k in r["durations"] else r["derived"].get(k) for r in rs
             ]
-            vals = [v for v in vals if v is not None]
-            g[k] = {"n": len(vals), "p50": pct(vals, 50), "p95": pct(vals, 95), "p99": pct(vals, 99), "values": vals}
-        hwm = [r["memory_mib"].get("VmHWM") for r in rs]
-        g["peak_rss_mib"] = {
-            "n": len(hwm),
-            "p50": pct(hwm, 50),
-            "p95": pct(hwm, 95),
-            "p99": pct(hwm, 99),
-            "values": hwm,
-        }
-        fc = [r.get("foreign_cores") for r in rs]
-        g["foreign_cores"] = {"n": len(fc), "p50": pct(fc, 50), "p95": pct(fc, 95), "p99": pct(fc, 99), "values": fc}
+            g[k] = percentiles([v for v in vals if v is not None])
+        g["peak_rss_mib"] = percentiles([r["memory_mib"].get("VmHWM") for r in rs])
+        g["foreign_cores"] = percentiles([r.get("foreign_cores") for r in rs])
         out[group] = g
     return out
 
@@ -211,8 +194,7 @@ def markdown(meta: dict, summary: dict) -> str:
         f"fresh service process (n={nc}), warm = same process, new UIDs (n={nw}; p95/p99 interpolate between "
         f"{nw} values). Seconds.",
         "",
-        "| stage | cold | warm p50 | warm p95 | warm p99 |",
-        "|---|---:|---:|---:|---:|",
+        *table_head("stage", "cold", "warm p50", "warm p95", "warm p99"),
     ]
 
     def row(label: str, key: str, group_c: dict, group_w: dict, digits: int = 3, bold: bool = False) -> None:
@@ -296,17 +278,13 @@ def plot(path: Path, meta: dict, runs: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="model package (default: the bundled one)")
+    harness.add_service_arguments(ap)
     ap.add_argument("--slices", type=int, default=300)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0, help="phantom seed")
     ap.add_argument("--runs", type=int, default=3, help="warm runs in the last service process")
     ap.add_argument("--cold", type=int, default=1, help="fresh service processes, each measured once")
     ap.add_argument("--pace", type=float, default=0.0, help="instances/s (0: DCMTK storescu at full speed)")
-    ap.add_argument("--threads", type=int, default=None, help="--threads for the service")
     ap.add_argument("--quiet-seconds", type=float, default=None)
     ap.add_argument("--early-completion", choices=("true", "false"), default=None)
-    ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `serve` (repeatable)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     ap.add_argument("--tag", default=None, help="output name in benchmarks/results (default from model/slices)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (spools, PACS, logs)")
@@ -332,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         serve += ["--early-completion", args.early_completion]
     serve += args.serve_arg
 
-    pacs = harness.DcmtkSCP(work / "pacs")
+    pacs = StoreSCP(work / "pacs", fork=False)
     runs: list[dict] = []
     startups: list[float] = []
     hwm_ready: list[float] = []
@@ -365,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     summary = summarize(runs)
-    info = harness.machine()
+    info = machine()
     meta = {
         "title": f"edge-runtime serve: {package.name}, 512x512x{args.slices} CT"
         + (f", paced {args.pace:g} instances/s" if args.pace else ", storescu full speed"),
@@ -380,15 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": startups[0] if startups else None,
         "hwm_at_ready_mib": hwm_ready,
         "seg_mb": runs[0]["seg_bytes"] / 1e6,
-        "command": " ".join([Path(sys.executable).as_posix(), "benchmarks/latency.py", *(argv or sys.argv[1:])]),
+        "command": command("latency", argv),
         "serve_args": serve,
         "machine": info,
         "load_avg_end": os.getloadavg(),
     }
     md = markdown(meta, summary)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{tag}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
-    (RESULTS / f"{tag}.md").write_text(md + "\n")
+    write_results(tag, md, {"meta": meta, "summary": summary, "runs": runs})
     try:
         plot(RESULTS / f"{tag}.png", meta, runs)
     except ImportError as exc:

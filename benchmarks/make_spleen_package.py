@@ -24,7 +24,7 @@ Beside the package it writes, for the anchors:
 
 Usage::
 
-    python benchmarks/make_spleen_package.py [--out benchmarks/results/spleen-unet] [--seed 0] [--norm instance]
+    python -m benchmarks.make_spleen_package [--out benchmarks/results/spleen-unet] [--seed 0] [--norm instance]
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ SPLEEN_LABEL = {
     "type": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"},
     "color": [157, 108, 162],
 }
+#: ``monai.networks.nets.UNet`` arguments of the spleen bundle's network (all but ``norm``)
+UNET_ARGS = {
+    "spatial_dims": 3,
+    "in_channels": 1,
+    "out_channels": 2,
+    "channels": [16, 32, 64, 128, 256],
+    "strides": [2, 2, 2, 2],
+    "num_res_units": 2,
+}
 
 
 def build_unet(norm: str = "instance", seed: int = 0):
@@ -55,15 +64,7 @@ def build_unet(norm: str = "instance", seed: int = 0):
 
     torch.manual_seed(seed)
     kwargs = {} if norm == "instance" else {"norm": norm}
-    net = UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        channels=(16, 32, 64, 128, 256),
-        strides=(2, 2, 2, 2),
-        num_res_units=2,
-        **kwargs,
-    )
+    net = UNet(**UNET_ARGS, **kwargs)
     if norm == "batch":  # random running statistics, so the folded BN is not an identity
         with torch.no_grad():
             for m in net.modules():
@@ -73,36 +74,46 @@ def build_unet(norm: str = "instance", seed: int = 0):
     return net.eval()
 
 
-def manifest(norm: str) -> dict:
+def spleen_manifest(description: str, batch_size: int) -> dict:
+    """The manifest fields that mirror the spleen bundle: input, CT window, spacing, sliding window, label."""
     return {
         "name": "spleen-unet-random",
         "version": "0.1.0",
-        "description": (
-            "Benchmark model: the MONAI spleen_ct_segmentation UNet architecture (16-32-64-128-256, 2 residual "
-            f"units, {norm} norm) with seeded random weights. Latency only: it does not segment the spleen."
-        ),
+        "description": description,
         "model": {"input": "image", "output": "logits", "input_channels": 1, "activation": "softmax"},
         "series_filter": {"modalities": ["CT"]},
         "preprocessing": {
             "target_spacing": [2.0, 1.5, 1.5],
             "normalization": {"kind": "ct_window", "lower": -57, "upper": 164, "mean": -57, "std": 221},
         },
-        "inference": {"patch_size": [96, 96, 96], "overlap": 0.5, "blending": "constant", "batch_size": 4},
+        "inference": {"patch_size": [96, 96, 96], "overlap": 0.5, "blending": "constant", "batch_size": batch_size},
         "labels": [SPLEEN_LABEL],
+    }
+
+
+def manifest(norm: str) -> dict:
+    description = (
+        "Benchmark model: the MONAI spleen_ct_segmentation UNet architecture (16-32-64-128-256, 2 residual "
+        f"units, {norm} norm) with seeded random weights. Latency only: it does not segment the spleen."
+    )
+    return {
+        **spleen_manifest(description, batch_size=4),
         "algorithm": {"name": "spleen-unet-random", "version": "0.1.0", "family": "artificial-intelligence"},
-        "source": {
-            "kind": "module",
-            "factory": "monai.networks.nets.UNet",
-            "args": {
-                "spatial_dims": 3,
-                "in_channels": 1,
-                "out_channels": 2,
-                "channels": [16, 32, 64, 128, 256],
-                "strides": [2, 2, 2, 2],
-                "num_res_units": 2,
-                "norm": norm,
-            },
-        },
+        "source": {"kind": "module", "factory": "monai.networks.nets.UNet", "args": {**UNET_ARGS, "norm": norm}},
+    }
+
+
+def patch_tensor(kind: str, channels: dict[str, str]) -> dict:
+    """A 96^3 float32 patch tensor in the bundle's ``network_data_format`` (``kind``: hounsfield, segmentation)."""
+    return {
+        "type": "image",
+        "format": kind,
+        "num_channels": len(channels),
+        "spatial_shape": [96, 96, 96],
+        "dtype": "float32",
+        "value_range": [0, 1],
+        "is_patch_data": True,
+        "channel_def": channels,
     }
 
 
@@ -115,31 +126,8 @@ def bundle_configs(norm: str) -> dict[str, dict]:
         "task": "Decathlon spleen segmentation (random weights, latency benchmark)",
         "description": "spleen UNet architecture with random weights",
         "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": [96, 96, 96],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "segmentation",
-                    "num_channels": 2,
-                    "spatial_shape": [96, 96, 96],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "background", "1": "spleen"},
-                }
-            },
+            "inputs": {"image": {**patch_tensor("hounsfield", {"0": "image"}), "modality": "CT"}},
+            "outputs": {"pred": patch_tensor("segmentation", {"0": "background", "1": "spleen"})},
         },
     }
     inference = {
@@ -147,16 +135,7 @@ def bundle_configs(norm: str) -> dict[str, dict]:
         "bundle_root": ".",
         "output_dir": "$@bundle_root + '/eval'",
         "device": "$torch.device('cpu')",
-        "network_def": {
-            "_target_": "UNet",
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 2,
-            "channels": [16, 32, 64, 128, 256],
-            "strides": [2, 2, 2, 2],
-            "num_res_units": 2,
-            "norm": norm,
-        },
+        "network_def": {"_target_": "UNet", **UNET_ARGS, "norm": norm},
         "network": "$@network_def.to(@device)",
         "preprocessing": {
             "_target_": "Compose",
@@ -219,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    sys.path.insert(0, str(HERE.parent))
     from export.onnx import export_onnx
     from export.package import add_file, write_package
     from export.parity import check_parity

@@ -1,12 +1,12 @@
 """The smallest useful pynetdicom C-STORE SCP: write the received bytes to a file, answer success.
 
-The ingest anchor for ``benchmarks/anchors.py``: no parsing, no fsync, no index, no geometry, no decode.
+The ingest anchor for ``benchmarks.anchors``: no parsing, no fsync, no index, no geometry, no decode.
 It accepts every storage SOP class with the uncompressed transfer syntaxes (the syntaxes DCMTK ``storescu``
 proposes by default) and writes ``event.encoded_dataset()`` (preamble + file meta + the raw data set bytes
 as they arrived, never decoded) to ``OUT/<n>.dcm``. Maximum PDU 131072 by default, the same as the
 service's listener, so the comparison isolates what the service does on top of receiving.
 
-    python benchmarks/minimal_scp.py OUT PORT [--ae-title MIN] [--max-pdu 131072]
+    python -m benchmarks.minimal_scp OUT PORT [--ae-title MIN] [--max-pdu 131072]
 
 Stops on SIGTERM/SIGINT. Prints ``listening`` once the port is open.
 """
@@ -20,11 +20,12 @@ import sys
 import threading
 from pathlib import Path
 
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
 def main(argv: list[str] | None = None) -> int:

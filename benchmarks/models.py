@@ -4,7 +4,7 @@
 channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)`` -- the network of the
 ``spleen_ct_segmentation`` bundle and the reference of the other benchmarks -- rebuilt module for module:
 the same layers, the same forward pass and the same state-dict keys, so MONAI weights load into it (checked
-against ``monai.networks.nets.UNet`` when MONAI is installed: ``python benchmarks/models.py``).
+against ``monai.networks.nets.UNet`` when MONAI is installed: ``python -m benchmarks.models``).
 
 Structure (MONAI defaults: kernel 3, up-kernel 3, PReLU, instance norm without affine, dropout 0, "NDA" order)::
 

@@ -14,7 +14,7 @@ Real peers over loopback, no mocks:
    --http-port 0``) with its spool and output in the same temporary folder, and checks the route with a
    C-ECHO from Orthanc (``POST /modalities/edge/echo``);
 3. per run, uploads a 512 x 512 x N phantom CT series (``phantom``, the same cached series as
-   ``latency.py``: ``benchmarks/results/series/``) to Orthanc with new Study/Series/SOP UIDs (``POST
+   ``benchmarks.latency``: ``benchmarks/results/series/``) to Orthanc with new Study/Series/SOP UIDs (``POST
    /instances``, one per file) BEFORE the clock starts; then times
 
    - ``t0``: ``POST /modalities/edge/store`` with the Orthanc series ID, synchronous (Orthanc's C-STORE SCU
@@ -39,25 +39,20 @@ Headlines: store request → SEG in Orthanc (REST), last instance acknowledged �
 Outputs ``benchmarks/results/<tag>.md`` (printed) and ``<tag>.json``; ``--tag`` defaults to ``orthanc``.
 Examples::
 
-    python benchmarks/orthanc_e2e.py                           # 512x512x100, bundled model, 3 runs
-    python benchmarks/orthanc_e2e.py --slices 100 300 --runs 3
-    python benchmarks/orthanc_e2e.py --model benchmarks/results/spleen-unet --slices 300 --tag orthanc-spleen
+    python -m benchmarks.orthanc_e2e                           # 512x512x100, bundled model, 3 runs
+    python -m benchmarks.orthanc_e2e --slices 100 300 --runs 3
+    python -m benchmarks.orthanc_e2e --model benchmarks/results/spleen-unet --slices 300 --tag orthanc-spleen
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
 import http.client
 import io
 import json
 import os
-import platform
 import re
 import shutil
-import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -66,30 +61,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
+from benchmarks import harness
+from benchmarks.harness import STAGE_LABELS, STAGES, adopt, machine_busy, process_cpu, release
+from benchmarks.report import RESULTS, command, fmt, machine, pct, write_results
+from tests.peers import ServiceProcess, free_port, wait_port
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RESULTS = HERE / "results"
-PYTHON = sys.executable
 ORTHANC = "/usr/sbin/Orthanc"
-SERIES_CACHE = RESULTS / "series"
-#: the latency baseline's series: 512 x 512, 0.977 mm pixels (500 mm field of view), 1.0 mm slice step
-SPACING = (1.0, 500 / 512, 500 / 512)
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-
-STAGES = ("load", "preprocess", "inference", "postprocess", "seg", "measurements")
 TIMELINE = ("hop1", "completion_wait", *STAGES, "publish", "hop2")
 LABELS = {
     "hop1": "hop 1: Orthanc → service (store request → last instance acknowledged)",
-    "completion_wait": "completion wait (last ack → job started)",
-    "load": "decode + assembly (`load`)",
-    "preprocess": "preprocessing (resample + window)",
-    "inference": "inference (network + window blending)",
-    "postprocess": "post-processing (argmax + back to source grid)",
-    "seg": "SEG encoding + write (`seg`)",
-    "measurements": "measurements + SR (`measurements`)",
-    "publish": "publish (measurements.json, spool transaction)",
+    **STAGE_LABELS,
     "hop2": "hop 2: service → Orthanc (published → SEG in Orthanc, seen over REST)",
 }
 DERIVED = {
@@ -108,84 +89,6 @@ DERIVED = {
     "service_cpu_s": ("service CPU seconds during the run", False),
     "foreign_cores": ("noise: cores busy with other processes during the run", False),
 }
-
-_children: list[subprocess.Popen] = []
-
-
-# -- small helpers -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
-    """SIGTERM, then SIGKILL after ``timeout`` s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def _stop_children() -> None:
-    while _children:
-        stop(_children.pop(), 10)
-
-
-def _on_signal(signum: int, _frame: object) -> None:
-    _stop_children()
-    raise SystemExit(128 + signum)
-
-
-def spawn(cmd: list[str], log: Path, **kw: object) -> subprocess.Popen:
-    fh = open(log, "ab")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, **kw)  # type: ignore[call-overload]
-    fh.close()  # the child has its own descriptor
-    _children.append(proc)
-    return proc
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return sum(int(v) for v in st[11:13]) / os.sysconf("SC_CLK_TCK")  # utime + stime
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
-def machine_busy() -> float:
-    """Busy CPU-seconds of the whole machine (all but idle and iowait) from /proc/stat."""
-    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(vals) - vals[3] - (vals[4] if len(vals) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
-
-
-def pct(values: list[float | None], q: float) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.percentile(vals, q)) if vals else None
-
-
-def fmt(v: float | None, digits: int = 3) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
-
 
 # -- Orthanc -------------------------------------------------------------------------------------------
 
@@ -255,7 +158,9 @@ class Orthanc:
             env["TCP_NODELAY"] = "1"  # DCMTK (dcmnet) inside Orthanc: disable Nagle on DICOM sockets
         self.env_tcp_nodelay = env.get("TCP_NODELAY")
         self.log = folder / "orthanc.log"
-        self.proc = spawn([binary, str(self.config_path)], self.log, cwd=folder, env=env)
+        with open(self.log, "ab") as fh:  # the child keeps its own descriptor
+            self.proc = adopt(subprocess.Popen([binary, str(self.config_path)], stdout=fh, stderr=subprocess.STDOUT,
+                                               cwd=folder, env=env))
         self.pid = self.proc.pid
         try:
             wait_port(self.http_port, 60, self.proc)
@@ -301,7 +206,7 @@ class Orthanc:
         return self.request("POST", path, body, **kw)  # type: ignore[arg-type]
 
     def stop(self) -> None:
-        stop(self.proc)
+        release(self.proc)
 
 
 class Poller:
@@ -355,106 +260,30 @@ class Poller:
         self.conn.close()
 
 
-# -- the service ---------------------------------------------------------------------------------------
-
-
-class Service:
-    """``python -m edge_runtime serve`` with its spool/output in ``folder``, sending to Orthanc."""
-
-    def __init__(self, folder: Path, port: int, destination: str, args: list[str], ae_title: str = "EDGE"):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = port
-        self.ae_title = ae_title
-        self.spool, self.output, self.log = folder / "spool", folder / "out", folder / "service.log"
-        self.cmd = [PYTHON, "-m", "edge_runtime", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--ae-title", ae_title, "--spool", str(self.spool), "--output", str(self.output),
-                    "--http-port", "0", "--destination", destination, *args]
-        self.t_launch = time.time()
-        self.proc = spawn(self.cmd, self.log, cwd=folder)
-        self.pid = self.proc.pid
-        try:
-            wait_port(self.port, 180, self.proc)
-        except Exception:
-            print(self.log.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        self.t_listening = time.time()
-
-    def record(self, series_uid: str, timeout: float) -> dict:
-        """The spool's rows for one series once its result is published and both files are sent."""
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            con = sqlite3.connect(f"file:{self.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
-            try:
-                row = con.execute("SELECT id, state, instance_count, first_received, last_received, reason "
-                                  "FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-                if row is not None:
-                    sid, state, count, first, last_rx, reason = row
-                    if state == "failed":
-                        raise RuntimeError(f"series refused by the service: {reason}")
-                    res = con.execute("SELECT id, timings, directory FROM results WHERE series_id=? "
-                                      "ORDER BY id DESC", (sid,)).fetchone()
-                    if res is not None:
-                        out = con.execute("SELECT path, state, sent, attempts, last_error FROM outbox "
-                                          "WHERE result_id=?", (res[0],)).fetchall()
-                        last = {"instances": count, "first_received": first, "last_received": last_rx,
-                                "timings": json.loads(res[1]), "directory": res[2],
-                                "outbox": {Path(p).name: {"state": s, "sent": t, "attempts": a, "error": e}
-                                           for p, s, t, a, e in out}}
-                        if out and all(s == "sent" for _, s, *_ in out):
-                            return last
-            except sqlite3.OperationalError:
-                pass  # index not created yet / schema busy
-            finally:
-                con.close()
-            time.sleep(0.05)
-        raise TimeoutError(f"series not published and sent after {timeout} s (last seen: {last})")
-
-    def stop(self) -> int | None:
-        return stop(self.proc, 60)
-
-
 # -- series --------------------------------------------------------------------------------------------
-
-
-def base_series(slices: int, size: int, seed: int, scratch: Path) -> Path:
-    """The phantom series ``latency.py`` uses (cached in benchmarks/results/series), else written to ``scratch``."""
-    cached = SERIES_CACHE / f"ct{size}x{size}x{slices}-s{seed}"
-    if (cached / ".complete").exists():
-        return cached
-    from phantom import make_phantom, write_series
-
-    folder = scratch / f"ct{size}x{size}x{slices}-s{seed}"
-    t0 = time.perf_counter()
-    ph = make_phantom((slices, size, size), SPACING, rng=seed)
-    write_series(ph.hu, ph.spacing, folder, series_description=f"orthanc bench {slices}", rng=seed)
-    print(f"wrote series {folder} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return folder
 
 
 def fresh_instances(files: list[Path]) -> tuple[str, str, list[bytes]]:
     """The same pixels under new Study/Series/SOP/Frame-of-Reference UIDs, as encoded files."""
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    study = series = ""
     blobs = []
-    for p in files:
-        ds = pydicom.dcmread(p)
-        sop = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SOPInstanceUID = sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
+    for _, ds in harness.with_new_uids(files):
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         blobs.append(buf.getvalue())
+        study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     return study, series, blobs
+
+
+def cpu_state(*pids: int) -> tuple[float, ...]:
+    """CPU-seconds of each process (without children), then the machine's busy CPU-seconds and the epoch."""
+    return (*(process_cpu(pid, children=False) for pid in pids), machine_busy(), time.time())
 
 
 # -- one run -------------------------------------------------------------------------------------------
 
 
-def one_run(orthanc: Orthanc, service: Service, files: list[Path], index: int, poll: float,
+def one_run(orthanc: Orthanc, service: ServiceProcess, files: list[Path], index: int, poll: float,
             timeout: float) -> dict:
     study_uid, series_uid, blobs = fresh_instances(files)
     t_up = time.perf_counter()
@@ -474,7 +303,7 @@ def one_run(orthanc: Orthanc, service: Service, files: list[Path], index: int, p
     poller = Poller(orthanc.http_port)
     poller.get("/system")  # open the keep-alive connection before the clock starts
     time.sleep(1.0)  # let the upload's writes settle
-    cpu0 = (cpu_seconds(orthanc.pid), cpu_seconds(service.pid), cpu_seconds(os.getpid()), machine_busy(), time.time())
+    cpu0 = cpu_state(orthanc.pid, service.pid, os.getpid())
 
     t0 = time.time()
     job = orthanc.post("/modalities/edge/store", {"Resources": [series_id], "Synchronous": True},
@@ -484,7 +313,7 @@ def one_run(orthanc: Orthanc, service: Service, files: list[Path], index: int, p
         found = poller.wait(study_id, known, ("SEG", "SR"), poll, timeout)  # type: ignore[arg-type]
     finally:
         poller.close()
-    cpu1 = (cpu_seconds(orthanc.pid), cpu_seconds(service.pid), cpu_seconds(os.getpid()), machine_busy(), time.time())
+    cpu1 = cpu_state(orthanc.pid, service.pid, os.getpid())
     ours = sum(cpu1[i] - cpu0[i] for i in range(3))
     foreign = max(0.0, (cpu1[3] - cpu0[3] - ours) / (cpu1[4] - cpu0[4]))
     if not isinstance(job, dict) or job.get("FailedInstancesCount", 0) or job.get("InstancesCount") != len(files):
@@ -492,7 +321,7 @@ def one_run(orthanc: Orthanc, service: Service, files: list[Path], index: int, p
 
     rec = service.record(series_uid, timeout=60)
     tm = rec["timings"]
-    stages, started, published = tm["stages"], tm["started"], tm["published"]
+    stages, published = tm["stages"], tm["published"]
     seg_sent = rec["outbox"]["seg.dcm"]["sent"]
     sr_sent = rec["outbox"].get("sr.dcm", {}).get("sent")
     seg_seen, sr_seen = found["SEG"]["seen"], found["SR"]["seen"]
@@ -509,10 +338,7 @@ def one_run(orthanc: Orthanc, service: Service, files: list[Path], index: int, p
     if ref != series_uid:
         raise RuntimeError(f"the SEG in Orthanc references another series ({ref})")
 
-    durations = {"hop1": ack - t0, "completion_wait": started - ack}
-    for k in STAGES:
-        durations[k] = stages.get(k, 0.0)
-    durations["publish"] = published - started - sum(stages.get(k, 0.0) for k in STAGES)
+    durations = {"hop1": ack - t0, **harness.service_durations(tm, ack)}
     durations["hop2"] = seg_seen - published
     derived = {
         "store_to_seg_rest": seg_seen - t0,
@@ -571,10 +397,10 @@ def markdown(meta: dict, blocks: list[dict]) -> str:
             "|---|---:|---:|---|",
         ]
         for k in TIMELINE:
-            lines.append(f"| {LABELS[k]} | {fmt(s[k]['p50'])} | {fmt(s[k]['p95'])} | "
+            lines.append(f"| {LABELS[k]} | {fmt(s[k]['p50'], 3)} | {fmt(s[k]['p95'], 3)} | "
                          + ", ".join(fmt(v, 2) for v in s[k]["values"]) + " |")
         for k, (label, bold) in DERIVED.items():
-            p50, p95 = fmt(s[k]["p50"]), fmt(s[k]["p95"])
+            p50, p95 = fmt(s[k]["p50"], 3), fmt(s[k]["p95"], 3)
             vals = ", ".join(fmt(v, 2) for v in s[k]["values"])
             if bold:
                 p50, p95 = f"**{p50}**", f"**{p95}**"
@@ -594,23 +420,6 @@ def markdown(meta: dict, blocks: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, object]:
-    info: dict[str, object] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    for mod in ("numpy", "onnxruntime", "pydicom", "pynetdicom", "highdicom"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
-            pass
-    return info
-
-
 def dcmtk_version() -> str:
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libdcmtk17"], capture_output=True,
@@ -622,15 +431,11 @@ def dcmtk_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, default=None, help="model package (default: the bundled one)")
+    harness.add_service_arguments(ap)
     ap.add_argument("--slices", type=int, nargs="+", default=[100], help="series lengths (e.g. 100 300)")
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0, help="phantom seed")
     ap.add_argument("--runs", type=int, default=3, help="measured runs per series length")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (cold process)")
     ap.add_argument("--poll", type=float, default=0.01, help="REST poll interval, seconds")
-    ap.add_argument("--threads", type=int, default=None, help="--threads for the service")
-    ap.add_argument("--serve-arg", action="append", default=[], help="extra argument for `serve` (repeatable)")
     ap.add_argument("--orthanc-nagle", action="store_true",
                     help="do not set TCP_NODELAY=1 for Orthanc's DCMTK (Nagle's algorithm stays on)")
     ap.add_argument("--orthanc-option", action="append", default=[], metavar="KEY=JSON",
@@ -651,9 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
     binary = ensure_orthanc()
     work = Path(tempfile.mkdtemp(prefix="orthanc-e2e-"))
-    atexit.register(_stop_children)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    harness.stop_children_on_exit()
 
     serve = ["--model", str(model_dir)]
     if args.threads:
@@ -667,15 +470,17 @@ def main(argv: list[str] | None = None) -> int:
         orthanc = Orthanc(binary, work / "orthanc", service_port, "EDGE", args.orthanc_nagle, extra)
         # the service binds the port given to Orthanc's modality entry
         destination = f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
-        service = Service(work / "service", service_port, destination, serve)
+        service = ServiceProcess(work / "service", "--destination", destination, *serve, port=service_port,
+                                 http_port=0, start_timeout=180)
+        adopt(service.proc)
         echo_t = time.perf_counter()
         orthanc.post("/modalities/edge/echo", {})
         echo_s = time.perf_counter() - echo_t
         print(f"Orthanc {orthanc.version} on HTTP {orthanc.http_port} / DICOM {orthanc.dicom_port}; service on "
               f"{service.port}; C-ECHO Orthanc → service {echo_s * 1000:.0f} ms", file=sys.stderr, flush=True)
         for slices in args.slices:
-            files = sorted(p for p in base_series(slices, args.size, args.seed, work / "series").iterdir()
-                           if p.suffix == ".dcm")
+            files = harness.series_files(harness.base_series(slices, args.size, args.seed, work / "series",
+                                                             purpose="orthanc bench"))
             block: dict = {"slices": slices, "runs": [], "cold": None}
             plan = [("warmup", i) for i in range(args.warmup if not blocks else 0)]
             plan += [("run", i) for i in range(args.runs)]
@@ -683,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     r = one_run(orthanc, service, files, i, args.poll, args.timeout)
                 except Exception:
-                    print(service.log.read_text(errors="replace")[-4000:], file=sys.stderr)
+                    print(service.log()[-4000:], file=sys.stderr)
                     print(orthanc.log.read_text(errors="replace")[-2000:], file=sys.stderr)
                     raise
                 r["kind"] = kind
@@ -698,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"hop 2 {r['durations']['hop2']:.3f})", file=sys.stderr, flush=True)
             block["summary"] = summarize(block["runs"])
             blocks.append(block)
-        log_text = service.log.read_text(errors="replace")
+        log_text = service.log()
         for pattern in ("WARNING", "ERROR", "refus", "reject", "abort"):
             hits = [ln for ln in log_text.splitlines() if pattern.lower() in ln.lower()]
             if hits:
@@ -712,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             service.stop()
         if orthanc is not None:
             orthanc.stop()
-        _stop_children()
+        harness.stop_children()
         if args.keep:
             print(f"kept {work}", file=sys.stderr)
         else:
@@ -727,13 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         "dcmtk": dcmtk_version(), "poll_s": args.poll, "warmup": args.warmup, "cpus": os.cpu_count(),
         "service_startup_s": service.t_listening - service.t_launch, "service_cmd": service.cmd[1:],
         "echo_s": echo_s, "machine": machine(), "notes": notes,
-        "command": " ".join([Path(sys.executable).as_posix(), "benchmarks/orthanc_e2e.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
+        "command": command("orthanc_e2e", argv),
     }
     md = markdown(meta, blocks)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "blocks": blocks}, indent=1, default=str))
-    (RESULTS / f"{args.tag}.md").write_text(md + "\n")
+    write_results(args.tag, md, {"meta": meta, "blocks": blocks})
     print(md)
     print(f"\nwrote {RESULTS / args.tag}.md and .json", file=sys.stderr)
     return 0

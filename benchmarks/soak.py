@@ -37,7 +37,7 @@ The pieces, all on loopback:
 Prints a Markdown table and writes it to ``benchmarks/results/soak.md``, the raw figures (every kill,
 every series) to ``benchmarks/results/soak.json``. Exit status 1 when any count is wrong. Usage::
 
-    python benchmarks/soak.py [--kills 20] [--series 6] [--shape 40 128 128] [--seed 1] [--workdir DIR]
+    python -m benchmarks.soak [--kills 20] [--series 6] [--shape 40 128 128] [--seed 1] [--workdir DIR]
 
 SIGKILL ends the process, not the machine: data in the page cache survives it, so this proves the
 ordering of writes, commits and acknowledgements, not fsync against power loss.
@@ -53,7 +53,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -68,39 +67,18 @@ from typing import Any
 import pydicom
 import pynetdicom
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from benchmarks.report import RESULTS, write_results
+from edge_runtime.dicom import Comprehensive3DSRStorage, SegmentationStorage
 from phantom import make_phantom, write_series
+from tests.peers import SYSTEM_BIN, StoreSCP, free_port, referenced_series, serve_command
 
-RESULTS = Path(__file__).resolve().parent / "results"
-STORESCP = "/usr/bin/storescp"
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 AE_TITLE = "EDGE"
 MODES = ("timer", "store", "inference", "send", "startup")
 MODE_WEIGHTS = (0.4, 0.2, 0.15, 0.15, 0.1)
 COMPLETED = re.compile(r"complete on evidence|complete after|resuming \d+ interrupted job")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before opening port {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
 
 
 # -- series and scanners -------------------------------------------------------------------------------------
@@ -172,19 +150,15 @@ class Scanner(threading.Thread):
         rng: random.Random,
     ):
         super().__init__(name=f"scanner-{series.index}", daemon=True)
-        self.series = series
-        self.port = port
-        self.ledger = ledger
-        self.stop = stop
-        self.pace = pace
-        self.rng = rng
-        self.go = threading.Event()
+        self.series, self.port, self.ledger = series, port, ledger
+        self.stop, self.pace, self.rng = stop, pace, rng
+        self.go = threading.Event()  # the gate: this series starts once so many kills are done
         self.done = threading.Event()
         n = len(series.datasets)
         bounds = [round(k * n / associations) for k in range(associations + 1)]
         self.chunks = [list(range(bounds[k], bounds[k + 1])) for k in range(associations) if bounds[k + 1] > bounds[k]]
         self.ae = AE(ae_title=f"SCANNER{series.index}")
-        self.ae.add_requested_context(CT_IMAGE_STORAGE, EXPLICIT_VR_LE)
+        self.ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 60
         self.ae.connection_timeout = 5
 
@@ -280,30 +254,18 @@ class Service:
         self.number = number
         self.log_path = workdir / f"service-{number}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
-        cmd = [
-            sys.executable,
-            "-m",
-            "edge_runtime",
-            "serve",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--ae-title",
-            AE_TITLE,
-            "--spool",
-            str(workdir / "spool"),
-            "--output",
-            str(workdir / "out"),
+        cmd = serve_command(
+            port,
+            workdir / "spool",
+            workdir / "out",
             "--destination",
             destination,
             "--quiet-seconds",
             str(quiet),
-            "--http-port",
-            "0",
             "--min-free-mb",
             "64",
-        ]
+            ae_title=AE_TITLE,
+        )
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=dict(os.environ, PYTHONUNBUFFERED="1")
@@ -353,26 +315,11 @@ class Service:
         return self.proc.returncode
 
 
-class Pacs:
-    """DCMTK storescp, one file per received object."""
+class Pacs(StoreSCP):
+    """DCMTK storescp, one file per received object (``+uf``: a second delivery is a file of its own)."""
 
     def __init__(self, folder: Path, log_path: Path):
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self._log = open(log_path, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [STORESCP, "+uf", "-od", str(folder), "-aet", "PACS", "--fork", str(self.port)],
-            env=dict(os.environ, TCP_NODELAY="1"),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its forked children share the group: stopped together
-        )
-        wait_port(self.port, 30, self.proc)
-
-    @property
-    def address(self) -> str:
-        return f"PACS@127.0.0.1:{self.port}"
+        super().__init__(folder, "PACS", options=("+uf",), log=log_path)
 
     def count(self) -> int:
         return sum(1 for _ in os.scandir(self.folder))
@@ -385,35 +332,18 @@ class Pacs:
                 ds = pydicom.dcmread(path, stop_before_pixels=not full)
                 sop_class = str(ds.SOPClassUID)
                 item: dict[str, Any] = {"file": path.name, "class": sop_class, "uid": str(ds.SOPInstanceUID)}
-                if sop_class == SEG_SOP_CLASS:
+                if sop_class in (SegmentationStorage, Comprehensive3DSRStorage):
+                    item["series"] = referenced_series(ds)
+                if sop_class == SegmentationStorage:
                     ref = ds.ReferencedSeriesSequence[0]
-                    item["series"] = [str(ref.SeriesInstanceUID)]
                     item["instances"] = sorted(str(i.ReferencedSOPInstanceUID) for i in ref.ReferencedInstanceSequence)
                     if full:
                         item["frames"] = int(ds.NumberOfFrames)
                         _ = len(ds.PixelData)
-                elif sop_class == SR_SOP_CLASS:
-                    item["series"] = sorted(
-                        str(s.SeriesInstanceUID)
-                        for study in ds.CurrentRequestedProcedureEvidenceSequence
-                        for s in study.ReferencedSeriesSequence
-                    )
                 found.append(item)
             except Exception:  # noqa: BLE001 - storescp may still be writing it; counted at the end
                 bad.append(path.name)
         return found, bad
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
 
 
 def spool_state(db: Path) -> dict[str, Any]:
@@ -602,8 +532,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
                 last_count, last_change = count, time.monotonic()
             if all(sc.done.is_set() for sc in scanners):
                 objects, _ = pacs.objects()
-                have_seg = {u for o in objects if o["class"] == SEG_SOP_CLASS for u in o["series"]}
-                have_sr = {u for o in objects if o["class"] == SR_SOP_CLASS for u in o["series"]}
+                have_seg = {u for o in objects if o["class"] == SegmentationStorage for u in o["series"]}
+                have_sr = {u for o in objects if o["class"] == Comprehensive3DSRStorage for u in o["series"]}
                 if all(s.series_uid in have_seg and s.series_uid in have_sr for s in series):
                     complete = True
                     if time.monotonic() - last_change >= args.quiet + 2.0:  # anything more on its way?
@@ -671,8 +601,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     cut_but_stored = sum(1 for uid, t in ledger.cut if uid in indexed and indexed[uid][2] < t)
 
     objects, unreadable = pacs.objects(full=True)
-    segs = [o for o in objects if o["class"] == SEG_SOP_CLASS]
-    srs = [o for o in objects if o["class"] == SR_SOP_CLASS]
+    segs = [o for o in objects if o["class"] == SegmentationStorage]
+    srs = [o for o in objects if o["class"] == Comprehensive3DSRStorage]
     per_series = []
     for s in series:
         mine = [o for o in segs if s.series_uid in o["series"]]
@@ -851,8 +781,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.kills < 1 or args.series < 1 or args.associations < 1 or not 0 < args.min_up <= args.max_up:
         ap.error("--kills, --series and --associations must be >= 1, and 0 < --min-up <= --max-up")
-    if not Path(STORESCP).exists():
-        print(f"soak: {STORESCP} not found (apt-get install dcmtk)", file=sys.stderr)
+    if not (SYSTEM_BIN / "storescp").exists():
+        print(f"soak: {SYSTEM_BIN / 'storescp'} not found (apt-get install dcmtk)", file=sys.stderr)
         return 2
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # refused connections while the service is down
     result = soak(args)
@@ -862,9 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lost instances:", json.dumps(result["lost"][:20], indent=1), file=sys.stderr)
     print(f"work folder (service-<n>.log, scanners.log, spool, pacs): {result['workdir']}", file=sys.stderr)
     if not args.no_write:
-        args.results_dir.mkdir(parents=True, exist_ok=True)
-        (args.results_dir / "soak.md").write_text(table, encoding="utf-8")
-        (args.results_dir / "soak.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_results("soak", table, result, args.results_dir)
     return 0 if result["ok"] else 1
 
 

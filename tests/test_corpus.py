@@ -17,25 +17,18 @@ import pytest
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
-from edge_runtime.dicom import (
-    STATUS_CANNOT_PARSE,
-    STATUS_DATASET_MISMATCH,
-    STATUS_INVALID_UID,
-    STATUS_MISSING_ATTRIBUTE,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_SUCCESS,
-)
+from edge_runtime import dicom
 from tests.peers import SHARED_DATA, ServiceProcess
 
 pytestmark = pytest.mark.e2e
 
 DOCUMENTED_STATUSES = {
-    STATUS_SUCCESS,
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_DATASET_MISMATCH,
-    STATUS_CANNOT_PARSE,
-    STATUS_MISSING_ATTRIBUTE,
-    STATUS_INVALID_UID,
+    dicom.STATUS_SUCCESS,
+    dicom.STATUS_OUT_OF_RESOURCES,
+    dicom.STATUS_DATASET_MISMATCH,
+    dicom.STATUS_CANNOT_PARSE,
+    dicom.STATUS_MISSING_ATTRIBUTE,
+    dicom.STATUS_INVALID_UID,
 }
 DOCUMENTED_REASONS = {
     "mixed-stacks",

@@ -19,7 +19,8 @@ Run it in the venv made by ``setup.sh`` (``benchmarks/monai_deploy/run.sh`` wrap
     benchmarks/results/mdvenv/bin/python benchmarks/monai_deploy/app.py -i SERIES_DIR -o OUT_DIR -m MODEL.ts \
         [--timings OUT_DIR/timings.json]
 
-MODEL.ts is written by ``benchmarks/make_spleen_package.py`` (the same UNet and weights as the ONNX package).
+MODEL.ts is written by ``python -m benchmarks.make_spleen_package`` (the same UNet and weights as the ONNX
+package). This file runs in the MONAI Deploy venv, not the project's: it imports nothing from the project.
 """
 
 import time
@@ -29,6 +30,7 @@ T_START = time.perf_counter()
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 TIMINGS: dict = {"operators": {}}
@@ -70,6 +72,16 @@ def _add(key: str, dt: float) -> None:
     TIMINGS[key] = TIMINGS.get(key, 0.0) + dt
 
 
+@contextmanager
+def _stopwatch(key: str):
+    """Add the time spent in the ``with`` block to ``TIMINGS[key]``, also when it raises."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _add(key, time.perf_counter() - t0)
+
+
 def _wrap_sliding_window() -> None:
     """Time the sliding window and, inside it, the network forward calls (SlidingWindowInferer calls the
     module-level ``sliding_window_inference`` of ``monai.inferers.inferer``)."""
@@ -87,11 +99,8 @@ def _wrap_sliding_window() -> None:
                 TIMINGS["network_calls"] = TIMINGS.get("network_calls", 0) + 1
                 TIMINGS["network_patches"] = TIMINGS.get("network_patches", 0) + int(x.shape[0])
 
-        t0 = time.perf_counter()
-        try:
+        with _stopwatch("sliding_window_s"):
             return original(inputs, roi_size, sw_batch_size, timed_predictor, *args, **kwargs)
-        finally:
-            _add("sliding_window_s", time.perf_counter() - t0)
 
     inferer_module.sliding_window_inference = timed_swi
 
@@ -118,25 +127,16 @@ class TimedBundleOp(_timed(MonaiBundleInferenceOperator)):
     post-processing timed separately."""
 
     def pre_process(self, data, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
+        with _stopwatch("bundle_pre_process_s"):
             return super().pre_process(data, *args, **kwargs)
-        finally:
-            _add("bundle_pre_process_s", time.perf_counter() - t0)
 
     def predict(self, data, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
+        with _stopwatch("bundle_predict_s"):
             return super().predict(data, *args, **kwargs)
-        finally:
-            _add("bundle_predict_s", time.perf_counter() - t0)
 
     def post_process(self, data, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
+        with _stopwatch("bundle_post_process_s"):
             return super().post_process(data, *args, **kwargs)
-        finally:
-            _add("bundle_post_process_s", time.perf_counter() - t0)
 
 
 RULES = """
