@@ -1,4 +1,4 @@
-"""TensorRT engines and runner (``edge_runtime/engine.py``, ``edge_runtime/runner/tensorrt.py``,
+"""TensorRT engines and runner (``edge_runtime/inference/runner/tensorrt/``,
 ``export/engine.py``).
 
 The pure-Python parts (engine keys and their mismatch messages, profile shapes, file names, refusals) run
@@ -138,7 +138,7 @@ def test_runner_without_tensorrt_is_backend_unavailable_naming_the_extra() -> No
 @pytest.mark.skipif(GPU_MISSING is None, reason="tensorrt and a GPU are present")
 def test_engine_command_without_tensorrt_exits_2(capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("onnx")
-    from export.commands import main
+    from export.cli import main
 
     assert main(["engine", str(DEFAULT_PACKAGE), "--precision", "fp16"]) == 2
     assert "edge-runtime[tensorrt]" in capsys.readouterr().err

@@ -17,6 +17,7 @@ Files in the package folder (not listed in the manifest: they belong to one GPU,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -179,6 +180,16 @@ def import_tensorrt() -> Any:
         raise MissingDependencyError(f"{exc}. {INSTALL_HINT}") from exc
 
 
+@functools.cache
+def tensorrt_logger() -> Any:
+    """The one ``trt.Logger`` of this process, for every builder and runtime.
+
+    TensorRT keeps a single logger pointer per process: a builder or runtime made with another logger while
+    one exists gets a warning and the first logger, which must therefore outlive them all."""
+    trt = import_tensorrt()
+    return trt.Logger(trt.Logger.WARNING)
+
+
 def import_pycuda() -> Any:
     from edge_runtime.extras import require
 
@@ -226,7 +237,7 @@ def build_engine(
     cache_file = timing_cache or timing_cache_path(package.root, key.compute_capability)
     shapes = profile_shapes(package, max_batch)
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
@@ -294,7 +305,7 @@ def make_progress_monitor(trt: Any, stream: Any = None) -> Any:
 
     out = stream or sys.stderr
 
-    class PrintProgress(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+    class PrintProgress(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
             self._lock = threading.Lock()  # TensorRT may call from several threads

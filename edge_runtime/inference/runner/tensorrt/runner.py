@@ -19,15 +19,20 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.extras import MissingDependencyError
+from edge_runtime.errors import BackendUnavailable, EngineError, MissingDependencyError, RunnerError
 from edge_runtime.inference.package import ModelPackage
-from edge_runtime.inference.runner.base import BackendUnavailable, Runner, RunnerError
+from edge_runtime.inference.runner.base import Runner
 from edge_runtime.inference.runner.tensorrt import engine as engines
 
 log = logging.getLogger(__name__)
 
 
 class TensorRTRunner(Runner):
+    """A model package's TensorRT engine on one GPU, checked against its key before it is loaded.
+
+    Batches run one at a time on one stream; their size must lie in the engine profile's batch range.
+    """
+
     name = "tensorrt"
 
     def __init__(
@@ -70,7 +75,7 @@ class TensorRTRunner(Runner):
             )
             try:
                 self.info = engines.check_engine(package, path, current)
-            except engines.EngineError as exc:
+            except EngineError as exc:
                 if not rebuild:
                     raise RunnerError(str(exc)) from exc
                 log.warning("rebuilding the TensorRT engine: %s", exc)
@@ -81,15 +86,13 @@ class TensorRTRunner(Runner):
             self._load(path)
         except BaseException:
             self._ctx.pop()
-            self._ctx.detach()
-            self._ctx = None
+            self.close()  # frees what _load allocated before it failed
             raise
         self._ctx.pop()
 
     def _load(self, path: Path) -> None:
         trt, cuda = self._trt, self._cuda
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = trt.Runtime(engines.tensorrt_logger())
         self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if self._engine is None:
             raise RunnerError(f"TensorRT could not deserialise {path.name} (see its log)")
@@ -107,13 +110,13 @@ class TensorRTRunner(Runner):
             raise RunnerError("engine does not match its manifest: " + "; ".join(problems))
         self._input, self._output = self.package.input_name, self.package.output_name
         self._context = self._engine.create_execution_context()
-        _, _, max_shape = self._engine.get_tensor_profile_shape(self._input, 0)
+        min_shape, _, max_shape = self._engine.get_tensor_profile_shape(self._input, 0)
         self._max_shape = tuple(int(v) for v in max_shape)
-        self._min_batch = int(self._engine.get_tensor_profile_shape(self._input, 0)[0][0])
+        self._min_batch = int(min_shape[0])
         self._in_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._input)))
         self._out_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._output)))
         self._context.set_input_shape(self._input, self._max_shape)
-        out_max = tuple(int(v) for v in self._context.get_tensor_shape(self._output))
+        out_max = self._tensor_shape(self._output)
         self._stream = cuda.Stream()
         self._host_in = cuda.pagelocked_empty(int(np.prod(self._max_shape)), self._in_dtype)
         self._host_out = cuda.pagelocked_empty(int(np.prod(out_max)), self._out_dtype)
@@ -121,7 +124,23 @@ class TensorRTRunner(Runner):
         self._dev_out = cuda.mem_alloc(self._host_out.nbytes)
         self._context.set_tensor_address(self._input, int(self._dev_in))
         self._context.set_tensor_address(self._output, int(self._dev_out))
+        # execute_async_v3 needs an address for every I/O tensor: outputs the manifest does not name (auxiliary
+        # heads) get device buffers of their largest size, written by the engine and never read
+        self._dev_unread: list[Any] = []
+        for name in outputs:
+            if name != self._output:
+                dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+                buf = cuda.mem_alloc(max(1, int(np.prod(self._tensor_shape(name)))) * dtype.itemsize)
+                self._dev_unread.append(buf)
+                self._context.set_tensor_address(name, int(buf))
         log.info("loaded %s: max input %s, %s", path.name, self._max_shape, self.describe())
+
+    def _tensor_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of ``name`` for the input shape set now; refuses shapes that depend on the data."""
+        shape = tuple(int(v) for v in self._context.get_tensor_shape(name))
+        if any(v < 0 for v in shape):
+            raise RunnerError(f"the engine's tensor {name!r} has shape {shape}, which depends on the data")
+        return shape
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         shape = batch.shape
@@ -135,7 +154,7 @@ class TensorRTRunner(Runner):
         try:
             if not self._context.set_input_shape(self._input, shape):
                 raise RunnerError(f"TensorRT refused input shape {shape}")
-            out_shape = tuple(int(v) for v in self._context.get_tensor_shape(self._output))
+            out_shape = self._tensor_shape(self._output)
             n_in, n_out = int(np.prod(shape)), int(np.prod(out_shape))
             host_in = self._host_in[:n_in]
             host_in[:] = batch.ravel()  # casts to the engine's input type if it is not float32
@@ -159,18 +178,25 @@ class TensorRTRunner(Runner):
         )
 
     def close(self) -> None:
+        """Free the GPU buffers, the execution context and the engine; safe to call twice.
+
+        Everything that lives in the CUDA context goes while that context is current: the execution context
+        before its engine, and the stream and page-locked buffers before the context is released."""
         ctx = getattr(self, "_ctx", None)
         if ctx is None:
             return
         ctx.push()
         try:
-            for name in ("_dev_in", "_dev_out"):
-                buf: Any = getattr(self, name, None)
+            buffers: list[Any] = [getattr(self, "_dev_in", None), getattr(self, "_dev_out", None)]
+            for buf in buffers + getattr(self, "_dev_unread", []):
                 if buf is not None:
                     buf.free()
-                    setattr(self, name, None)
+            self._dev_in = self._dev_out = None
+            self._dev_unread = []
             self._context = None
             self._engine = None
+            self._stream = None
+            self._host_in = self._host_out = None
         finally:
             ctx.pop()
             ctx.detach()
