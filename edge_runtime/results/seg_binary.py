@@ -416,7 +416,9 @@ def _multiframe_dimension(ds: Dataset, organization_uid: str) -> None:
     ds.DimensionIndexSequence = dimensions
 
 
-def _shared_functional_groups(src: Dataset, positions: np.ndarray, single_segment: bool) -> Dataset:
+def _shared_functional_groups(
+    src: Dataset, positions: np.ndarray, orientation: list[float], single_segment: bool
+) -> Dataset:
     """Pixel Measures, Plane Orientation and, for a single segment, Segment Identification."""
     measures = Dataset()
     measures.PixelSpacing = [_ds(v) for v in src.PixelSpacing]
@@ -425,7 +427,6 @@ def _shared_functional_groups(src: Dataset, positions: np.ndarray, single_segmen
     if src.get("SpacingBetweenSlices") not in (None, ""):
         measures.SpacingBetweenSlices = _ds(src.SpacingBetweenSlices)
     else:
-        orientation = [float(v) for v in src.ImageOrientationPatient]
         spacing, _ = get_volume_positions(image_positions=positions.tolist(), image_orientation=orientation)
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
@@ -485,7 +486,7 @@ def encode_binary_seg(
     ds.SegmentSequence = segment_descriptions(package, uid_seed)
     _multiframe_dimension(ds, derive_uid(uid_seed, "dimension-organization"))
     single_segment = len(values) == 1
-    ds.SharedFunctionalGroupsSequence = [_shared_functional_groups(src, positions, single_segment)]
+    ds.SharedFunctionalGroupsSequence = [_shared_functional_groups(src, positions, orientation, single_segment)]
     # highdicom calls a single segment on several regularly spaced planes a 3D organisation
     if single_segment and _regularly_spaced(positions[np.sort(plan.planes)], orientation):
         ds.DimensionOrganizationType = "3D"
