@@ -119,7 +119,7 @@ class TritonServer:
                 try:
                     if client.is_model_ready(self.model_name, client_timeout=2.0):
                         return
-                except Exception:
+                except Exception:  # not listening yet: ask again until the timeout
                     pass
                 time.sleep(0.25)
         raise TimeoutError(f"Triton model not ready after {timeout} s:\n{self.log()[-3000:]}")

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         triton.run()
         print("TRITON-READY", flush=True)
         triton.serve()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C: the way this server is meant to stop
         pass
     finally:
         triton.stop()

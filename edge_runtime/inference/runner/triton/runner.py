@@ -120,6 +120,7 @@ class TritonRunner(Runner):
 
     @property
     def _slots(self) -> list[ShmSlot]:
+        """The shared-memory slots that exist now: none without shared memory, none after ``close``."""
         return self._shm.slots if self._shm is not None else []
 
     # -- construction checks -------------------------------------------------------------------------------
