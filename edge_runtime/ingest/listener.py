@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -48,6 +48,9 @@ from edge_runtime.dicom import (
 from edge_runtime.imaging.volume import SliceGeometry
 from edge_runtime.ingest.guard import ConnectionGuard, GuardedAssociationServer, tls_context
 from edge_runtime.spool import Spool, SpoolFull
+
+if TYPE_CHECKING:
+    from edge_runtime.config import ListenerSettings
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,9 @@ def decodable_syntaxes() -> list[str]:
 
 @dataclass(frozen=True)
 class ListenerConfig:
+    """What the listener runs with: the ``[listener]`` settings in the units pynetdicom and the socket layer use,
+    plus what the model package decides (the modalities it accepts)."""
+
     ae_title: str
     host: str
     port: int
@@ -130,6 +136,24 @@ class ListenerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ListenerSettings, *, modalities: tuple[str, ...]) -> ListenerConfig:
+        """The listener's configuration from the service's ``[listener]`` section; timeouts keep their defaults."""
+        return cls(
+            ae_title=settings.ae_title,
+            host=settings.host,
+            port=settings.port,
+            modalities=modalities,
+            allowed_calling_aets=settings.allowed_calling_aets,
+            max_associations=settings.max_associations,
+            allowed_networks=settings.allowed_networks,
+            max_instance_bytes=settings.max_instance_mb * 1024 * 1024,
+            tls_port=settings.tls_port,
+            tls_cert=str(settings.tls_cert) if settings.tls_cert else None,
+            tls_key=str(settings.tls_key) if settings.tls_key else None,
+            tls_ca=str(settings.tls_ca) if settings.tls_ca else None,
+        )
 
 
 class Listener:
