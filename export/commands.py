@@ -1,8 +1,8 @@
 """``edge-export`` subcommands ``package``, ``engine`` and ``quantize``.
 
-``add_commands(subparsers)`` adds them to the CLI's subparsers and returns ``{command: handler}``; each handler
-takes the parsed ``argparse.Namespace`` and returns the exit status (0 done, 1 the gate or the build failed,
-2 the request cannot be served: bad source, missing dependency, missing SNOMED codes ...).
+``add_commands(subparsers)`` adds them to ``edge-export``'s subparsers (``export.cli``), each with its handler as
+``func``; a handler takes the parsed ``argparse.Namespace`` and returns the exit status (0 done, 1 the gate or the
+build failed, 2 the request cannot be served: bad source, missing dependency, missing SNOMED codes ...).
 
 ``package``: a trained model (one of four sources) -> ONNX -> model package, behind the parity gate::
 
@@ -34,8 +34,6 @@ from edge_runtime.errors import ExportError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[argparse.Namespace], int]
-
 #: colours for labels that bring none (the 3D Slicer generic anatomy palette, roughly)
 PALETTE = [
     [128, 174, 128], [241, 214, 145], [177, 122, 101], [111, 184, 210], [216, 101, 79], [221, 130, 101],
@@ -47,12 +45,11 @@ class CommandError(ExportError):
     """A request that cannot be served; the message lists every problem found."""
 
 
-def add_commands(subparsers: Any) -> dict[str, Handler]:
+def add_commands(subparsers: Any) -> None:
     """Add ``package``, ``engine`` and ``quantize`` to ``edge-export``'s subparsers."""
     _add_package_parser(subparsers)
     _add_engine_parser(subparsers)
     _add_quantize_parser(subparsers)
-    return {"package": run_package, "engine": run_engine, "quantize": run_quantize}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,15 +119,23 @@ def _add_package_parser(subparsers: Any) -> None:
     out = p.add_argument_group("ONNX")
     out.add_argument("--opset", type=int, default=18)
     out.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    p.set_defaults(func=run_package)
+
+
+def _add_package_command(
+    subparsers: Any, name: str, run: Callable[[argparse.Namespace], int], **texts: str
+) -> argparse.ArgumentParser:
+    """A command on an existing package folder (the positional ``package``), run by ``run``."""
+    p: argparse.ArgumentParser = subparsers.add_parser(name, **texts)
+    p.add_argument("package", type=Path)
+    p.set_defaults(func=run)
+    return p
 
 
 def _add_engine_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "engine",
-        help="build a TensorRT engine in a package (needs TensorRT and an NVIDIA GPU)",
-        description="Build model.<precision>.smXY.engine and its key file in a package folder.",
-    )
-    p.add_argument("package", type=Path)
+    p = _add_package_command(subparsers, "engine", run_engine,
+                             help="build a TensorRT engine in a package (needs TensorRT and an NVIDIA GPU)",
+                             description="Build model.<precision>.smXY.engine and its key file in a package folder.")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True,
                    help="int8 needs a quantised package (edge-export quantize)")
     p.add_argument("--timing-cache", type=Path, default=None, help="default: tensorrt.smXY.timing-cache in the package")
@@ -140,12 +145,11 @@ def _add_engine_parser(subparsers: Any) -> None:
 
 
 def _add_quantize_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "quantize",
+    p = _add_package_command(
+        subparsers, "quantize", run_quantize,
         help="write an INT8 (QDQ) package from an FP32 package, gated by Dice against FP32",
         description="Post-training INT8 quantisation (ONNX Runtime quantize_static, QDQ) calibrated on phantoms.",
     )
-    p.add_argument("package", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--calibration-volumes", type=int, default=4)
@@ -283,7 +287,7 @@ def build_manifest(args: argparse.Namespace, loaded: Any) -> tuple[dict[str, Any
         "series_filter": {"modalities": args.modality or hints.get("modalities") or ["CT"]},
         "preprocessing": {"target_spacing": spacing, "normalization": normalization},
         "inference": {
-            "patch_size": [int(v) for v in patch],  # type: ignore[union-attr]
+            "patch_size": [int(v) for v in patch],
             "overlap": args.overlap if args.overlap is not None else hints.get("overlap", 0.5),
             "blending": args.blending or hints.get("blending", "gaussian"),
             "batch_size": args.batch_size or hints.get("batch_size", 2),
@@ -365,6 +369,18 @@ class _Staging:
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def settle(self, report: Any, failed: str) -> Path | None:
+        """After the gate: print its table, then publish (returns ``out``) on a pass, or set the build aside and
+        print ``failed`` (``{where}``: the folder it went to) with each failure (returns None)."""
+        print(report.table())
+        if report.passed:
+            return self.publish()
+        where = self.reject()
+        print(failed.format(where=where), file=sys.stderr)
+        for line in report.failures():
+            print(f"  - {line}", file=sys.stderr)
+        return None
+
 
 def _package(args: argparse.Namespace, loaded: Any) -> int:
     from export.onnx import export_onnx_with_info
@@ -401,15 +417,11 @@ def _package(args: argparse.Namespace, loaded: Any) -> int:
     except BaseException:
         stage.discard()
         raise
-    print(report.table())
-    if not report.passed:
-        where = stage.reject()
-        print(f"edge-export package: parity gate failed; package set aside in {where} (see parity.md there):",
-              file=sys.stderr)
-        for line in report.failures():
-            print(f"  - {line}", file=sys.stderr)
+    out = stage.settle(
+        report, "edge-export package: parity gate failed; package set aside in {where} (see parity.md there):"
+    )
+    if out is None:
         return 1
-    out = stage.publish()
     print(f"wrote {out} ({package.identity}); parity: {out / 'parity.md'}")
     return 0
 
@@ -478,26 +490,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     except BaseException:
         stage.discard()
         raise
-    print(report.table())
-    if not report.passed:
-        where = stage.reject()
-        print(f"edge-export quantize: INT8 gate failed; package set aside in {where}:", file=sys.stderr)
-        for line in report.failures():
-            print(f"  - {line}", file=sys.stderr)
+    out = stage.settle(report, "edge-export quantize: INT8 gate failed; package set aside in {where}:")
+    if out is None:
         return 1
-    out = stage.publish()
     print(f"wrote {out} ({package.identity}); Dice against FP32 >= {report.needed_min_dice:.4f}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export.commands package|engine|quantize ...`` (the same commands as ``edge-export``)."""
-    parser = argparse.ArgumentParser(prog="python -m export.commands", description=__doc__.splitlines()[0])
-    handlers = add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return handlers[args.command](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

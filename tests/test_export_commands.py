@@ -20,7 +20,7 @@ from edge_runtime.imaging.volume import Volume  # noqa: E402
 from edge_runtime.inference.package import ModelPackage  # noqa: E402
 from edge_runtime.inference.pipeline import segment  # noqa: E402
 from edge_runtime.inference.runner import load_runner  # noqa: E402
-from export.commands import main  # noqa: E402
+from export.cli import main  # noqa: E402
 from phantom import make_phantom  # noqa: E402
 from tests.export_fixtures import TINY_LABELS, TinySegNet, write_monai_bundle, write_nnunet_folder  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_factory_source_end_to_end_as_a_subprocess(tmp_path: Path, labels_json: 
     torch.save(trained.state_dict(), tmp_path / "weights.pt")
     out = tmp_path / "pkg"
     cmd = [
-        sys.executable, "-m", "export.commands", "package", "--factory", "tests.export_fixtures:make_tiny",
+        sys.executable, "-m", "export.cli", "package", "--factory", "tests.export_fixtures:make_tiny",
         "--kwargs", '{"num_classes": 3}', "--state-dict", str(tmp_path / "weights.pt"), "--out", str(out),
         "--labels-json", str(labels_json), "--name", "tiny-factory", "--version", "1.2.3", *TINY_ARGS,
     ]
