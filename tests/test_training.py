@@ -18,7 +18,7 @@ pytest.importorskip("onnx")
 # torch.onnx's dynamo exporter warns about its own API (dynamic_axes, pytree internals) on every export
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 def test_tiny_training_runs_end_to_end(tmp_path: Path) -> None:
-    from export.train import main
+    from export.models.train_phantom_unet import main
 
     out = tmp_path / "run"
     code = main(
