@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,13 @@ class OnnxExport:
     note: str = ""
 
 
-def export_onnx(
-    module: object,
-    path: Path,
-    *,
-    example_shape: tuple[int, int, int, int, int],
-    input_name: str = "image",
-    output_name: str = "logits",
-    opset: int = DEFAULT_OPSET,
-    simplify: bool = True,
-    exporter: str = "auto",
-) -> Path:
-    """Export ``module`` to ``path`` (opset >= 17, dynamic N/Z/Y/X) and run ``onnx.checker`` on the result."""
-    return export_onnx_with_info(
-        module,
-        path,
-        example_shape=example_shape,
-        input_name=input_name,
-        output_name=output_name,
-        opset=opset,
-        simplify=simplify,
-        exporter=exporter,
-    ).path
+def export_onnx(module: object, path: Path, **options: Any) -> Path:
+    """Export ``module`` to ``path`` (opset >= 17, dynamic N/Z/Y/X) and run ``onnx.checker`` on the result.
+
+    Takes the keyword arguments of :func:`export_onnx_with_info` (``example_shape`` is required) and returns
+    only the path of the saved graph.
+    """
+    return export_onnx_with_info(module, path, **options).path
 
 
 def export_onnx_with_info(
@@ -71,7 +57,8 @@ def export_onnx_with_info(
     simplify: bool = True,
     exporter: str = "auto",
 ) -> OnnxExport:
-    """:func:`export_onnx`, returning what was done (exporter, simplification, node counts)."""
+    """Export ``module`` to ``path`` (opset >= 17, dynamic N/Z/Y/X), check the result with ``onnx.checker`` and
+    return what was done (exporter, simplification, node counts)."""
     import onnx
     import torch
 
@@ -91,20 +78,15 @@ def export_onnx_with_info(
     with torch.no_grad(), warnings.catch_warnings():
         # torch.onnx's own deprecation chatter, raised inside the exporter, not by our arguments
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*isinstance\(treespec, LeafSpec\)")
+        options: dict[str, Any]
         if exporter == "dynamo":
             dim = torch.export.Dim.DYNAMIC
-            torch.onnx.export(
-                module,  # type: ignore[arg-type]
-                (example,),
-                str(path),
-                input_names=[input_name],
-                output_names=[output_name],
-                opset_version=opset,
-                dynamo=True,
-                dynamic_shapes=({axis: dim for axis in AXIS_NAMES},),
-                external_data=external,
-                verbose=False,
-            )
+            options = {
+                "dynamo": True,
+                "dynamic_shapes": ({axis: dim for axis in AXIS_NAMES},),
+                "external_data": external,
+                "verbose": False,
+            }
         else:
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*legacy TorchScript-based ONNX")
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"The feature will be removed")
@@ -114,17 +96,16 @@ def export_onnx_with_info(
             warnings.filterwarnings(
                 "ignore", category=UserWarning, message=r"no signature found for <torch\.ScriptMethod"
             )
-            axes = {input_name: AXIS_NAMES, output_name: AXIS_NAMES}
-            torch.onnx.export(
-                module,  # type: ignore[arg-type]
-                (example,),
-                str(path),
-                input_names=[input_name],
-                output_names=[output_name],
-                opset_version=opset,
-                dynamo=False,
-                dynamic_axes=axes,
-            )
+            options = {"dynamo": False, "dynamic_axes": {input_name: AXIS_NAMES, output_name: AXIS_NAMES}}
+        torch.onnx.export(
+            module,  # type: ignore[arg-type]
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            opset_version=opset,
+            **options,
+        )
     model = onnx.load(str(path))
     exported_nodes = len(model.graph.node)
     _name_axes(model, input_name, output_name)

@@ -271,7 +271,8 @@ def window_inputs(package: ModelPackage, seed: int = 0, volume: np.ndarray | Non
     if volume is None:
         volume = next(iter(phantom_volumes(package, [seed + 1]).values()))
     start = [max(0, (n - p) // 2) for n, p in zip(volume.shape[1:], patch, strict=True)]
-    crop = volume[(slice(None), *(slice(s, s + p) for s, p in zip(start, patch, strict=True)))]
+    window = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, patch, strict=True))
+    crop = volume[window]
     if crop.shape[1:] == tuple(patch):
         inputs["phantom"] = np.ascontiguousarray(crop[None])
     return inputs

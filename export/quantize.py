@@ -188,7 +188,7 @@ def quantize_package(
         results = [compare_outputs(name, ref.infer(x), cand.infer(x)) for name, x in inputs.items()]
         dice = label_agreement(ref, cand, fp32, volumes)
         report = ParityReport(
-            results, None, 0.0, 0.0, dice, options.min_dice,  # type: ignore[arg-type]
+            results, None, 0.0, 0.0, dice, options.min_dice,
             reference=f"onnxruntime fp32 ({fp32.identity})", candidate=f"onnxruntime int8 ({int8.identity})",
         )
     write_report(report, int8.root, title=f"INT8 against FP32: {fp32.identity}")

@@ -61,6 +61,10 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet3D(nn.Module):
+    # buffers (register_buffer): the CT windows as x * scale + shift, one channel each
+    window_scale: torch.Tensor
+    window_shift: torch.Tensor
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -223,7 +227,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def load_checkpoint(path: str | Any, map_location: str = "cpu") -> tuple[UNet3D, dict[str, Any]]:
-    """Rebuild a trained model from a checkpoint written by ``export.train``.
+    """Rebuild a trained model from a checkpoint written by ``export.models.train_phantom_unet``.
 
     Returns (model in eval mode, checkpoint)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
