@@ -24,4 +24,6 @@ class Destination:
         return cls(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        """``AE@host:port``, which :meth:`parse` reads back (an IPv6 host in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"

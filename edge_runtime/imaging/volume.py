@@ -337,7 +337,7 @@ def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | 
         datasets=[sorted_slices[0].ds] if multiframe else [s.ds for s in sorted_slices if s.ds is not None],
         regular=regular,
         notes=notes,
-        frames=[s.frame for s in sorted_slices] if multiframe else None,  # type: ignore[misc]
+        frames=[s.frame for s in sorted_slices] if multiframe else None,
     )
 
 

@@ -178,14 +178,15 @@ class _Parser:
             self.problems.append(f"'series_filter.modalities' must be a list of strings, got {modalities!r}")
 
         target = self.get("preprocessing.target_spacing", (list, type(None)), None)
-        target_spacing = None
+        target_spacing: tuple[float | None, float | None, float | None] | None = None
         if target is not None:
             if len(target) != 3 or not all(v is None or (_is_number(v) and v > 0) for v in target):
                 self.problems.append(
                     f"'preprocessing.target_spacing' must be 3 positive numbers (or null per axis), got {target!r}"
                 )
             else:
-                target_spacing = tuple(None if v is None else float(v) for v in target)
+                z, y, x = (None if v is None else float(v) for v in target)
+                target_spacing = (z, y, x)
 
         norm = self._normalization()
         patch = self.get("inference.patch_size", list)
@@ -208,7 +209,7 @@ class _Parser:
 
         model_path = self.root / model_file if model_file else self.root
         sha = self._check_files(model_file)
-        if self.problems:
+        if self.problems or norm is None:
             raise PackageError(self.root, self.problems)
         return ModelPackage(
             root=self.root,
@@ -222,9 +223,9 @@ class _Parser:
             input_channels=channels,
             activation=activation,
             modalities=tuple(m.upper() for m in modalities),
-            target_spacing=target_spacing,  # type: ignore[arg-type]
-            normalization=norm,  # type: ignore[arg-type]
-            patch_size=tuple(patch),  # type: ignore[arg-type]
+            target_spacing=target_spacing,
+            normalization=norm,
+            patch_size=tuple(patch),
             overlap=float(overlap),
             blending=blending,
             batch_size=batch,
@@ -272,7 +273,7 @@ class _Parser:
                 continue
             value = self.get("value", int, where=item)
             name = self.get("name", str, where=item)
-            codes = []
+            codes: list[Code | None] = []
             for key in ("category", "type"):
                 c = item.get(key)
                 if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ("value", "scheme", "meaning"))):
@@ -286,8 +287,9 @@ class _Parser:
             ):
                 self.problems.append(f"'{where}.color' must be three integers 0-255, got {color!r}")
                 color = [255, 0, 0]
-            if value is not None and name is not None and None not in codes:
-                labels.append(Label(value, name, codes[0], codes[1], tuple(color)))  # type: ignore[arg-type]
+            category, kind = codes
+            if value is not None and name is not None and category is not None and kind is not None:
+                labels.append(Label(value, name, category, kind, (color[0], color[1], color[2])))
         values = [lab.value for lab in labels]
         if len(labels) == len(items) and sorted(values) != list(range(1, len(values) + 1)):
             self.problems.append(

@@ -193,7 +193,8 @@ def sliding_window(image: np.ndarray, package: ModelPackage, runner: Runner) -> 
     def flush() -> None:
         out = runner.infer(batch[: len(pending)])
         for i, where in enumerate(pending):
-            logits[(slice(None), *where)] += out[i] * weights
+            every_class = (slice(None), *where)
+            logits[every_class] += out[i] * weights
             norm[where] += weights
         pending.clear()
 

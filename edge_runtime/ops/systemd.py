@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -66,3 +67,17 @@ class Notifier:
                     log.error("a service thread died; withholding the watchdog ping so systemd restarts us")
 
         threading.Thread(target=loop, name="watchdog", daemon=True).start()
+
+
+def wait_for_termination() -> None:
+    """Block until SIGTERM (systemd's stop) or SIGINT (Ctrl-C); call from the main thread."""
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        done.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    while not done.wait(1.0):
+        pass

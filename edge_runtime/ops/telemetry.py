@@ -55,6 +55,14 @@ class Metrics:
             registry=r,
         )
 
+    def count_status(self, status: int) -> None:
+        """One C-STORE answered with ``status``."""
+        self.instances_received.labels("stored" if status == 0 else f"refused_{status:04x}").inc()
+
+    def count_send(self, ok: bool) -> None:
+        """One result file sent to a destination (``ok``), or not."""
+        self.sends.labels("success" if ok else "failure").inc()
+
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
