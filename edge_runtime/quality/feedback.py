@@ -7,7 +7,7 @@ JSON-lines history file with the model's name, version and sha256, so agreement 
 version; the latest Dice per label is also a Prometheus gauge.
 
 Reference segments are matched to the model's labels by SNOMED CT property type (code value and scheme),
-then by name (case-insensitive); unmatched segments are listed in the record.
+then by name, by the rules of :mod:`edge_runtime.quality.matching`; unmatched segments are listed in the record.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydicom.dataset import Dataset
 from edge_runtime.errors import ReferenceRejected
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import Label, ModelPackage
+from edge_runtime.quality.matching import match_labels, segments_of
 from edge_runtime.quality.metrics import compare_label_maps
 from edge_runtime.quality.reference import UndecodablePixels, read_reference_masks, read_reference_seg
 
@@ -46,23 +47,17 @@ def referenced_series(ds: Dataset) -> ReferenceInfo:
 
 
 def match_segments(ds: Dataset, labels: tuple[Label, ...]) -> tuple[dict[int, int], list[str]]:
-    """Reference segment number -> our label value, and the names of segments that matched nothing."""
-    by_code = {(lab.type.value, lab.type.scheme): lab.value for lab in labels}
-    by_name = {lab.name.lower(): lab.value for lab in labels}
-    mapping: dict[int, int] = {}
-    unmatched = []
-    for item in ds.SegmentSequence:
-        number = int(item.SegmentNumber)
-        code = item.SegmentedPropertyTypeCodeSequence[0] if "SegmentedPropertyTypeCodeSequence" in item else None
-        key = (str(code.CodeValue), str(code.CodingSchemeDesignator)) if code is not None else None
-        value = by_code.get(key) if key else None
-        if value is None:
-            value = by_name.get(str(item.get("SegmentLabel", "")).lower())
-        if value is None:
-            unmatched.append(str(item.get("SegmentLabel", number)))
-        else:
-            mapping[number] = value
-    return mapping, unmatched
+    """Reference segment number -> our label value, and the names of segments that matched nothing.
+
+    The rules are those of the offline validation (:func:`edge_runtime.quality.matching.match_labels`), so a
+    reference gives the same labels here as in ``edge-runtime validate``. Several segments of one type (a
+    left and a right lung) all map to the label of that type.
+    """
+    segments = segments_of(ds)
+    matching = match_labels(labels, segments)
+    mapping = {n: s.model_values[0] for s in matching.structures for n in s.segment_numbers}
+    unmatched = [seg.name or str(number) for number, seg in segments.items() if number not in mapping]
+    return dict(sorted(mapping.items())), unmatched
 
 
 def compare_with_reference(
