@@ -24,6 +24,7 @@ from edge_runtime.apps.validate import (
     discover_cases,
     match_labels,
     run_validation,
+    structure_maps,
     summarize,
 )
 from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
@@ -151,7 +152,7 @@ def test_structure_maps_relabel_both_maps() -> None:
     m = match_labels(labels, segments)
     pred = np.array([[[0, 1, 2, 2]]], np.uint8)
     ref = np.array([[[5, 7, 5, 0]]], np.uint8)
-    p, r = validate._structure_maps(pred, ref, m)
+    p, r = structure_maps(pred, ref, m)
     assert p.tolist() == [[[0, 0, 1, 1]]] and r.tolist() == [[[1, 0, 1, 0]]]
 
 
