@@ -45,7 +45,7 @@ from edge_runtime.inference.runner.triton import TritonRunner
 MODEL_NAME = "ct-bench"
 
 
-def start_server(python: str, package_dir: Path, max_batch_size: int) -> tuple[Any, float]:
+def start_server(python: str, package_dir: Path, max_batch_size: int, threads: int) -> tuple[Any, float]:
     """The tests' Triton server (``tests.test_triton.TritonServer``) on free loopback ports, and the seconds
     it took to be ready (the interpreter check included)."""
     import pytest
@@ -60,6 +60,7 @@ def start_server(python: str, package_dir: Path, max_batch_size: int) -> tuple[A
             package_dir,
             model_name=MODEL_NAME,
             max_batch_size=max_batch_size,
+            threads=threads,
         )
     except pytest.skip.Exception as exc:  # no PyTriton interpreter: the tests skip, the benchmark stops
         raise SystemExit(f"no Triton server: {exc}") from None
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the local runner (the server: 1)"
+        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads, locally and in the loopback server"
     )
     parser.add_argument("--in-flight", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     url, model_name = args.url, args.model_name
     if url is None:
         print(f"starting the Triton server ({args.triton_python}) ...", file=sys.stderr)
-        server, startup_s = start_server(args.triton_python, DEFAULT_PACKAGE, args.max_batch_size)
+        server, startup_s = start_server(args.triton_python, DEFAULT_PACKAGE, args.max_batch_size, args.threads)
         url, model_name = server.url, MODEL_NAME
     rows: list[dict[str, Any]] = []
     try:
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {r["what"]: r["median_s"] for r in rows if r["runner"] == "onnxruntime (local)"}
     in_mb = one.nbytes / 2**20
     out_mb = in_mb * package.num_classes
-    threads = "on both sides" if args.threads == 1 or not server else "locally and 1 in the server"
+    threads = "on both sides" if server else "locally"
     lines = [
         f"Remote hop: TritonRunner vs local ONNX Runtime, model `{package.identity}` patch {list(patch)} "
         f"({in_mb:.1f} MiB in, {out_mb:.1f} MiB out per window), ONNX Runtime threads {args.threads} {threads}, "

@@ -69,6 +69,7 @@ class TritonServer:
         access_token: str | None = None,
         ports: tuple[int, int, int] | None = None,
         timeout: float = 180.0,
+        threads: int = 1,
     ):
         python = triton_python()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ class TritonServer:
             "--max-batch-size",
             str(max_batch_size),
             "--threads",
-            "1",
+            str(threads),
         ]
         if access_token:
             cmd += ["--access-token", access_token]

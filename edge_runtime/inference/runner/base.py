@@ -20,15 +20,22 @@ class Runner(abc.ABC):
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         """Logits ``(N, K, Z, Y, X)`` for a float32 batch ``(N, C, Z, Y, X)``."""
+        self.check_batch(batch)
+        return self.check_logits(batch, self._infer(np.ascontiguousarray(batch)))
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        """Raise :class:`RunnerError` unless ``batch`` is float32 ``(N, C, Z, Y, X)`` with the model's channels."""
         if batch.dtype != np.float32:
             raise RunnerError(f"batch dtype is {batch.dtype}; runners take float32")
         if batch.ndim != 5 or batch.shape[1] != self.package.input_channels:
             raise RunnerError(f"batch shape is {batch.shape}; expected (N, {self.package.input_channels}, Z, Y, X)")
-        out = self._infer(np.ascontiguousarray(batch))
+
+    def check_logits(self, batch: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """``logits`` if their shape is ``(N, K, Z, Y, X)`` for ``batch``; else :class:`RunnerError`."""
         expected = (batch.shape[0], self.package.num_classes, *batch.shape[2:])
-        if out.shape != expected:
-            raise RunnerError(f"{self.name} returned shape {out.shape}; expected {expected}")
-        return out
+        if logits.shape != expected:
+            raise RunnerError(f"{self.name} returned shape {logits.shape}; expected {expected}")
+        return logits
 
     @abc.abstractmethod
     def _infer(self, batch: np.ndarray) -> np.ndarray: ...

@@ -242,7 +242,7 @@ class TritonRunner(Runner):
 
         def chunked() -> Iterator[np.ndarray]:
             for b in batches:
-                self._check_batch(b)
+                self.check_batch(b)
                 b = np.ascontiguousarray(b)
                 parts = self._chunks(b)
                 flat.append(len(parts))
@@ -256,18 +256,7 @@ class TritonRunner(Runner):
             if len(outs) == flat[0]:
                 pending.popleft()
                 flat.popleft()
-                logits = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
-                expected = (b.shape[0], self.package.num_classes, *b.shape[2:])
-                if logits.shape != expected:
-                    raise RunnerError(f"{self.name} returned shape {logits.shape}; expected {expected}")
-                yield logits
-
-    def _check_batch(self, batch: np.ndarray) -> None:
-        # the same checks as Runner.infer, for infer_many
-        if batch.dtype != np.float32:
-            raise RunnerError(f"batch dtype is {batch.dtype}; runners take float32")
-        if batch.ndim != 5 or batch.shape[1] != self.package.input_channels:
-            raise RunnerError(f"batch shape is {batch.shape}; expected (N, {self.package.input_channels}, Z, Y, X)")
+                yield self.check_logits(b, outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0))
 
     def _pipeline(self, chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Send chunks with at most ``max_in_flight`` outstanding; yield their outputs in order."""
