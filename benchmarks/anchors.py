@@ -157,7 +157,8 @@ def make_windows(package_dir: Path, slices: int, count: int, out: Path) -> Path:
     """``count`` real 96^3 windows of the preprocessed phantom, as the service would cut them."""
     import numpy as np
 
-    from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+    from edge_runtime.imaging.geometry import GeometryPolicy
+    from edge_runtime.imaging.volume import load_volume
     from edge_runtime.inference.package import ModelPackage
     from edge_runtime.inference.pipeline import ModelGrid, _windows, normalize
 
@@ -178,7 +179,8 @@ def window_overhead(package_dir: Path, slices: int, reps: int = 3) -> dict:
     normalisation by the weight sum), plus the pre- and post-processing steps of ``segment``."""
     import numpy as np
 
-    from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+    from edge_runtime.imaging.geometry import GeometryPolicy
+    from edge_runtime.imaging.volume import load_volume
     from edge_runtime.inference.package import ModelPackage
     from edge_runtime.inference.pipeline import ModelGrid, argmax_labels, normalize, sliding_window
 

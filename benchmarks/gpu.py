@@ -231,7 +231,8 @@ def detect(precision: str, torch_cpu: bool = False) -> tuple[dict, list[dict]]:
 
 def make_windows(package_dir: Path, series: Path, count: int, out: Path) -> dict:
     """``count`` windows of the preprocessed series, cut as the service cuts them, spread over the volume."""
-    from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+    from edge_runtime.imaging.geometry import GeometryPolicy
+    from edge_runtime.imaging.volume import load_volume
     from edge_runtime.inference.package import ModelPackage
     from edge_runtime.inference.pipeline import ModelGrid, normalize, window_starts
 

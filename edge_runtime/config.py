@@ -23,7 +23,7 @@ from typing import Any
 
 from edge_runtime.egress.destination import Destination
 from edge_runtime.errors import ConfigError
-from edge_runtime.imaging.volume import IRREGULAR_POLICIES
+from edge_runtime.imaging.geometry import IRREGULAR_POLICIES
 from edge_runtime.inference.package import DEFAULT_PACKAGE
 from edge_runtime.inference.runner import BACKENDS, DEVICES, PRECISIONS
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from edge_runtime.config import Config
 from edge_runtime.egress.sender import Sender
 from edge_runtime.errors import SeriesRefused
-from edge_runtime.imaging.volume import GeometryPolicy, SliceCache, load_volume
+from edge_runtime.imaging.geometry import GeometryPolicy
+from edge_runtime.imaging.volume import SliceCache, load_volume
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import open_runner

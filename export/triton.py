@@ -11,7 +11,7 @@ Input and output names, channel counts and data types come from the package and 
 ONNX graph; spatial dimensions the graph leaves symbolic are written as -1, so one entry serves any window
 size. The batch axis is Triton's (``max_batch_size`` > 0), which needs a model exported with a dynamic
 batch dimension. ``config.pbtxt`` also carries the package identity and the model's SHA-256 as
-``parameters`` (``edge_runtime.inference.package``, ``edge_runtime.model_sha256``); ``TritonRunner`` compares the
+``parameters`` (``edge_runtime.package``, ``edge_runtime.model_sha256``); ``TritonRunner`` compares the
 latter with its local package, so a runtime never blends a Triton model with another model's manifest.
 
 Files are written to temporary names and renamed into place (model first, config last), so a Triton
@@ -31,6 +31,7 @@ from typing import Any
 
 from edge_runtime.errors import ExportError
 from edge_runtime.inference.package import MANIFEST_NAME, ModelPackage
+from edge_runtime.inference.runner.triton.served_model import PACKAGE_PARAMETER, SHA_PARAMETER
 
 KINDS = ("KIND_GPU", "KIND_CPU")
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -115,8 +116,8 @@ def write_triton_repository(
         kind=kind,
         gpus=gpus,
         parameters={
-            "edge_runtime.inference.package": package.identity,
-            "edge_runtime.model_sha256": package.model_sha256,
+            PACKAGE_PARAMETER: package.identity,
+            SHA_PARAMETER: package.model_sha256,
         },
     )
     _copy_atomic(package.model_path, version_dir / "model.onnx")

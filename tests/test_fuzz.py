@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_runtime.dicom import STATUS_CANNOT_PARSE
-from edge_runtime.imaging.volume import GeometryPolicy, VolumeError, load_volume
+from edge_runtime.imaging.geometry import GeometryPolicy
+from edge_runtime.imaging.volume import VolumeError, load_volume
 from edge_runtime.ingest.listener import InstanceInfo, Refusal, inspect_dataset
 from phantom import write_series
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.egress.destination import Destination
-from edge_runtime.imaging.volume import SliceGeometry
+from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.spool import ResultRow, SeriesState, Spool, SpoolFull
 
 PACS = Destination.parse("PACS@h:1")

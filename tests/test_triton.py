@@ -447,7 +447,7 @@ def test_export_writes_a_config_tritons_protobuf_parses(tmp_path: Path, package:
     assert group.count == 2
     assert group.kind == model_config_pb2.ModelInstanceGroup.Kind.Value("KIND_GPU")
     assert config.parameters["edge_runtime.model_sha256"].string_value == package.model_sha256
-    assert config.parameters["edge_runtime.inference.package"].string_value == package.identity
+    assert config.parameters["edge_runtime.package"].string_value == package.identity
 
 
 def test_export_options_and_errors(tmp_path: Path, package: ModelPackage) -> None:

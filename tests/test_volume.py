@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from edge_runtime.imaging.volume import GeometryPolicy, VolumeError, load_volume
+from edge_runtime.imaging.geometry import GeometryPolicy
+from edge_runtime.imaging.volume import VolumeError, load_volume
 from phantom import write_series
 from tests.conftest import SHARED_DATA
 
@@ -158,13 +159,13 @@ def test_real_problem_series_are_refused_with_a_reason(folder: tuple[str, ...], 
 
 
 def geometries(info) -> list:  # noqa: ANN001
-    from edge_runtime.imaging.volume import SliceGeometry
+    from edge_runtime.imaging.geometry import SliceGeometry
 
     return [SliceGeometry.from_dataset(pydicom.dcmread(p, stop_before_pixels=True)) for p in info.paths]
 
 
 def test_a_whole_regular_stack_is_evidence_of_completion(tmp_path: Path) -> None:
-    from edge_runtime.imaging.volume import SliceGeometry, stack_evidence
+    from edge_runtime.imaging.geometry import SliceGeometry, stack_evidence
 
     info = write_series(ramp(), SPACING, tmp_path, shuffle_files=True)
     geos = geometries(info)
@@ -173,7 +174,7 @@ def test_a_whole_regular_stack_is_evidence_of_completion(tmp_path: Path) -> None
 
 
 def test_partial_stacks_are_not_evidence(tmp_path: Path) -> None:
-    from edge_runtime.imaging.volume import stack_evidence
+    from edge_runtime.imaging.geometry import stack_evidence
 
     geos = geometries(write_series(ramp(), SPACING, tmp_path / "a"))
     every_other = stack_evidence(geos[::2])

@@ -28,11 +28,10 @@ rescaled to modality units (HU for CT) with each slice's own slope and intercept
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,26 +40,7 @@ from pydicom.dataset import Dataset
 
 from edge_runtime.errors import VolumeError
 from edge_runtime.imaging.decode import DecoderFailed, needs_isolation, shared_decoder
-
-IRREGULAR_POLICIES = ("resample", "refuse")
-
-
-@dataclass(frozen=True)
-class GeometryPolicy:
-    irregular_spacing: str = "resample"
-    min_slices: int = 3
-    max_tilt_deg: float = 0.5
-    position_tolerance_mm: float = 0.01
-    #: relative deviation of a step from the median step still counted as regular
-    spacing_rtol: float = 0.02
-    #: a bigger volume is refused before any memory is taken for it (600 M voxels = 2.4 GB as float32)
-    max_voxels: int = 600_000_000
-
-    def __post_init__(self) -> None:
-        if self.irregular_spacing not in IRREGULAR_POLICIES:
-            raise ValueError(
-                f"irregular_spacing is {self.irregular_spacing!r}; allowed: {', '.join(IRREGULAR_POLICIES)}"
-            )
+from edge_runtime.imaging.geometry import GeometryPolicy, SliceGeometry, plan_stack
 
 
 @dataclass
@@ -104,59 +84,6 @@ class Volume:
         return a
 
 
-@dataclass(frozen=True)
-class SliceGeometry:
-    """What the geometry policy needs of one instance; small enough to keep in the spool index."""
-
-    iop: tuple[float, ...]
-    ipp: tuple[float, float, float]
-    rows: int
-    columns: int
-    pixel_spacing: tuple[float, float]
-    thickness: float | None = None
-    #: instances in the acquisition, when the sender says (ImagesInAcquisition)
-    expected: int | None = None
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> SliceGeometry | None:
-        """The geometry of a single-frame image slice; None for anything that cannot be one."""
-        try:
-            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-                return None
-            if any(k not in ds for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")):
-                return None
-            if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
-                return None
-            thickness = ds.get("SliceThickness")
-            expected = ds.get("ImagesInAcquisition")
-            return cls(
-                iop=tuple(float(v) for v in ds.ImageOrientationPatient),
-                ipp=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),  # type: ignore[arg-type]
-                thickness=float(thickness) if thickness not in (None, "") else None,
-                expected=int(expected) if expected not in (None, "") else None,
-            )
-        except (TypeError, ValueError, AttributeError):
-            return None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> SliceGeometry:
-        d = json.loads(text)
-        return cls(
-            **{
-                **d,
-                "iop": tuple(d["iop"]),
-                "ipp": tuple(d["ipp"]),
-                "pixel_spacing": tuple(d["pixel_spacing"]),
-            }
-        )
-
-
 @dataclass
 class _Slice:
     geometry: SliceGeometry
@@ -177,40 +104,6 @@ class _Slice:
     @property
     def ipp(self) -> np.ndarray:
         return np.asarray(self.geometry.ipp, dtype=np.float64)
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """Whether the slices received so far make a complete stack, and why (or why not)."""
-
-    complete: bool
-    reason: str
-
-
-def stack_evidence(geometries: Sequence[SliceGeometry], policy: GeometryPolicy | None = None) -> Evidence:
-    """Is this a geometrically complete stack: regular spacing, no gaps, the expected count when tags carry one?
-
-    It never claims completeness on a guess: a stack spaced wider than its slice thickness may be every other
-    slice of a series still arriving, so it does not count as evidence.
-    """
-    policy = policy or GeometryPolicy()
-    slices = [_Slice(g) for g in geometries]
-    try:
-        _, order, dist, regular, _ = _plan(slices, policy)
-    except VolumeError as exc:
-        return Evidence(False, exc.code)
-    if not regular:
-        return Evidence(False, "irregular-spacing")
-    step = float(np.median(np.diff(dist)))
-    thickness = [g.thickness for g in geometries if g.thickness]
-    if not thickness:
-        return Evidence(False, "no slice thickness to compare the spacing with")
-    if step > 1.05 * float(np.median(thickness)):
-        return Evidence(False, f"spacing {step:.3g} mm exceeds slice thickness {np.median(thickness):.3g} mm")
-    expected = {g.expected for g in geometries if g.expected}
-    if expected and expected != {len(slices)}:
-        return Evidence(False, f"{len(slices)} of {max(expected)} expected instances")
-    return Evidence(True, f"{len(slices)} slices, regular {step:.3g} mm" + (", count as expected" if expected else ""))
 
 
 def read_instances(paths: Sequence[Path]) -> list[tuple[Path, Dataset]]:
@@ -304,28 +197,29 @@ def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | 
         if s.ds is not None and id(s.ds) in decoded:
             s.pixels = decoded[id(s.ds)]
     try:
-        slices, order, positions, regular, step_notes = _plan(slices, policy)
+        plan = plan_stack([s.geometry for s in slices], policy)
     except VolumeError as exc:
         stacks = _split_stacks(slices) if exc.code == "duplicate-positions" else []
         if len(stacks) < 2:
             raise
         try:
-            slices, order, positions, regular, step_notes = _plan(stacks[0], policy)
+            slices, plan = stacks[0], plan_stack([s.geometry for s in stacks[0]], policy)
         except VolumeError:
             raise exc from None  # the repeats are not whole stacks: the duplicate positions are the finding
         notes.append(
             f"{len(stacks)} stacks at the same positions (echoes or temporal positions): "
             f"segmented the first ({len(slices)} slices)"
         )
-    notes += step_notes
-    array = _read_pixels([slices[i] for i in order], policy.max_voxels)
-    sorted_slices = [slices[i] for i in order]
+    notes += plan.notes
+    sorted_slices = [slices[i] for i in plan.order]
+    array = _read_pixels(sorted_slices, policy.max_voxels)
     for s in sorted_slices:
         if s.ds is not None and "SpecificCharacterSet" in s.ds and not s.ds.SpecificCharacterSet:
             del s.ds.SpecificCharacterSet  # empty means the default repertoire; highdicom rejects the empty value
     multiframe = sorted_slices[0].frame is not None
     first = sorted_slices[0]
     row_spacing, col_spacing = first.geometry.pixel_spacing
+    positions = plan.positions
     steps = np.diff(positions)
     return Volume(
         array=array,
@@ -335,7 +229,7 @@ def _load_volume(paths: list[Path], policy: GeometryPolicy, cache: SliceCache | 
         row_direction=first.iop[:3],
         column_direction=first.iop[3:],
         datasets=[sorted_slices[0].ds] if multiframe else [s.ds for s in sorted_slices if s.ds is not None],
-        regular=regular,
+        regular=plan.regular,
         notes=notes,
         frames=[s.frame for s in sorted_slices] if multiframe else None,
     )
@@ -440,62 +334,6 @@ def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
         )
         slices.append(_Slice(geometry, ds, frame=i, rescale=(slope, intercept), stack=stack, path=path))
     return slices
-
-
-def _plan(slices: list[_Slice], policy: GeometryPolicy) -> tuple[list[_Slice], np.ndarray, np.ndarray, bool, list[str]]:
-    """Check one stack; return the spatial order, positions along the normal and whether it is regular."""
-
-    def stack_key(s: _Slice) -> tuple:
-        g = s.geometry
-        return (tuple(np.round(s.iop, 3)), g.rows, g.columns, tuple(round(v, 4) for v in g.pixel_spacing))
-
-    keys = {stack_key(s) for s in slices}
-    if len(keys) > 1:
-        raise VolumeError(
-            "mixed-stacks",
-            f"{len(keys)} different orientations or image sizes in one series; refusing to guess which stack",
-        )
-    if len(slices) < policy.min_slices:
-        raise VolumeError("too-few-slices", f"{len(slices)} slice(s); at least {policy.min_slices} needed")
-    iop = slices[0].iop
-    row, col = iop[:3], iop[3:]
-    normal = np.cross(row, col)
-    norm = np.linalg.norm(normal)
-    if not (0.99 < np.linalg.norm(row) < 1.01 and 0.99 < np.linalg.norm(col) < 1.01 and norm > 0.99):
-        raise VolumeError("bad-geometry", "ImageOrientationPatient is not two orthonormal directions")
-    normal = normal / norm
-    ipps = np.stack([s.ipp for s in slices])
-    dist = ipps @ normal
-    order = np.argsort(dist, kind="stable")
-    dist = dist[order]
-    steps = np.diff(dist)
-    if np.any(steps < policy.position_tolerance_mm):
-        n = int(np.sum(steps < policy.position_tolerance_mm))
-        raise VolumeError("duplicate-positions", f"{n} pair(s) of different instances share a slice position")
-    # Tilt: consecutive origins move within the image plane as well as along the normal.
-    deltas = np.diff(ipps[order], axis=0)
-    along = deltas @ normal
-    across = np.linalg.norm(deltas - np.outer(along, normal), axis=1)
-    tilt = float(np.degrees(np.max(np.arctan2(across, along))))
-    if tilt > policy.max_tilt_deg:
-        raise VolumeError("gantry-tilt", f"slices are sheared by {tilt:.1f} degrees (gantry tilt)")
-    median = float(np.median(steps))
-    deviation = np.abs(steps - median) > max(policy.spacing_rtol * median, policy.position_tolerance_mm)
-    notes: list[str] = []
-    if not np.any(deviation):
-        return slices, order, dist, True, notes
-    multiples = steps[deviation] / median
-    if np.all(np.abs(multiples - np.round(multiples)) < policy.spacing_rtol * 2) and np.all(multiples > 1.5):
-        missing = int(np.sum(np.round(multiples) - 1))
-        raise VolumeError(
-            "missing-slices",
-            f"{missing} slice(s) missing from a regular {median:.3g} mm stack; series incomplete?",
-        )
-    detail = f"slice steps range {steps.min():.3g}-{steps.max():.3g} mm (median {median:.3g} mm)"
-    if policy.irregular_spacing == "refuse":
-        raise VolumeError("irregular-spacing", detail)
-    notes.append(f"irregular spacing resampled: {detail}")
-    return slices, order, dist, False, notes
 
 
 def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:

@@ -45,7 +45,7 @@ from edge_runtime.dicom import (
     STATUS_SUCCESS,
     VERIFICATION,
 )
-from edge_runtime.imaging.volume import SliceGeometry
+from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.ingest.guard import ConnectionGuard, GuardedAssociationServer, tls_context
 from edge_runtime.spool import Spool, SpoolFull
 

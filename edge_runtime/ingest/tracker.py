@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_runtime.config import SeriesSettings
-from edge_runtime.imaging.volume import GeometryPolicy, stack_evidence
+from edge_runtime.imaging.geometry import GeometryPolicy, stack_evidence
 from edge_runtime.spool.store import SeriesState, Spool
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ import pydicom
 
 from edge_runtime.dicom import SEGMENTATION_CLASSES
 from edge_runtime.errors import ReferenceRejected
-from edge_runtime.imaging.volume import GeometryPolicy, load_volume
+from edge_runtime.imaging.geometry import GeometryPolicy
+from edge_runtime.imaging.volume import load_volume
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.quality.feedback import append_history, compare_with_reference, referenced_series, validation_record
 from edge_runtime.spool.store import SeriesRow, Spool

@@ -29,7 +29,7 @@ from typing import Any
 from edge_runtime.dicom import fsync_dir
 from edge_runtime.egress.destination import Destination
 from edge_runtime.errors import SpoolFull
-from edge_runtime.imaging.volume import SliceGeometry
+from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.spool.rows import OutboxItem, ResultRow, SeriesRow, SeriesState, StoredInstance
 
 SCHEMA_VERSION = 1

@@ -43,7 +43,7 @@ def add_parser(subparsers: Any) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Run ``edge-runtime validate``; 0 ok, 1 some case failed, 2 bad arguments or nothing to validate."""
-    from edge_runtime.imaging.volume import GeometryPolicy
+    from edge_runtime.imaging.geometry import GeometryPolicy
 
     problem = _argument_problem(args)
     if problem:

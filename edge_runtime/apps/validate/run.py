@@ -25,7 +25,8 @@ from edge_runtime.errors import MissingDependencyError, ValidationError
 from edge_runtime.quality.matching import match_labels, structure_maps
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the CLI imports this package for every command
-    from edge_runtime.imaging.volume import GeometryPolicy, Volume
+    from edge_runtime.imaging.geometry import GeometryPolicy
+    from edge_runtime.imaging.volume import Volume
 
 
 def run_validation(
@@ -47,7 +48,7 @@ def run_validation(
     Raises :class:`ValidationError` when there is nothing to validate, ``PackageError`` / ``RunnerError``
     when a configuration cannot be loaded.
     """
-    from edge_runtime.imaging.volume import GeometryPolicy
+    from edge_runtime.imaging.geometry import GeometryPolicy
 
     if not 1 <= len(configs) <= 2:
         raise ValidationError(f"one or two configurations, got {len(configs)}")

@@ -16,6 +16,8 @@ from edge_runtime.inference.package import ModelPackage
 
 #: model-config parameter written by ``edge-export triton``: the SHA-256 of the model file in the entry
 SHA_PARAMETER = "edge_runtime.model_sha256"
+#: the config.pbtxt parameter naming the package (name and version) the repository entry was written from
+PACKAGE_PARAMETER = "edge_runtime.package"
 
 
 @dataclass(frozen=True)
