@@ -1,7 +1,7 @@
 """Benchmark the remote hop: TritonRunner (gRPC to Triton on loopback) vs the local ONNX Runtime runner.
 
 Starts ``tests/triton_server.py`` (PyTriton's tritonserver, CPU, ONNX Runtime inside its Python backend) with
-the bundled package, as the tests start it (``tests.test_triton.TritonServer``: one ONNX Runtime thread), then
+the bundled package, as the tests start it (``tests.peers.TritonServer``), then
 times on the same machine, same model, same ONNX Runtime thread count (``--threads 1``, the default):
 
 * one window (batch 1) and one sliding-window batch (the package's batch size) of the package's patch size:
@@ -46,12 +46,12 @@ MODEL_NAME = "ct-bench"
 
 
 def start_server(python: str, package_dir: Path, max_batch_size: int, threads: int) -> tuple[Any, float]:
-    """The tests' Triton server (``tests.test_triton.TritonServer``) on free loopback ports, and the seconds
+    """The tests' Triton server (``tests.peers.TritonServer``) on free loopback ports, and the seconds
     it took to be ready (the interpreter check included)."""
     import pytest
 
     os.environ["EDGE_TRITON_PYTHON"] = python  # the interpreter the tests' server runs PyTriton with
-    from tests.test_triton import TritonServer
+    from tests.peers import TritonServer
 
     t0 = time.monotonic()
     try:

@@ -419,22 +419,23 @@ def build_config(values: dict[str, Any]) -> Config:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--option`` per key, with its help, plus ``--config FILE``."""
+    """One ``--option`` per key, grouped by section, with its help; plus ``--config FILE``."""
     parser.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
-    for _, f in _keys():
-        flag, meta = f.metadata["flag"], f.metadata
+    groups = {name: parser.add_argument_group(name, (cls.__doc__ or "").strip()) for name, cls in _SECTIONS.items()}
+    for section, f in _keys():
+        flag, meta, group = f.metadata["flag"], f.metadata, groups[section]
         name = "--" + f.name.replace("_", "-")
         # numbers and paths are parsed as such, so an error message shows the value as it was meant
         kind = str(f.type).split(" |")[0]
         convert: Callable[[str], Any] = {"int": int, "float": float, "Path": Path}.get(kind, str)
         if flag == "bool":
-            parser.add_argument(name, choices=("true", "false"), help=meta["help"])
+            group.add_argument(name, choices=("true", "false"), help=meta["help"])
         elif flag == "switch":
-            parser.add_argument(name, action="store_const", const=True, help=meta["help"])
+            group.add_argument(name, action="store_const", const=True, help=meta["help"])
         elif flag == "append":
-            parser.add_argument(name, action="append", metavar=meta["metavar"], help=meta["help"])
+            group.add_argument(name, action="append", metavar=meta["metavar"], help=meta["help"])
         else:
-            parser.add_argument(name, type=convert, metavar=meta["metavar"], help=meta["help"])
+            group.add_argument(name, type=convert, metavar=meta["metavar"], help=meta["help"])
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

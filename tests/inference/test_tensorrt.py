@@ -185,7 +185,7 @@ def tiny_packages(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelPackag
     from export.onnx import export_onnx
     from export.package import write_package
     from export.quantize import QuantizeOptions, quantize_package
-    from tests.export_fixtures import TINY_MANIFEST, TinySegNet
+    from tests.export.fixtures import TINY_MANIFEST, TinySegNet
 
     tmp = tmp_path_factory.mktemp("trt")
     path = export_onnx(TinySegNet().eval(), tmp / "x" / "model.onnx", example_shape=(1, 1, 16, 32, 32),

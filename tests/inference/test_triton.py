@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,116 +26,14 @@ from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import BackendUnavailable, RunnerError
 from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
-from tests.conftest import REPO, free_port
+from tests.peers import TRITON_MODEL_NAME, TritonServer, free_port
 
-grpcclient = pytest.importorskip(
-    "tritonclient.grpc", reason="tritonclient[grpc] is not installed (extra 'triton')"
-)
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (extra 'triton')")
 
 from edge_runtime.inference.runner.triton import TritonRunner  # noqa: E402
 
-SERVER_SCRIPT = REPO / "tests" / "triton_server.py"
-MODEL_NAME = "ct-test"
+MODEL_NAME = TRITON_MODEL_NAME
 ATOL = 1e-5
-
-
-def triton_python() -> str:
-    """The interpreter that runs PyTriton, or skip with the reason."""
-    path = os.environ.get("EDGE_TRITON_PYTHON") or str(Path.home() / "venv-triton" / "bin" / "python")
-    if not Path(path).is_file():
-        pytest.skip(f"no PyTriton interpreter at {path} (run scripts/triton-setup or set EDGE_TRITON_PYTHON)")
-    probe = subprocess.run(
-        [path, "-c", "import pytriton.triton, onnxruntime, numpy"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"{path} cannot import pytriton/onnxruntime: {probe.stderr.strip().splitlines()[-1:]}")
-    return path
-
-
-class TritonServer:
-    """``tests/triton_server.py`` in a subprocess, on free loopback ports."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        package_dir: Path,
-        *,
-        model_name: str = MODEL_NAME,
-        max_batch_size: int = 4,
-        access_token: str | None = None,
-        ports: tuple[int, int, int] | None = None,
-        timeout: float = 180.0,
-        threads: int = 1,
-    ):
-        python = triton_python()
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.grpc_port, self.http_port, self.metrics_port = ports or (free_port(), free_port(), free_port())
-        self.url = f"127.0.0.1:{self.grpc_port}"
-        self.model_name = model_name
-        self.log_path = workdir / "triton.log"
-        self._log = open(self.log_path, "ab")
-        cmd = [
-            python,
-            str(SERVER_SCRIPT),
-            "--package",
-            str(package_dir),
-            "--model-name",
-            model_name,
-            "--grpc-port",
-            str(self.grpc_port),
-            "--http-port",
-            str(self.http_port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--max-batch-size",
-            str(max_batch_size),
-            "--threads",
-            str(threads),
-        ]
-        if access_token:
-            cmd += ["--access-token", access_token]
-        # PYTHONPATH etc. from the test interpreter must not leak into the server's
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env, start_new_session=True
-        )
-        try:
-            self._wait_ready(timeout)
-        except Exception:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        with grpcclient.InferenceServerClient(self.url) as client:
-            while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"the Triton server exited with {self.proc.returncode}:\n{self.log()[-3000:]}"
-                    )
-                try:
-                    if client.is_model_ready(self.model_name, client_timeout=2.0):
-                        return
-                except Exception:  # not listening yet: ask again until the timeout
-                    pass
-                time.sleep(0.25)
-        raise TimeoutError(f"Triton model not ready after {timeout} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # the script stops tritonserver and PyTriton's proxy processes on SIGTERM
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
@@ -310,22 +207,16 @@ def test_manifest_with_other_tensor_names_is_an_error(server: TritonServer, tmp_
 
 
 def test_unknown_model_is_not_ready(server: TritonServer, package: ModelPackage) -> None:
-    with pytest.raises(
-        BackendUnavailable, match=rf"model 'no-such-model' on Triton at {server.url} is not ready"
-    ):
+    with pytest.raises(BackendUnavailable, match=rf"model 'no-such-model' on Triton at {server.url} is not ready"):
         TritonRunner(package, url=server.url, model_name="no-such-model")
-    with pytest.raises(
-        BackendUnavailable, match=rf"model '{MODEL_NAME}' version 7 on Triton at .* is not ready"
-    ):
+    with pytest.raises(BackendUnavailable, match=rf"model '{MODEL_NAME}' version 7 on Triton at .* is not ready"):
         TritonRunner(package, url=server.url, model_name=MODEL_NAME, model_version="7")
 
 
 def test_no_server_is_backend_unavailable(package: ModelPackage) -> None:
     url = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    with pytest.raises(
-        BackendUnavailable, match=rf"Triton server at {url} is not reachable \(gRPC\): UNAVAILABLE"
-    ):
+    with pytest.raises(BackendUnavailable, match=rf"Triton server at {url} is not reachable \(gRPC\): UNAVAILABLE"):
         TritonRunner(package, url=url, timeout_s=5)
     assert time.monotonic() - t0 < 10
 
@@ -424,9 +315,7 @@ def test_export_writes_a_config_tritons_protobuf_parses(tmp_path: Path, package:
 
     from export.triton import write_triton_repository
 
-    entry = write_triton_repository(
-        DEFAULT_PACKAGE, tmp_path / "repo", max_batch_size=8, instances=2, kind="KIND_GPU"
-    )
+    entry = write_triton_repository(DEFAULT_PACKAGE, tmp_path / "repo", max_batch_size=8, instances=2, kind="KIND_GPU")
     assert entry == tmp_path / "repo" / package.name
     assert (entry / "1" / "model.onnx").read_bytes() == package.model_path.read_bytes()
     assert json.loads((entry / "manifest.json").read_text()) == package.manifest

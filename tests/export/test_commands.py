@@ -22,9 +22,9 @@ from edge_runtime.inference.pipeline import segment  # noqa: E402
 from edge_runtime.inference.runner import load_runner  # noqa: E402
 from export.cli import main  # noqa: E402
 from phantom import make_phantom  # noqa: E402
-from tests.export_fixtures import TINY_LABELS, TinySegNet, write_monai_bundle, write_nnunet_folder  # noqa: E402
+from tests.export.fixtures import TINY_LABELS, TinySegNet, write_monai_bundle, write_nnunet_folder  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY_ARGS = ["--patch", "16", "32", "32", "--ct-window", "-1024", "1024", "0", "1024",
              "--target-spacing", "5", "6", "6", "--parity-shape", "32", "64", "64"]
 
@@ -64,7 +64,7 @@ def test_factory_source_end_to_end_as_a_subprocess(tmp_path: Path, labels_json: 
     torch.save(trained.state_dict(), tmp_path / "weights.pt")
     out = tmp_path / "pkg"
     cmd = [
-        sys.executable, "-m", "export.cli", "package", "--factory", "tests.export_fixtures:make_tiny",
+        sys.executable, "-m", "export.cli", "package", "--factory", "tests.export.fixtures:make_tiny",
         "--kwargs", '{"num_classes": 3}', "--state-dict", str(tmp_path / "weights.pt"), "--out", str(out),
         "--labels-json", str(labels_json), "--name", "tiny-factory", "--version", "1.2.3", *TINY_ARGS,
     ]
@@ -121,7 +121,7 @@ def test_missing_codes_and_geometry_are_all_reported(tmp_path: Path, capsys: pyt
     err = capsys.readouterr().err
     assert "2 of 2 labels lack SNOMED CT codes (no --labels-json given): 1 'liver', 2 'spleen'" in err
     # a factory source says nothing about geometry: both missing settings in one message
-    assert main(["package", "--factory", "tests.export_fixtures:make_tiny", "--out", str(tmp_path / "o")]) == 2
+    assert main(["package", "--factory", "tests.export.fixtures:make_tiny", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "patch size unknown: pass --patch" in err and "normalisation unknown" in err
     # codes matched by the source's label names; one still missing
@@ -177,7 +177,7 @@ def _package_source(kind: str, tmp_path: Path, labels_json: Path) -> Path:
     out = tmp_path / f"{kind}-pkg"
     if kind == "factory":
         torch.save(TinySegNet(seed=4).state_dict(), tmp_path / "weights.pt")
-        args = ["--factory", "tests.export_fixtures:make_tiny", "--kwargs", '{"num_classes": 3}',
+        args = ["--factory", "tests.export.fixtures:make_tiny", "--kwargs", '{"num_classes": 3}',
                 "--state-dict", str(tmp_path / "weights.pt"), "--labels-json", str(labels_json), *TINY_ARGS]
     elif kind == "torchscript":
         with warnings.catch_warnings():
@@ -189,7 +189,7 @@ def _package_source(kind: str, tmp_path: Path, labels_json: Path) -> Path:
         args = ["--monai-bundle", str(bundle), "--labels-json", str(labels_json), "--parity-shape", "32", "48", "48"]
     else:  # an nnU-Net v2 results folder written by nnunetv2 itself
         pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (scripts/bootstrap --dev installs it)")
-        from tests.export_fixtures import write_nnunet_folder_with_nnunetv2
+        from tests.export.fixtures import write_nnunet_folder_with_nnunetv2
 
         root = write_nnunet_folder_with_nnunetv2(tmp_path / "nnunet")
         # nnU-Net planned 0.9 x 0.8 x 3 mm and a 28x32x12 patch: a small parity volume keeps the gate quick

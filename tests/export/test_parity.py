@@ -24,8 +24,8 @@ from export.parity import (  # noqa: E402
     run_gate,
     write_report,
 )
-from tests.export_fixtures import TINY_MANIFEST as MANIFEST  # noqa: E402
-from tests.export_fixtures import TinySegNet  # noqa: E402
+from tests.export.fixtures import TINY_MANIFEST as MANIFEST  # noqa: E402
+from tests.export.fixtures import TinySegNet  # noqa: E402
 
 SMALL = GateOptions(volumes=1, volume_shape=(32, 64, 64))
 

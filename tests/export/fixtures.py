@@ -1,4 +1,4 @@
-"""Tiny torch modules for the export tests, importable by dotted path (``tests.export_fixtures:TinySegNet``).
+"""Tiny torch modules for the export tests, importable by dotted path (``tests.export.fixtures:TinySegNet``).
 
 ``TinySegNet`` is a hand-set convolutional segmenter, not a random network: its first convolution computes
 smoothed-intensity ramps (``k * (s - threshold)``) and its head turns them into lung-like (-950..-400 HU) and
@@ -65,7 +65,7 @@ class TinySegNet(nn.Module):
 
 
 def make_tiny(num_classes: int = 3, seed: int = 0) -> TinySegNet:
-    """A factory function (``tests.export_fixtures:make_tiny``) as the ``--factory`` source takes them."""
+    """A factory function (``tests.export.fixtures:make_tiny``) as the ``--factory`` source takes them."""
     return TinySegNet(num_classes=num_classes, seed=seed)
 
 
@@ -265,8 +265,8 @@ def write_nnunet_folder_with_nnunetv2(tmp_path) -> Path:  # noqa: ANN001
     # one process / thread wherever nnU-Net would size its pools by the machine; no torch.compile, no wandb
     env.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_compile="0", OMP_NUM_THREADS="1")
     env.pop("nnUNet_wandb_enabled", None)
-    code = "import sys; from tests.export_fixtures import _nnunetv2_main; _nnunetv2_main(sys.argv[1])"
-    root = Path(__file__).resolve().parent.parent
+    code = "import sys; from tests.export.fixtures import _nnunetv2_main; _nnunetv2_main(sys.argv[1])"
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:
@@ -380,7 +380,7 @@ class XYZProbe(nn.Module):
         return torch.cat([bg, fg], dim=1)
 
 
-def write_monai_bundle(root, *, target: str = "tests.export_fixtures.TinySegNet", axcodes: str | None = "RAS",  # noqa: ANN001, ANN201
+def write_monai_bundle(root, *, target: str = "tests.export.fixtures.TinySegNet", axcodes: str | None = "RAS",  # noqa: ANN001, ANN201
                        network_args: dict | None = None, weights: nn.Module | None = None, yaml: bool = False):
     """A MONAI bundle folder (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``) in the
     layout of MONAI's model zoo (modelled on spleen_ct_segmentation), with ``_target_`` pointing at ``target``."""

@@ -20,7 +20,7 @@ from export.loaders import (  # noqa: E402
     load_torchscript,
     orientation_adapter,
 )
-from tests.export_fixtures import (  # noqa: E402
+from tests.export.fixtures import (  # noqa: E402
     NNUNET_DATASET,
     NNUNETV2_REFERENCE,
     NNUNETV2_SPACING,
@@ -53,11 +53,11 @@ def script(module: torch.nn.Module) -> torch.jit.ScriptModule:
 def test_factory_with_kwargs_and_state_dict(tmp_path: Path) -> None:
     trained = TinySegNet(num_classes=4, seed=7).eval()
     torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "w.pt")
-    loaded = load_factory("tests.export_fixtures:TinySegNet", {"num_classes": 4}, tmp_path / "w.pt")
+    loaded = load_factory("tests.export.fixtures:TinySegNet", {"num_classes": 4}, tmp_path / "w.pt")
     assert not loaded.module.training
     assert loaded.num_classes == 4 and loaded.input_channels is None
     assert loaded.hints["source"] == {
-        "kind": "factory", "factory": "tests.export_fixtures:TinySegNet", "kwargs": {"num_classes": 4},
+        "kind": "factory", "factory": "tests.export.fixtures:TinySegNet", "kwargs": {"num_classes": 4},
         "state_dict": "w.pt",
     }
     assert same_outputs(loaded.module, trained)
@@ -66,19 +66,19 @@ def test_factory_with_kwargs_and_state_dict(tmp_path: Path) -> None:
 
 def test_factory_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(LoaderError, match="no attribute 'Nope'"):
-        load_factory("tests.export_fixtures:Nope")
+        load_factory("tests.export.fixtures:Nope")
     with pytest.raises(LoaderError, match="cannot import module 'no_such_pkg.mod'"):
         load_factory("no_such_pkg.mod:fn")
     with pytest.raises(LoaderError, match="not a torch.nn.Module"):
-        load_factory("tests.export_fixtures:NotAModule")
+        load_factory("tests.export.fixtures:NotAModule")
     with pytest.raises(LoaderError, match="unexpected keyword"):
-        load_factory("tests.export_fixtures:TinySegNet", {"channels": 3})
+        load_factory("tests.export.fixtures:TinySegNet", {"channels": 3})
     torch.save(TinySegNet(num_classes=3).state_dict(), tmp_path / "w3.pt")
     with pytest.raises(LoaderError, match=r"shape differs: head\.bias: file \(3,\), module \(5,\)"):
-        load_factory("tests.export_fixtures:TinySegNet", {"num_classes": 5}, tmp_path / "w3.pt")
+        load_factory("tests.export.fixtures:TinySegNet", {"num_classes": 5}, tmp_path / "w3.pt")
     torch.save({"weights": TinySegNet().state_dict(), "epoch": object.__name__}, tmp_path / "bad.pt")
     with pytest.raises(LoaderError, match=r"does not hold a state dict .*\(top-level keys: weights, epoch\)"):
-        load_factory("tests.export_fixtures:TinySegNet", {}, tmp_path / "bad.pt")
+        load_factory("tests.export.fixtures:TinySegNet", {}, tmp_path / "bad.pt")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_monai_bundle_network_weights_and_hints(tmp_path: Path) -> None:
 
 def test_monai_axis_adapter_puts_patient_left_where_the_runtime_has_it(tmp_path: Path) -> None:
     # XYZProbe's class 1 covers the lower half of the network's first axis: in RAS, patient Left
-    bundle = write_monai_bundle(tmp_path / "b", target="tests.export_fixtures:XYZProbe",
+    bundle = write_monai_bundle(tmp_path / "b", target="tests.export.fixtures:XYZProbe",
                                 network_args={"in_channels": 1, "out_channels": 2}, weights=XYZProbe())
     loaded = load_monai_bundle(bundle)
     with torch.no_grad():

@@ -21,8 +21,8 @@ from export.onnx import export_onnx  # noqa: E402
 from export.package import write_package  # noqa: E402
 from export.quantize import PhantomCalibrationReader, QuantizeOptions, quantize_package  # noqa: E402
 from phantom import make_phantom  # noqa: E402
-from tests.export_fixtures import TINY_MANIFEST as MANIFEST  # noqa: E402
-from tests.export_fixtures import TinySegNet  # noqa: E402
+from tests.export.fixtures import TINY_MANIFEST as MANIFEST  # noqa: E402
+from tests.export.fixtures import TinySegNet  # noqa: E402
 
 OPTIONS = QuantizeOptions(calibration_volumes=2, windows_per_volume=6, volume_shape=(32, 64, 64))
 
