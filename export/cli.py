@@ -24,6 +24,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from edge_runtime.errors import EdgeRuntimeError
 from export.commands import add_commands
 from export.models.default_package import add_default_model_parser
 from export.triton import add_triton_parser
@@ -42,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except EdgeRuntimeError as exc:  # what a handler did not turn into its own status: the request cannot be served
+        print(f"edge-export {args.command}: {exc}", file=sys.stderr)
+        return 2
     return status
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.errors import ExportError
+from edge_runtime.errors import ExportError, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +167,13 @@ def _add_quantize_parser(subparsers: Any) -> None:
 
 
 def run_package(args: argparse.Namespace) -> int:
-    from edge_runtime.extras import MissingDependencyError, require
+    from edge_runtime.extras import require
 
     try:
         require("torch", feature="edge-export package", extra="export")
-        from export.loaders import LoaderError
-
         loaded = load_source(args)
         return _package(args, loaded)
-    except (CommandError, LoaderError, MissingDependencyError) as exc:
+    except StartupError as exc:  # a loader, command or missing-extra problem: the request cannot be served
         print(f"edge-export package: {exc}", file=sys.stderr)
         return 2
 
