@@ -21,6 +21,7 @@ from edge_runtime.apps.validate import cmd_validate
 from edge_runtime.config import StorageSettings, add_arguments, config_from_args
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.ops.logs import JsonFormatter, RedactUids, setup_logging
+from edge_runtime.ops.systemd import wait_for_termination
 
 __all__ = ["JsonFormatter", "RedactUids", "main", "setup_logging"]
 
@@ -35,13 +36,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from edge_runtime.service import Service
 
         service = Service(config)
+        service.start()
     except EdgeRuntimeError as exc:
         print(f"edge-runtime: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except OSError as exc:  # the machine refused: a port in use, a folder we may not write
         print(f"edge-runtime: cannot start: {exc}", file=sys.stderr)
         return 2
-    service.run_forever()
+    wait_for_termination()
+    service.stop()
     return 0
 
 

@@ -40,7 +40,7 @@ from edge_runtime.inference.runner import open_runner
 from edge_runtime.ingest.listener import Listener, ListenerConfig
 from edge_runtime.ingest.tracker import SeriesTracker
 from edge_runtime.ops.health import HealthChecks
-from edge_runtime.ops.systemd import Notifier, wait_for_termination
+from edge_runtime.ops.systemd import Notifier
 from edge_runtime.ops.telemetry import Metrics
 from edge_runtime.quality.agreement import record_agreement
 from edge_runtime.results.publish import uid_seed, write_results
@@ -130,12 +130,6 @@ class Service:
         self.runner.close()
         self.spool.close()
         log.info("stopped")
-
-    def run_forever(self) -> None:
-        """Start, then block until SIGTERM or SIGINT."""
-        self.start()
-        wait_for_termination()
-        self.stop()
 
     # -- health -------------------------------------------------------------------------------------------------
 
