@@ -21,7 +21,7 @@ from edge_runtime.apps.validate import cmd_validate
 from edge_runtime.config import StorageSettings, add_arguments, config_from_args
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.ops.logs import JsonFormatter, RedactUids, setup_logging
-from edge_runtime.ops.systemd import wait_for_termination
+from edge_runtime.ops.systemd import termination_requested
 
 __all__ = ["JsonFormatter", "RedactUids", "main", "setup_logging"]
 
@@ -30,6 +30,7 @@ log = logging.getLogger("edge_runtime")
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Build the configuration, start the service and block until SIGTERM; 2 when it cannot start."""
+    stop = termination_requested()
     try:
         config = config_from_args(args)
         setup_logging(config.ops.log_level, config.ops.log_json)
@@ -43,7 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # the machine refused: a port in use, a folder we may not write
         print(f"edge-runtime: cannot start: {exc}", file=sys.stderr)
         return 2
-    wait_for_termination()
+    while not stop.wait(1.0):
+        pass
     service.stop()
     return 0
 

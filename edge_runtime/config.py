@@ -217,7 +217,7 @@ class RunnerSettings:
     precision: str = option(
         "fp16",
         _choice(PRECISIONS),
-        ", ".join(PRECISIONS),
+        f"{', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}",
         "engine precision for --backend tensorrt: fp32, fp16 (default) or int8",
     )
     rebuild_engine: bool = option(
@@ -425,9 +425,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for section, f in _keys():
         flag, meta, group = f.metadata["flag"], f.metadata, groups[section]
         name = "--" + f.name.replace("_", "-")
-        # numbers and paths are parsed as such, so an error message shows the value as it was meant
-        kind = str(f.type).split(" |")[0]
-        convert: Callable[[str], Any] = {"int": int, "float": float, "Path": Path}.get(kind, str)
+        # numbers are parsed as numbers, so an error message shows the value as it was meant (port = 99999)
+        convert: Callable[[str], Any] = type(f.default) if type(f.default) in (int, float) else str
         if flag == "bool":
             group.add_argument(name, choices=("true", "false"), help=meta["help"])
         elif flag == "switch":

@@ -84,8 +84,16 @@ class Service:
             on_status=self.metrics.count_status,
         )
         self.sender = Sender(self.spool, calling_ae=config.listener.ae_title, on_result=self.metrics.count_send)
-        parts = (self.runner, self.package, self.spool, self.metrics)
-        self.checks = HealthChecks(self._threads_alive, self.listener.serving, *parts, self._stop, self.fallback_reason)
+        self.checks = HealthChecks(
+            threads=self._threads_alive,
+            listening=self.listener.serving,
+            runner=self.runner,
+            package=self.package,
+            spool=self.spool,
+            metrics=self.metrics,
+            stopping=self._stop,
+            fallback_reason=self.fallback_reason,
+        )
         self.health = self.checks.server(config.ops.http_host, config.ops.http_port) if config.ops.http_port else None
         self._threads: list[threading.Thread] = []
         self.serial = socket.gethostname()[:64] or "edge-runtime"
@@ -196,7 +204,7 @@ class Service:
             uid_seed=uid_seed(row.called_ae, row.study_uid, row.series_uid, self.package.model_sha256, row.generation),
             device_serial_number=self.serial,
             timings=timings,
-            started=t_start,
+            t_start=t_start,
             extra={"windows": result.windows},
         )
         record = {"stages": files.timings, "started": started, "published": time.time()}

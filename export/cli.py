@@ -24,7 +24,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, StartupError
 from export.commands import add_commands
 from export.models.default_package import add_default_model_parser
 from export.triton import add_triton_parser
@@ -45,9 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         status: int = args.func(args)
-    except EdgeRuntimeError as exc:  # what a handler did not turn into its own status: the request cannot be served
+    except StartupError as exc:  # what a handler did not turn into its own status: the request cannot be served
         print(f"edge-export {args.command}: {exc}", file=sys.stderr)
         return 2
+    except EdgeRuntimeError as exc:  # e.g. inference failing inside the parity gate: the build failed
+        print(f"edge-export {args.command}: {exc}", file=sys.stderr)
+        return 1
     return status
 
 

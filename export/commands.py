@@ -493,3 +493,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {out} ({package.identity}); Dice against FP32 >= {report.needed_min_dice:.4f}")
     return 0
+
+
+if __name__ == "__main__":  # the commands' former entry point: the same commands through edge-export's main
+    from export.cli import main
+
+    sys.exit(main())

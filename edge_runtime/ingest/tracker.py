@@ -21,10 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from edge_runtime.config import SeriesSettings
 from edge_runtime.imaging.geometry import GeometryPolicy, stack_evidence
 from edge_runtime.spool.store import SeriesState, Spool
+
+if TYPE_CHECKING:
+    from edge_runtime.config import SeriesSettings
 
 log = logging.getLogger(__name__)
 

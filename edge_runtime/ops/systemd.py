@@ -69,15 +69,15 @@ class Notifier:
         threading.Thread(target=loop, name="watchdog", daemon=True).start()
 
 
-def wait_for_termination() -> None:
-    """Block until SIGTERM (systemd's stop) or SIGINT (Ctrl-C); call from the main thread."""
-    done = threading.Event()
+def termination_requested() -> threading.Event:
+    """An event set by SIGTERM (systemd's stop) or SIGINT (Ctrl-C); install it before starting anything, so a stop
+    that arrives during start-up is a clean stop too. Call from the main thread."""
+    requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s", signal.Signals(signum).name)
-        done.set()
+        requested.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    while not done.wait(1.0):
-        pass
+    return requested

@@ -3,7 +3,8 @@
 This is where the encoder is chosen: the fast BINARY SEG writer (:mod:`edge_runtime.results.seg_binary`) for
 single-frame sources, highdicom (:mod:`edge_runtime.results.seg`) for frames of one Enhanced multi-frame source,
 whose frames highdicom pairs with the source's. Every file is written atomically (:func:`write_atomic`), and
-every UID is derived from ``uid_seed``, so a result re-made after a restart is the same objects again.
+the instance and series UIDs are derived from ``uid_seed``, so a result re-made after a restart replaces the
+same objects at the receiver.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ def write_results(
     uid_seed: str,
     device_serial_number: str,
     timings: dict[str, float],
-    started: float,
+    t_start: float,
     extra: dict[str, Any] | None = None,
 ) -> ResultFiles:
     """Write ``seg.dcm``, ``sr.dcm`` and ``measurements.json`` into ``directory``.
 
     ``timings`` are the stages so far (load, inference...); ``seg``, ``measurements`` and ``total`` (since
-    ``started``, a ``time.perf_counter()``) are added and recorded in ``measurements.json`` with ``extra``.
+    ``t_start``, a ``time.perf_counter()``) are added and recorded in ``measurements.json`` with ``extra``.
     """
     directory.mkdir(parents=True, exist_ok=True)
     timings = dict(timings)
@@ -75,7 +76,7 @@ def write_results(
     sr = build_sr(seg, measurements, volume, package, uid_seed=uid_seed, device_serial_number=device_serial_number)
     sr_path = write_atomic(directory / "sr.dcm", sr)
     timings["measurements"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
+    timings["total"] = time.perf_counter() - t_start
 
     json_path = directory / "measurements.json"
     write_measurements(

@@ -366,7 +366,7 @@ def _contributing_equipment(source: Dataset, now: datetime.datetime) -> list[Dat
     items.append(
         hd.ContributingEquipment(
             manufacturer=MANUFACTURER,
-            manufacturer_model_name="edge_runtime.results.seg_binary",
+            manufacturer_model_name="edge_runtime.seg_binary",  # the encoder's name in every SEG so far: kept
             software_versions=__version__,
             contribution_datetime=now,
             purpose_of_reference=codes.DCM.ProcessingEquipment,

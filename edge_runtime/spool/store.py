@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import sqlite3
@@ -31,6 +32,8 @@ from edge_runtime.egress.destination import Destination
 from edge_runtime.errors import SpoolFull
 from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.spool.rows import OutboxItem, ResultRow, SeriesRow, SeriesState, StoredInstance
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -465,7 +468,13 @@ class Spool:
                 "AND next_attempt <= ? ORDER BY id",
                 (now,),
             ).fetchall()
-        return [OutboxItem(r[0], r[1], Path(r[2]), Destination.parse(r[3]), r[4]) for r in rows]
+        items = []
+        for r in rows:
+            try:
+                items.append(OutboxItem(r[0], r[1], Path(r[2]), Destination.parse(r[3]), r[4]))
+            except ValueError as exc:  # a row no version of us could send (an old unbracketed IPv6 host)
+                log.warning("outbox row %d skipped: %s", r[0], exc)
+        return items
 
     def next_outbox_attempt(self) -> float | None:
         with self._lock:

@@ -93,7 +93,7 @@ def unet_manifest(recipe: dict[str, Any]) -> dict[str, Any]:
         "version": UNET_VERSION,
         "description": (
             "Demonstration model: a compact 3D U-Net trained on the CPU, only on synthetic CT torso phantoms "
-            "(phantom), to segment lung, liver, spleen, kidney and bone. It has never seen a "
+            "(the phantom package), to segment lung, liver, spleen, kidney and bone. It has never seen a "
             "patient scan and is not a clinical model. Training recipe and held-out phantom Dice: training.json."
         ),
         "model": {"input": "image", "output": "logits", "input_channels": 1, "activation": "softmax"},

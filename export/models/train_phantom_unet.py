@@ -259,7 +259,7 @@ def training_recipe(
     return {
         "what": (
             "Phantom-trained demonstration model: a compact 3D U-Net trained on the CPU only on synthetic CT "
-            "phantoms from phantom. Not a clinical model; never trained or tested on patient data."
+            "phantoms from the phantom package. Not a clinical model; never trained or tested on patient data."
         ),
         "command": f"python -m {COMMAND} " + " ".join(_portable_args(sys.argv[1:] if argv is None else argv)),
         "seed": args.seed,

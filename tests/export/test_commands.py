@@ -207,7 +207,7 @@ def test_every_source_is_a_package_that_the_service_serves(kind: str, tmp_path: 
     import pydicom
 
     from phantom import write_series
-    from tests.conftest import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+    from tests.peers import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
 
     folder = _package_source(kind, tmp_path, labels_json)
     package = ModelPackage.load(folder)

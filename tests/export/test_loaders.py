@@ -315,8 +315,13 @@ def test_nnunet_folder_written_by_nnunetv2_itself(tmp_path: Path) -> None:
     # nnU-Net's transposed axis order; the loaded module takes and gives the runtime's)
     ref = torch.load(tmp_path / NNUNETV2_REFERENCE)
     to_runtime = [0, 1, *(2 + i for i in back)]
-    with torch.no_grad():
-        got = loaded.module(ref["input"].permute(to_runtime))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference was computed (OMP_NUM_THREADS=1): the same reduction order
+    try:
+        with torch.no_grad():
+            got = loaded.module(ref["input"].permute(to_runtime))
+    finally:
+        torch.set_num_threads(threads)
     want = ref["logits"].permute(to_runtime)
     assert got.shape == want.shape == (1, 3, *h["patch_size"])
     assert want.abs().max() > 0.1  # not a degenerate comparison

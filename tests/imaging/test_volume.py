@@ -11,7 +11,7 @@ import pytest
 from edge_runtime.imaging.geometry import GeometryPolicy
 from edge_runtime.imaging.volume import VolumeError, load_volume
 from phantom import write_series
-from tests.conftest import SHARED_DATA
+from tests.peers import SHARED_DATA
 
 SPACING = (2.5, 0.8, 0.8)
 

@@ -441,7 +441,7 @@ def test_runner_rejects_a_served_model_with_another_sha256(package: ModelPackage
 @pytest.mark.e2e
 def test_service_segments_a_pushed_series_through_triton(server: TritonServer, tmp_path: Path) -> None:
     """The whole service with --backend triton: the SEG is the one the local runner gives."""
-    from tests.conftest import ServiceProcess, StoreSCP, storescu
+    from tests.peers import ServiceProcess, StoreSCP, storescu
     from tests.test_e2e import check_seg, new_series
 
     pacs = StoreSCP(tmp_path / "pacs")
@@ -471,7 +471,7 @@ def test_service_segments_a_pushed_series_through_triton(server: TritonServer, t
 
 
 def test_service_without_triton_fails_or_falls_back_loudly(tmp_path: Path, package: ModelPackage) -> None:
-    from tests.conftest import ServiceProcess
+    from tests.peers import ServiceProcess
 
     url = f"127.0.0.1:{free_port()}"  # nothing listens there
     out = subprocess.run(

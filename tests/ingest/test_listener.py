@@ -17,7 +17,7 @@ import pytest
 from edge_runtime.ingest.listener import Listener, ListenerConfig
 from edge_runtime.spool import Spool
 from phantom import write_series
-from tests.conftest import dcmtk_env, free_port, require_tool
+from tests.peers import dcmtk_env, free_port, require_tool
 
 
 def make_certs(folder: Path) -> dict[str, Path]:

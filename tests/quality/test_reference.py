@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from edge_runtime.imaging.volume import Volume, load_volume
 from edge_runtime.quality.reference import read_reference_masks, read_reference_seg
-from tests.conftest import SHARED_DATA
+from tests.peers import SHARED_DATA
 
 DCMQI = SHARED_DATA / "dcmqi" / "segmentations"
 HIGHDICOM = SHARED_DATA / "highdicom"

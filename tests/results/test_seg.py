@@ -17,7 +17,7 @@ from edge_runtime.inference.runner import load_runner
 from edge_runtime.results.measurements import measure
 from edge_runtime.results.seg import build_seg
 from phantom import make_phantom, write_series
-from tests.conftest import dciodvfy_errors
+from tests.peers import dciodvfy_errors
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPa
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
 from phantom import make_phantom, write_series
-from tests.conftest import dciodvfy_errors
+from tests.peers import dciodvfy_errors
 
 #: top-level attributes that must be the same in both encoders' output
 SAME_ATTRIBUTES = [

@@ -17,7 +17,7 @@ from edge_runtime.results.measurements import measure
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.sr import build_sr
 from phantom import make_phantom, write_series
-from tests.conftest import dciodvfy_errors
+from tests.peers import dciodvfy_errors
 
 #: phantom label -> default package label value: the bundled model was trained on these phantoms' labels
 PHANTOM_TO_PACKAGE = np.array([0, 1, 2, 3, 4, 5], dtype=np.uint8)

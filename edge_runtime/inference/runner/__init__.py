@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edge_runtime.errors import BackendUnavailable, RunnerError
+from edge_runtime.errors import BackendUnavailable, EdgeRuntimeError, RunnerError
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.inference.runner.base import Runner
 from edge_runtime.inference.runner.tensorrt.engine import PRECISIONS
@@ -80,7 +80,10 @@ def open_runner(package: ModelPackage, settings: RunnerSettings) -> OpenedRunner
         )
     except (RunnerError, ImportError) as exc:
         if not settings.fallback_backend:
-            raise
+            if isinstance(exc, EdgeRuntimeError):
+                raise
+            # a backend library that is installed but does not load (e.g. a CUDA library missing on a Jetson)
+            raise BackendUnavailable(f"the {settings.backend} backend cannot be loaded: {exc}") from exc
         log.error(
             "BACKEND FALLBACK: %s could not start (%s); running on %s CPU as configured",
             settings.backend,

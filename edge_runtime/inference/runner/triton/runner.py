@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+import edge_runtime.inference.runner.triton.retry as retry
 from edge_runtime.errors import BackendUnavailable, RunnerError
 from edge_runtime.extras import require
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.inference.runner.base import Runner
-from edge_runtime.inference.runner.triton import retry
 from edge_runtime.inference.runner.triton.retry import describe_error
 from edge_runtime.inference.runner.triton.served_model import ServedModel, check_served_model
 from edge_runtime.inference.runner.triton.shm import ShmPool, ShmSlot
