@@ -14,7 +14,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
 
@@ -180,6 +180,24 @@ def test_series_split_across_two_associations(service: ServiceProcess, pacs: Sto
     check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
     time.sleep(QUIET + 1.0)
     assert len(pacs.segs()[info.series_uid]) == 1
+
+
+def test_jpeg2000_series_forwarded_as_stored_gives_a_seg(
+    service: ServiceProcess, pacs: StoreSCP, tmp_path: Path
+) -> None:
+    """A router forwards what it stored: DCMTK ``storescu -xv`` proposes JPEG 2000 lossless and sends the files
+    compressed. The default install decodes them; the SEG is the one the uncompressed series gives."""
+    info = new_series(tmp_path, seed=9)
+    for path in info.paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)  # the same instance, losslessly re-encoded
+        ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(info.paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless
+    storescu(service.port, list(info.paths), extra=["-xv"])
+    check_seg(pacs.wait_for_seg(info.series_uid, timeout=60), info)
+    spooled = [pydicom.dcmread(f, stop_before_pixels=True) for f in service.spool.rglob("*.dcm")]
+    syntaxes = {ds.file_meta.TransferSyntaxUID for ds in spooled if ds.SeriesInstanceUID == info.series_uid}
+    assert syntaxes == {JPEG2000Lossless}, "the service must have received (and decoded) JPEG 2000 itself"
 
 
 def test_resent_series_gives_exactly_one_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:

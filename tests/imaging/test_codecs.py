@@ -6,6 +6,8 @@ match exactly, lossy ones closely. Retired JPEG processes (.53, .55) are not dec
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,9 @@ import pydicom
 import pytest
 from pydicom.pixels import get_decoder
 
+from edge_runtime.dicom import COMPRESSED_SYNTAXES, NATIVE_SYNTAXES
 from edge_runtime.imaging.decode import needs_isolation, shared_decoder
+from edge_runtime.ingest.listener import decodable_syntaxes
 from tests.peers import SHARED_DATA
 
 CT = SHARED_DATA / "cornerstoneWADOImageLoader"
@@ -34,7 +38,7 @@ def cases() -> list[tuple[Path, Path]]:
 def test_every_syntax_decodes_to_the_reference_pixels(path: Path, reference: Path) -> None:
     syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
     if not get_decoder(syntax).is_available:
-        pytest.skip(f"no decoder installed for {syntax.name} (the codecs extra brings one)")
+        pytest.skip(f"no decoder installed for {syntax.name}")
     try:
         got = shared_decoder().pixels(path) if needs_isolation(syntax) else pydicom.dcmread(path).pixel_array
     except RuntimeError as exc:
@@ -52,3 +56,14 @@ def test_every_syntax_decodes_to_the_reference_pixels(path: Path, reference: Pat
             assert np.abs(got - expected).mean() < 0.01 * (expected.max() - expected.min())
     else:
         np.testing.assert_array_equal(got, expected)
+
+
+def test_the_default_install_decodes_every_compressed_syntax_it_offers() -> None:
+    """The MIT/BSD decoders are regular dependencies (no extra), the GPL one is none; with them installed the
+    listener offers every compressed syntax it knows, so a router forwarding a series as stored is understood."""
+    requirements = importlib.metadata.requires("edge-runtime") or []
+    core = {re.split(r"[<>=!~;\s\[]", r, maxsplit=1)[0].lower() for r in requirements if "extra ==" not in r}
+    assert {"python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle"} <= core
+    assert not any(r.lower().startswith("pylibjpeg-libjpeg") for r in requirements)  # GPL-3: never pulled in
+    assert [uid.name for uid in COMPRESSED_SYNTAXES if not get_decoder(uid).is_available] == []
+    assert decodable_syntaxes() == [*NATIVE_SYNTAXES, *COMPRESSED_SYNTAXES]
