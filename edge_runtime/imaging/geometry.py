@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -62,19 +63,29 @@ class SliceGeometry:
                 return None
             if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
                 return None
-            thickness = ds.get("SliceThickness")
             expected = ds.get("ImagesInAcquisition")
-            return cls(
-                iop=tuple(float(v) for v in ds.ImageOrientationPatient),
-                ipp=tuple(float(v) for v in ds.ImagePositionPatient),  # type: ignore[arg-type]
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                pixel_spacing=tuple(float(v) for v in ds.PixelSpacing),  # type: ignore[arg-type]
-                thickness=float(thickness) if thickness not in (None, "") else None,
-                expected=int(expected) if expected not in (None, "") else None,
-            )
+            return cls.from_plane(ds, ds, ds, ds, expected=int(expected) if expected not in (None, "") else None)
         except (TypeError, ValueError, AttributeError):
             return None
+
+    @classmethod
+    def from_plane(
+        cls, image: Dataset, orientation: Dataset, position: Dataset, measures: Dataset, *, expected: int | None = None
+    ) -> SliceGeometry:
+        """From the Image Plane attributes, wherever they sit: all in one single-frame data set, or in the Plane
+        Orientation, Plane Position and Pixel Measures functional groups of one frame. Raises ``TypeError``,
+        ``ValueError`` or ``AttributeError`` for missing or non-numeric values."""
+        thickness = measures.get("SliceThickness")
+        # the counts of values are not checked here: the volume loader refuses a malformed plane as bad-geometry
+        return cls(
+            iop=tuple(float(v) for v in orientation.ImageOrientationPatient),
+            ipp=cast("tuple[float, float, float]", tuple(float(v) for v in position.ImagePositionPatient)),
+            rows=int(image.Rows),
+            columns=int(image.Columns),
+            pixel_spacing=cast("tuple[float, float]", tuple(float(v) for v in measures.PixelSpacing)),
+            thickness=float(thickness) if thickness not in (None, "") else None,
+            expected=expected,
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

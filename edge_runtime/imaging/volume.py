@@ -314,15 +314,7 @@ def _frames(ds: Dataset, path: Path | None = None) -> list[_Slice]:
         slope = float(transform.get("RescaleSlope", 1) or 1) if transform is not None else 1.0
         intercept = float(transform.get("RescaleIntercept", 0) or 0) if transform is not None else 0.0
         try:
-            thickness = measures.get("SliceThickness")
-            geometry = SliceGeometry(
-                iop=tuple(float(v) for v in orientation.ImageOrientationPatient),
-                ipp=tuple(float(v) for v in position.ImagePositionPatient),  # type: ignore[arg-type]
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),  # type: ignore[arg-type]
-                thickness=float(thickness) if thickness not in (None, "") else None,
-            )
+            geometry = SliceGeometry.from_plane(ds, orientation, position, measures)
         except (AttributeError, TypeError, ValueError) as exc:
             raise VolumeError("bad-geometry", f"frame {i + 1} has malformed plane attributes") from exc
         content = find(i, "FrameContentSequence")
