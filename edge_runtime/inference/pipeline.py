@@ -4,6 +4,11 @@ Grids are aligned on the centre of the first voxel. Along the slice axis the tru
 so an irregularly spaced stack is interpolated onto a regular grid and every source slice takes the label of
 the nearest model slice. In-plane resampling is separable linear interpolation; the way back is nearest
 neighbour on the label map, which keeps the result exactly pixel-aligned with the source images.
+
+Confidence comes from the blended logits the sliding window already holds: the softmax probability of the
+chosen label is ``1 / sum_k exp(l_k - l_max)``, computed one class at a time on the model grid (one float32
+volume of scratch, never a K-volume of probabilities), then mapped back like the labels, so each source voxel
+carries the confidence of exactly the model voxel whose label it took.
 """
 
 from __future__ import annotations
@@ -24,14 +29,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Segmentation:
-    """A label map on the source grid (values are the package's label values; 0 is background)."""
+    """A label map on the source grid (values are the package's label values; 0 is background).
+
+    ``confidence`` is the softmax probability of the chosen label at each source voxel (float32, 0..1);
+    ``probabilities`` (only when asked for) holds every class's softmax probability as uint8 0..255,
+    indexed by class (0 = background), for a FRACTIONAL SEG. Pipelines that cannot compute them leave None.
+    """
 
     labels: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     windows: int = 0
+    confidence: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
 
 
-def segment(volume: Volume, package: ModelPackage, runner: Runner) -> Segmentation:
+def segment(volume: Volume, package: ModelPackage, runner: Runner, *, probabilities: bool = False) -> Segmentation:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     grid = ModelGrid.for_volume(volume, package)
@@ -41,18 +53,29 @@ def segment(volume: Volume, package: ModelPackage, runner: Runner) -> Segmentati
 
     t0 = time.perf_counter()
     logits, windows = sliding_window(image, package, runner)
+    del image
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    labels_model = argmax_labels(logits)
-    del logits
+    labels_model, best = _argmax_and_max(logits)
     labels = grid.back_to_source(labels_model)
+    del labels_model
+    per_class = softmax_uint8(logits, best, grid) if probabilities else None
+    confidence = grid.back_to_source(chosen_probability(logits, best))
+    del logits, best
     timings["postprocess"] = time.perf_counter() - t0
-    return Segmentation(labels=labels, timings=timings, windows=windows)
+    return Segmentation(
+        labels=labels, timings=timings, windows=windows, confidence=confidence, probabilities=per_class
+    )
 
 
 def argmax_labels(logits: np.ndarray) -> np.ndarray:
     """Argmax over the class axis as uint8/uint16, a few times faster than np.argmax's int64 for few classes."""
+    return _argmax_and_max(logits)[0]
+
+
+def _argmax_and_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax over the class axis (uint8/uint16) and the maximum logit itself (float32)."""
     dtype = np.uint8 if logits.shape[0] < 256 else np.uint16
     best = logits[0].copy()
     labels = np.zeros(best.shape, dtype=dtype)
@@ -60,7 +83,42 @@ def argmax_labels(logits: np.ndarray) -> np.ndarray:
         better = logits[k] > best
         labels[better] = k
         np.maximum(best, logits[k], out=best)
-    return labels
+    return labels, best
+
+
+def _exp_sum(logits: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """``sum_k exp(l_k - best)`` (>= 1 where ``best`` is the maximum), with one volume of scratch."""
+    total = np.zeros(best.shape, dtype=np.float32)
+    scratch = np.empty(best.shape, dtype=np.float32)
+    for k in range(logits.shape[0]):
+        np.subtract(logits[k], best, out=scratch)
+        np.exp(scratch, out=scratch)
+        total += scratch
+    return total
+
+
+def chosen_probability(logits: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """Softmax probability of the argmax class: ``1 / sum_k exp(l_k - l_max)``, float32 in (0, 1]."""
+    total = _exp_sum(logits, best)
+    np.reciprocal(total, out=total)
+    return total
+
+
+def softmax_uint8(logits: np.ndarray, best: np.ndarray, grid: ModelGrid) -> np.ndarray:
+    """Every class's softmax probability on the source grid as uint8 0..255 (``(K, Z, Y, X)``), one class at
+    a time: the float32 work stays on the model grid, one volume at a time."""
+    scale = _exp_sum(logits, best)
+    np.reciprocal(scale, out=scale)
+    scale *= 255.0
+    out = np.empty((logits.shape[0], *grid.source_shape), dtype=np.uint8)
+    scratch = np.empty(best.shape, dtype=np.float32)
+    for k in range(logits.shape[0]):
+        np.subtract(logits[k], best, out=scratch)
+        np.exp(scratch, out=scratch)
+        scratch *= scale
+        np.rint(scratch, out=scratch)
+        out[k] = grid.back_to_source(scratch.astype(np.uint8))
+    return out
 
 
 @dataclass(frozen=True)
