@@ -4,6 +4,7 @@ serve     run the DICOM listener daemon (Ctrl-C / SIGTERM stops it cleanly)
 push      send a folder of DICOM files to a DICOM node (for demos and tests)
 status    list the series in a spool and what became of them
 validate  segment cases with references offline and report agreement
+audit     check the hash chain of the audit trail (``audit verify [PATH]``)
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_runtime import __version__
+from edge_runtime.apps.audit import add_parser as add_audit_parser
+from edge_runtime.apps.audit import cmd_audit
 from edge_runtime.apps.validate import add_parser as add_validate_parser
 from edge_runtime.apps.validate import cmd_validate
 from edge_runtime.config import StorageSettings, add_arguments, config_from_args
@@ -87,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = sub.add_parser("status", help="list the series in a spool")
     status.add_argument("--spool", type=Path, default=StorageSettings().spool)
     add_validate_parser(sub)
+    add_audit_parser(sub)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "push": cmd_push, "status": cmd_status, "validate": cmd_validate}[args.command](args)
+    commands = {"serve": cmd_serve, "push": cmd_push, "status": cmd_status, "validate": cmd_validate}
+    commands["audit"] = cmd_audit
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
