@@ -116,13 +116,13 @@ class AuditLog:
 
     def start(self, config: Mapping[str, Any], **fields: Any) -> None:
         """The configuration at start, and which keys changed since the previous start in this log."""
-        config = json.loads(json.dumps(config, default=str))
+        plain: dict[str, Any] = json.loads(json.dumps(config, default=str))
         previous = self._last_start
         changed = None
         if previous is not None:
-            changed = sorted(k for k in set(config) | set(previous) if config.get(k) != previous.get(k))
-        self.record("start", config=config, changed=changed, **fields)
-        self._last_start = config
+            changed = sorted(k for k in set(plain) | set(previous) if plain.get(k) != previous.get(k))
+        self.record("start", config=plain, changed=changed, **fields)
+        self._last_start = plain
 
     def close(self) -> None:
         with self._lock:
