@@ -12,7 +12,7 @@ so the two cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import highdicom as hd
@@ -121,6 +121,51 @@ def segment_descriptions(package: ModelPackage, uid_seed: str) -> list[hd.seg.Se
     ]
 
 
+def on_source_frames(volume: Volume, array: np.ndarray) -> np.ndarray:
+    """``array`` (one plane per slice of ``volume``) as highdicom pairs planes with sources: unchanged for
+    single-frame slices; for the frames of one multi-frame source, one plane per frame of it (the frames that
+    are not slices of the volume left empty)."""
+    if not volume.multiframe:
+        return array
+    assert volume.frames is not None
+    frames = np.zeros((int(volume.datasets[0].NumberOfFrames), *array.shape[1:]), dtype=array.dtype)
+    frames[volume.frames] = array
+    return frames
+
+
+def segment_numbers(labels: np.ndarray, package: ModelPackage) -> np.ndarray:
+    """``labels`` (the package's label values) as segment numbers (label ``i`` of the package is segment ``i``)."""
+    dtype = np.uint8 if len(package.labels) < 256 else np.uint16
+    lut = np.zeros(max(lab.value for lab in package.labels) + 1, dtype=dtype)
+    for i, label in enumerate(package.labels, start=1):
+        lut[label.value] = i
+    return lut[labels]
+
+
+def format_identity(
+    volume: Volume,
+    package: ModelPackage,
+    uid_seed: str,
+    fmt: str,
+    *,
+    description: str,
+    series_offset: int,
+    series_number: int | None = None,
+    device_serial_number: str = MANUFACTURER,
+) -> SegIdentity:
+    """The identity of the object of result format ``fmt`` other than the BINARY SEG: its own series (UIDs
+    derived from ``uid_seed`` and ``fmt``; Series Number the SEG's + ``series_offset``), so that viewers list
+    each format apart and a re-made result replaces the same objects."""
+    base = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
+    return replace(
+        base,
+        series_instance_uid=derive_uid(uid_seed, "series", fmt),
+        sop_instance_uid=derive_uid(uid_seed, fmt),
+        series_number=base.series_number + series_offset,
+        series_description=f"{description}: {package.name}"[:64],
+    )
+
+
 def build_seg(
     volume: Volume,
     labels: np.ndarray,
@@ -129,27 +174,25 @@ def build_seg(
     uid_seed: str,
     series_number: int | None = None,
     device_serial_number: str = MANUFACTURER,
+    segmentation_type: hd.seg.SegmentationTypeValues = hd.seg.SegmentationTypeValues.BINARY,
+    identity: SegIdentity | None = None,
+    **options: Any,
 ) -> hd.seg.Segmentation:
     """A highdicom ``Segmentation`` for ``labels`` (values are the package's label values) on ``volume``.
 
-    ``uid_seed`` makes the SEG's Series and SOP Instance UIDs deterministic (see :class:`SegIdentity`).
+    ``uid_seed`` makes the SEG's Series and SOP Instance UIDs deterministic (see :class:`SegIdentity`);
+    ``identity`` replaces them (another format's object); ``options`` go to highdicom as they are.
     """
-    lut = np.zeros(max(lab.value for lab in package.labels) + 1, dtype=np.uint8)
-    for i, label in enumerate(package.labels, start=1):
-        lut[label.value] = i
-    segments = lut[labels]
-    if volume.multiframe:  # highdicom pairs pixel_array[i] with frame i of the single multi-frame source
-        assert volume.frames is not None
-        frames = np.zeros((int(volume.datasets[0].NumberOfFrames), *segments.shape[1:]), dtype=segments.dtype)
-        frames[volume.frames] = segments
-        segments = frames
-    identity = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
+    segments = on_source_frames(volume, segment_numbers(labels, package))
+    if identity is None:
+        identity = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
     return hd.seg.Segmentation(
         source_images=volume.datasets,
         pixel_array=segments,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=segmentation_type,
         segment_descriptions=segment_descriptions(package, uid_seed),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
         **asdict(identity),
+        **options,
     )

@@ -34,6 +34,7 @@ import datetime
 import logging
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -61,7 +62,7 @@ from edge_runtime.results._seg_frames import (
 )
 from edge_runtime.results.seg import MANUFACTURER, SegIdentity, segment_descriptions
 
-__all__ = ["encode_binary_seg"]
+__all__ = ["SegPixels", "assemble_seg", "check_inputs", "encode_binary_seg"]
 
 log = logging.getLogger(__name__)
 
@@ -205,14 +206,17 @@ def _series_identity(d: Dataset) -> tuple:
     return d.StudyInstanceUID, d.SeriesInstanceUID, int(d.Rows), int(d.Columns), d.get("FrameOfReferenceUID")
 
 
-def _check_inputs(sources: Sequence[Dataset], labels: np.ndarray, package: ModelPackage) -> list[int]:
-    """The package's label values, once the sources are one series of one geometry that ``labels`` matches."""
+def check_inputs(
+    sources: Sequence[Dataset], shape: tuple[int, ...], package: ModelPackage, what: str = "labels"
+) -> list[int]:
+    """The package's label values, once the sources are one series of one geometry that ``what`` (an array of
+    ``shape``, one plane per source) matches."""
     if not sources:
         raise ValueError("the volume has no source datasets")
     src = sources[0]
-    shape = (len(sources), int(src.Rows), int(src.Columns))
-    if labels.shape != shape:
-        raise ValueError(f"labels are {labels.shape}; the source series is {shape}")
+    expected = (len(sources), int(src.Rows), int(src.Columns))
+    if shape != expected:
+        raise ValueError(f"{what} are {shape}; the source series is {expected}")
     first = _series_identity(src)
     for d in sources:
         if _series_identity(d) != first:
@@ -341,7 +345,9 @@ def _patient_and_study(ds: Dataset, src: Dataset) -> None:
             ds.add(copy.deepcopy(src.data_element(keyword)))  # type: ignore[arg-type]
 
 
-def _series_equipment_and_sop_common(ds: Dataset, identity: SegIdentity, src: Dataset, now: datetime.datetime) -> None:
+def _series_equipment_and_sop_common(
+    ds: Dataset, identity: SegIdentity, src: Dataset, now: datetime.datetime, encoder: str
+) -> None:
     """General Series, General Equipment (and Enhanced General Equipment), SOP Common modules, and the
     identifying attributes of the Segmentation Image module (Content Label, Description, Creator's Name)."""
     ds.Modality = "SEG"
@@ -352,10 +358,10 @@ def _series_equipment_and_sop_common(ds: Dataset, identity: SegIdentity, src: Da
     ds.InstanceCreationTime = now.strftime("%H%M%S.%f")
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S.%f")
-    ds.ContributingEquipmentSequence = _contributing_equipment(src, now)
+    ds.ContributingEquipmentSequence = _contributing_equipment(src, now, encoder)
 
 
-def _contributing_equipment(source: Dataset, now: datetime.datetime) -> list[Dataset]:
+def _contributing_equipment(source: Dataset, now: datetime.datetime, encoder: str) -> list[Dataset]:
     """The source's acquisition equipment (when it names a manufacturer), then this encoder."""
     items: list[Dataset] = []
     try:
@@ -366,7 +372,7 @@ def _contributing_equipment(source: Dataset, now: datetime.datetime) -> list[Dat
     items.append(
         hd.ContributingEquipment(
             manufacturer=MANUFACTURER,
-            manufacturer_model_name="edge_runtime.seg_binary",  # the encoder's name in every SEG so far: kept
+            manufacturer_model_name=encoder,
             software_versions=__version__,
             contribution_datetime=now,
             purpose_of_reference=codes.DCM.ProcessingEquipment,
@@ -376,16 +382,30 @@ def _contributing_equipment(source: Dataset, now: datetime.datetime) -> list[Dat
     return items
 
 
-def _image_and_segmentation_image(ds: Dataset, src: Dataset) -> None:
+@dataclass(frozen=True)
+class SegPixels:
+    """What sets one kind of SEG apart in the Image Pixel and Segmentation Image modules: BINARY (1 bit) here,
+    FRACTIONAL (8 bits, :mod:`edge_runtime.results.seg_fractional`) beside it."""
+
+    segmentation_type: str = "BINARY"
+    bits: int = 1
+    segments_overlap: str = "NO"  # a label map: one segment per voxel
+    #: Segmentation Fractional Type and Maximum Fractional Value (FRACTIONAL only)
+    fractional: tuple[str, int] | None = None
+    #: the Manufacturer's Model Name of this encoder in Contributing Equipment
+    encoder: str = "edge_runtime.seg_binary"  # the encoder's name in every BINARY SEG so far: kept
+
+
+def _image_and_segmentation_image(ds: Dataset, src: Dataset, pixels: SegPixels) -> None:
     """General Image, Image Pixel and Segmentation Image modules (segments and identifying attributes aside)."""
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = int(src.Rows)
     ds.Columns = int(src.Columns)
-    ds.BitsAllocated = 1
-    ds.BitsStored = 1
-    ds.HighBit = 0
+    ds.BitsAllocated = pixels.bits
+    ds.BitsStored = pixels.bits
+    ds.HighBit = pixels.bits - 1
     ds.PixelRepresentation = 0
     ds.PresentationLUTShape = "IDENTITY"
     ds.LossyImageCompression = src.get("LossyImageCompression", "00")
@@ -393,8 +413,10 @@ def _image_and_segmentation_image(ds: Dataset, src: Dataset) -> None:
         for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
             if keyword in src:
                 ds.add(src.data_element(keyword))  # type: ignore[arg-type]
-    ds.SegmentationType = "BINARY"
-    ds.SegmentsOverlap = "NO"  # a label map: one segment per voxel
+    ds.SegmentationType = pixels.segmentation_type
+    if pixels.fractional is not None:
+        ds.SegmentationFractionalType, ds.MaximumFractionalValue = pixels.fractional
+    ds.SegmentsOverlap = pixels.segments_overlap
 
 
 def _multiframe_dimension(ds: Dataset, organization_uid: str) -> None:
@@ -461,7 +483,7 @@ def encode_binary_seg(
     """
     sources = volume.datasets
     labels = np.asarray(labels)
-    values = _check_inputs(sources, labels, package)
+    values = check_inputs(sources, labels.shape, package)
     src = sources[0]
     orientation = [float(v) for v in src.ImageOrientationPatient]
     positions = np.asarray([[float(v) for v in d.ImagePositionPatient] for d in sources], dtype=np.float64)
@@ -469,8 +491,26 @@ def encode_binary_seg(
     boxes = segment_boxes(labels, values, aligned=int(src.Columns) % 8 == 0)
     plan = plan_frames(boxes, highdicom_plane_order(positions, orientation))
     pixel_data = pack_pixel_data(labels, values, boxes, plan)
-
     identity = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
+    return assemble_seg(volume, package, plan, pixel_data, identity, uid_seed, SegPixels())
+
+
+def assemble_seg(
+    volume: Volume,
+    package: ModelPackage,
+    plan: FramePlan,
+    pixel_data: bytes,
+    identity: SegIdentity,
+    uid_seed: str,
+    pixels: SegPixels,
+) -> Dataset:
+    """The SEG dataset around frames already planned and encoded (``pixel_data``, padded to even length): every
+    module but the pixels is the same for a BINARY and a FRACTIONAL SEG."""
+    sources = volume.datasets
+    src = sources[0]
+    n_segments = len(package.labels)
+    orientation = [float(v) for v in src.ImageOrientationPatient]
+    positions = np.asarray([[float(v) for v in d.ImagePositionPatient] for d in sources], dtype=np.float64)
     now = datetime.datetime.now()
     ds = Dataset()
     ds.preamble = b"\x00" * 128
@@ -478,14 +518,14 @@ def encode_binary_seg(
     if "SpecificCharacterSet" in src:
         ds.SpecificCharacterSet = src.SpecificCharacterSet
     _patient_and_study(ds, src)
-    _series_equipment_and_sop_common(ds, identity, src, now)
+    _series_equipment_and_sop_common(ds, identity, src, now, pixels.encoder)
     if "FrameOfReferenceUID" in src:  # Frame of Reference
         ds.FrameOfReferenceUID = src.FrameOfReferenceUID
         ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator")
-    _image_and_segmentation_image(ds, src)
+    _image_and_segmentation_image(ds, src, pixels)
     ds.SegmentSequence = segment_descriptions(package, uid_seed)
     _multiframe_dimension(ds, derive_uid(uid_seed, "dimension-organization"))
-    single_segment = len(values) == 1
+    single_segment = n_segments == 1
     ds.SharedFunctionalGroupsSequence = [_shared_functional_groups(src, positions, orientation, single_segment)]
     # highdicom calls a single segment on several regularly spaced planes a 3D organisation
     if single_segment and _regularly_spaced(positions[np.sort(plan.planes)], orientation):
@@ -495,7 +535,7 @@ def encode_binary_seg(
     referenced_series, source_images = _source_references(sources)
     ds[0x00081115] = raw_sequence(0x00081115, referenced_series)
     ds[0x00082112] = raw_sequence(0x00082112, source_images)
-    ds[0x52009230] = raw_sequence(0x52009230, _per_frame_functional_groups(sources, plan, len(values)))
+    ds[0x52009230] = raw_sequence(0x52009230, _per_frame_functional_groups(sources, plan, n_segments))
     ds[0x7FE00010] = DataElement(0x7FE00010, "OB", pixel_data)
     charset = convert_encodings(ds.SpecificCharacterSet) if ds.get("SpecificCharacterSet") else default_encoding
     # raw elements are written unchanged only when the dataset says it was encoded as the file will be
