@@ -60,3 +60,25 @@ def code_item(value: str, scheme: str, meaning: str) -> bytes:
 def raw_sequence(tag: int, value: bytes) -> RawDataElement:
     """The value (concatenated items) of a sequence as a raw element that pydicom writes as it is."""
     return RawDataElement(Tag(tag), "SQ", len(value), value, 0, False, True)
+
+
+# -- Implicit VR Little Endian (PS3.5 7.1.3): the RT Structure Set's contours ------------------------------
+
+
+def implicit_element(tag: int, value: bytes, pad: bytes = b" ") -> bytes:
+    """One Implicit VR element (tag, 4-byte length, value); ``value`` padded to even length with ``pad``
+    (NUL for UI, space for text). Four-byte lengths are why an RT Structure Set is written this way: a long
+    contour's Contour Data (DS) exceeds the 64 KiB that Explicit VR gives a DS value."""
+    if len(value) % 2:
+        value += pad
+    return encode_tag(tag) + struct.pack("<I", len(value)) + value
+
+
+def implicit_sequence(tag: int, items: Sequence[bytes]) -> bytes:
+    """An Implicit VR sequence of one item per entry of ``items`` (explicit lengths, as pydicom writes them)."""
+    return implicit_element(tag, b"".join(item(i) for i in items))
+
+
+def raw_implicit_sequence(tag: int, value: bytes) -> RawDataElement:
+    """The value (concatenated items) of a sequence as a raw Implicit VR element that pydicom writes as it is."""
+    return RawDataElement(Tag(tag), None, len(value), value, 0, True, True)

@@ -62,7 +62,7 @@ from edge_runtime.results._seg_frames import (
 )
 from edge_runtime.results.seg import MANUFACTURER, SegIdentity, segment_descriptions
 
-__all__ = ["SegPixels", "assemble_seg", "check_inputs", "encode_binary_seg"]
+__all__ = ["SegPixels", "assemble_seg", "check_inputs", "encode_binary_seg", "patient_and_study"]
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def _file_meta(sop_instance_uid: UID) -> FileMetaDataset:
     return meta
 
 
-def _patient_and_study(ds: Dataset, src: Dataset) -> None:
+def patient_and_study(ds: Dataset, src: Dataset) -> None:
     """Patient and Study modules (and Specimen): the type 2 attributes first, then whatever the source has of
     those modules, as highdicom does."""
     for keyword in _TYPE2_FROM_SOURCE:
@@ -517,7 +517,7 @@ def assemble_seg(
     ds.file_meta = _file_meta(identity.sop_instance_uid)
     if "SpecificCharacterSet" in src:
         ds.SpecificCharacterSet = src.SpecificCharacterSet
-    _patient_and_study(ds, src)
+    patient_and_study(ds, src)
     _series_equipment_and_sop_common(ds, identity, src, now, pixels.encoder)
     if "FrameOfReferenceUID" in src:  # Frame of Reference
         ds.FrameOfReferenceUID = src.FrameOfReferenceUID
