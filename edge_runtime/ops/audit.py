@@ -93,12 +93,14 @@ class AuditLog:
                 break
         return len(lines) if seq is None else seq, _sha256(lines[-1]), last_start
 
-    def record(self, event: str, phi: Mapping[str, Any] | None = None, **fields: Any) -> None:
-        """Append one ``event`` with ``fields``; ``phi`` (patient identifiers) only where the site allows it.
+    def record(self, event: str, /, **fields: Any) -> None:
+        """Append one ``event`` with ``fields``; the field ``phi`` (patient identifiers, a mapping or None) is
+        written, as ``patient``, only where the site allows it.
 
         Never raises: an audit write that fails is logged as an error, and the service goes on (refusing
         work because the audit disk is full would lose more than it protects)."""
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        phi: Mapping[str, Any] | None = fields.pop("phi", None)
         with self._lock:
             body: dict[str, Any] = {"seq": self._seq, "time": now, "event": event, **fields, "prev": self._prev}
             if phi and self.patient_data:
