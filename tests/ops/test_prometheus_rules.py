@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from prometheus_client import generate_latest
 from edge_runtime.ops.telemetry import Metrics
 
 RULES = Path(__file__).resolve().parents[2] / "monitoring" / "prometheus"
+DASHBOARD = RULES.parent / "grafana" / "edge-runtime.json"
 
 
 def _promtool() -> str:
@@ -32,8 +34,17 @@ def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
-def test_every_metric_the_rules_use_is_exported() -> None:
+def _metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\bedge_(?!runtime)\w+", text))
+
+
+def test_every_metric_the_rules_and_the_dashboard_use_is_exported() -> None:
     exported = set(re.findall(r"^# TYPE (\w+) ", generate_latest(Metrics().registry).decode(), re.M))
-    exported |= {f"{name}_total" for name in exported}
-    used = set(re.findall(r"\bedge_\w+", (RULES / "alerts.yml").read_text()))
-    assert used and used <= exported, f"rules use metrics nobody exports: {sorted(used - exported)}"
+    exported |= {f"{name}{suffix}" for name in exported for suffix in ("_total", "_bucket", "_count", "_sum")}
+    rules = _metric_names((RULES / "alerts.yml").read_text())
+    assert rules and rules <= exported, f"rules use metrics nobody exports: {sorted(rules - exported)}"
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = _metric_names(" ".join(exprs))
+    assert used and used <= exported, f"dashboard shows metrics nobody exports: {sorted(used - exported)}"
+    assert "edge_drift_psi" in used and "edge_ready" in used
