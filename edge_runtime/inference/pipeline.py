@@ -23,6 +23,7 @@ import numpy as np
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage, Normalization
 from edge_runtime.inference.runner import Runner
+from edge_runtime.inference.tiling import Blender, pad_value, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ class Segmentation:
 
 
 def segment(volume: Volume, package: ModelPackage, runner: Runner, *, probabilities: bool = False) -> Segmentation:
+    if package.nnunet is not None:  # nnU-Net's own predictor pipeline (its module builds on this one)
+        from edge_runtime.inference.nnunet.pipeline import segment_nnunet
+
+        return segment_nnunet(volume, package, runner, probabilities=probabilities)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     grid = ModelGrid.for_volume(volume, package)
@@ -55,7 +60,14 @@ def segment(volume: Volume, package: ModelPackage, runner: Runner, *, probabilit
     logits, windows = sliding_window(image, package, runner)
     del image
     timings["inference"] = time.perf_counter() - t0
+    return from_logits(logits, grid, timings, windows, probabilities=probabilities)
 
+
+def from_logits(
+    logits: np.ndarray, grid: ModelGrid, timings: dict[str, float], windows: int, *, probabilities: bool = False
+) -> Segmentation:
+    """Labels, confidence and (on request) probabilities from blended logits, on the source grid: the tail that
+    whole-volume and streaming inference (:mod:`edge_runtime.inference.streaming`) share."""
     t0 = time.perf_counter()
     labels_model, best = _argmax_and_max(logits)
     labels = grid.back_to_source(labels_model)
@@ -64,9 +76,7 @@ def segment(volume: Volume, package: ModelPackage, runner: Runner, *, probabilit
     confidence = grid.back_to_source(chosen_probability(logits, best))
     del logits, best
     timings["postprocess"] = time.perf_counter() - t0
-    return Segmentation(
-        labels=labels, timings=timings, windows=windows, confidence=confidence, probabilities=per_class
-    )
+    return Segmentation(labels=labels, timings=timings, windows=windows, confidence=confidence, probabilities=per_class)
 
 
 def argmax_labels(logits: np.ndarray) -> np.ndarray:
@@ -215,13 +225,10 @@ def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 0.125)
     return np.maximum(weights, floor).astype(np.float32)
 
 
-def window_starts(size: int, patch: int, overlap: float) -> list[int]:
-    """Evenly spread window starts covering ``size`` with at least ``overlap`` between neighbours."""
-    if size <= patch:
-        return [0]
-    step = max(1, int(patch * (1 - overlap)))
-    count = int(np.ceil((size - patch) / step)) + 1
-    return [int(round(v)) for v in np.linspace(0, size - patch, count)]
+def blending_weights(package: ModelPackage) -> np.ndarray:
+    """Each window's weight per voxel when overlapping windows are blended."""
+    patch = package.patch_size
+    return gaussian_importance(patch) if package.blending == "gaussian" else np.ones(patch, dtype=np.float32)
 
 
 def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float) -> Iterator[tuple[slice, ...]]:
@@ -232,38 +239,18 @@ def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float
 
 
 def sliding_window(image: np.ndarray, package: ModelPackage, runner: Runner) -> tuple[np.ndarray, int]:
-    """Blend logits of overlapping windows into ``(K, Z, Y, X)`` logits over the whole image."""
+    """Blend logits of overlapping windows into ``(K, Z, Y, X)`` logits over the whole image, placed and blended
+    as :mod:`edge_runtime.inference.tiling` does for streaming too."""
     patch = package.patch_size
-    pad = [(0, max(0, p - s)) for p, s in zip(patch, image.shape, strict=False)]
-    padded = (
-        np.pad(image, pad, mode="constant", constant_values=float(image.min()))
-        if any(after for _, after in pad)
-        else image
+    fill = pad_value(package.normalization)
+    blender = Blender(
+        package,
+        runner,
+        (image.shape[1], image.shape[2]),
+        blending_weights(package),
+        float(image.min()) if fill is None else fill,
+        depth=image.shape[0],
     )
-    weights = gaussian_importance(patch) if package.blending == "gaussian" else np.ones(patch, dtype=np.float32)
-    k = package.num_classes
-    logits = np.zeros((k, *padded.shape), dtype=np.float32)
-    norm = np.zeros(padded.shape, dtype=np.float32)
-    batch = np.empty((package.batch_size, package.input_channels, *patch), dtype=np.float32)
-    pending: list[tuple[slice, ...]] = []
-    count = 0
-
-    def flush() -> None:
-        out = runner.infer(batch[: len(pending)])
-        for i, where in enumerate(pending):
-            every_class = (slice(None), *where)
-            logits[every_class] += out[i] * weights
-            norm[where] += weights
-        pending.clear()
-
-    for where in _windows(padded.shape, patch, package.overlap):
-        batch[len(pending)] = padded[where]
-        pending.append(where)
-        count += 1
-        if len(pending) == package.batch_size:
-            flush()
-    if pending:
-        flush()
-    logits /= norm
-    crop = (slice(None), *(slice(0, s) for s in image.shape))
-    return logits[crop], count
+    for z in window_starts(image.shape[0], patch[0], package.overlap):
+        blender.add_slab(z, image[z : z + patch[0]])
+    return blender.logits(image.shape[0]), blender.windows

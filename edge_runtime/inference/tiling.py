@@ -1,0 +1,120 @@
+"""One placement of the sliding windows and one order of blending their logits, for batch and streaming alike.
+
+A series segmented while it arrives is cut into windows before its length is known, so where a window sits may
+depend only on where the grid starts: windows at a fixed stride from the first model slice, and one more aligned
+to the end once the end is known (:func:`window_starts`). Whole-volume inference uses the same placement and the
+same :class:`Blender`, which adds the windows' logits slab by slab along z, in y then x order within a slab, and
+sends the runner the same batches (a batch may span two slabs). Float sums depend on their order, so this is what
+makes a streamed label map the same, voxel for voxel, as the one batch inference gives from the same input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_runtime.inference.package import ModelPackage, Normalization
+from edge_runtime.inference.runner import Runner
+
+
+def stride(patch: int, overlap: float) -> int:
+    """Distance between the starts of neighbouring windows along one axis."""
+    return max(1, int(patch * (1 - overlap)))
+
+
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Starts at a fixed stride from 0 while a window fits, then one window aligned to the end if needed.
+
+    Every start but the last depends only on ``patch`` and ``overlap``, never on ``size``: that is what lets a
+    series be tiled while it is still arriving. It takes as many windows as spreading them evenly would.
+    """
+    if size <= patch:
+        return [0]
+    starts = list(range(0, size - patch + 1, stride(patch, overlap)))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
+def pad_value(norm: Normalization) -> float | None:
+    """What padding holds: the lowest value the intensity window can give (air), known before any pixel is seen.
+
+    None when only the whole image can tell (its minimum, for ``zscore`` and ``none``)."""
+    if norm.kind == "ct_window" and np.isfinite(norm.lower):
+        return float((norm.lower - norm.mean) / norm.std)
+    return None
+
+
+class Blender:
+    """Blended logits ``(K, Z, Y, X)`` on the model grid, growing along z as slabs are added.
+
+    ``add_slab`` takes the normalised model slices of one z-window (a short last slab is padded with ``fill``),
+    runs its windows in y-then-x order and adds their weighted logits; ``logits`` divides by the summed weights
+    and crops to the image. Memory: the accumulator, plus one batch of windows.
+    """
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        runner: Runner,
+        plane: tuple[int, int],
+        weights: np.ndarray,
+        fill: float,
+        *,
+        depth: int = 0,
+    ):
+        self.package, self.runner, self.weights, self.fill = package, runner, weights, fill
+        self.patch = package.patch_size
+        self.plane = plane
+        self.padded_plane = (max(plane[0], self.patch[1]), max(plane[1], self.patch[2]))
+        self.windows = 0
+        self._sums = np.zeros((package.num_classes, max(depth, self.patch[0]), *self.padded_plane), np.float32)
+        self._norm = np.zeros(self._sums.shape[1:], dtype=np.float32)
+        self._batch = np.empty((package.batch_size, package.input_channels, *self.patch), dtype=np.float32)
+        self._pending: list[tuple[slice, ...]] = []
+
+    def add_slab(self, z0: int, slab: np.ndarray) -> None:
+        """Run the windows of the z-window starting at model slice ``z0``; ``slab`` holds its model slices."""
+        pz, py, px = self.patch
+        if slab.shape[1:] != self.plane or len(slab) > pz:
+            raise ValueError(f"slab of shape {slab.shape}; expected at most {pz} slices of {self.plane}")
+        padded = slab
+        if slab.shape != (pz, *self.padded_plane):
+            padded = np.full((pz, *self.padded_plane), self.fill, dtype=np.float32)
+            padded[: len(slab), : self.plane[0], : self.plane[1]] = slab
+        self._grow(z0 + pz)
+        for y in window_starts(self.padded_plane[0], py, self.package.overlap):
+            for x in window_starts(self.padded_plane[1], px, self.package.overlap):
+                self._batch[len(self._pending)] = padded[:, y : y + py, x : x + px]
+                self._pending.append((slice(z0, z0 + pz), slice(y, y + py), slice(x, x + px)))
+                self.windows += 1
+                if len(self._pending) == self.package.batch_size:
+                    self._flush()
+
+    def logits(self, depth: int) -> np.ndarray:
+        """The blended logits of a grid ``depth`` model slices deep (after every slab has been added)."""
+        self._flush()
+        full = self._sums[:, : max(depth, self.patch[0])]
+        full /= self._norm[: full.shape[1]]
+        return full[:, :depth, : self.plane[0], : self.plane[1]]
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        out = self.runner.infer(self._batch[: len(self._pending)])
+        for i, where in enumerate(self._pending):
+            every_class = (slice(None), *where)
+            self._sums[every_class] += out[i] * self.weights
+            self._norm[where] += self.weights
+        self._pending.clear()
+
+    def _grow(self, depth: int) -> None:
+        """Room for ``depth`` model slices; grows by half again at least, so a long series copies little."""
+        have = self._sums.shape[1]
+        if depth <= have:
+            return
+        new = max(depth, have + have // 2)
+        sums = np.zeros((self._sums.shape[0], new, *self.padded_plane), dtype=np.float32)
+        sums[:, :have] = self._sums
+        norm = np.zeros(sums.shape[1:], dtype=np.float32)
+        norm[:have] = self._norm
+        self._sums, self._norm = sums, norm
