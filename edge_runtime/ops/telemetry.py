@@ -1,23 +1,15 @@
-"""Health and metrics over HTTP (localhost by default): ``/healthz``, ``/readyz`` and Prometheus ``/metrics``.
+"""The service's Prometheus metrics. :mod:`edge_runtime.ops.health` serves them at ``/metrics`` beside
+``/healthz``, ``/readyz`` and the status page (the HTTP server is :mod:`edge_runtime.ops.web.server`).
 
-``/healthz`` answers 200 while every service thread is alive (liveness); ``/readyz`` answers 200 when the
-service can take work: listener serving, model loaded, spool writable and above its free-space watermark.
-Both return a small JSON body saying what was checked. The metric objects live in :class:`Metrics`, one
-registry per service, so tests and several services in one process do not share counters.
+The metric objects live in :class:`Metrics`, one registry per service, so tests and several services in one
+process do not share counters.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
-from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-log = logging.getLogger(__name__)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 1.0)
@@ -132,60 +124,3 @@ class Metrics:
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
-
-
-class HealthServer:
-    """A tiny threaded HTTP server; ``healthy`` and ``ready`` return (ok, details)."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        metrics: Metrics,
-        healthy: Callable[[], tuple[bool, dict[str, object]]],
-        ready: Callable[[], tuple[bool, dict[str, object]]],
-        before_scrape: Callable[[], None] | None = None,
-    ):
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    if outer.before_scrape is not None:
-                        outer.before_scrape()
-                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-                elif path in ("/healthz", "/readyz"):
-                    ok, details = (healthy if path == "/healthz" else ready)()
-                    body = json.dumps({"ok": ok, **details}).encode()
-                    self._send(200 if ok else 503, body, "application/json")
-                else:
-                    self._send(404, b'{"error": "not found"}', "application/json")
-
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                log.debug("http %s", format % args)
-
-        self.before_scrape = before_scrape
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return int(self.httpd.server_address[1])
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="health-http", daemon=True)
-        self._thread.start()
-        log.info("health and metrics on http://%s:%d", self.httpd.server_address[0], self.port)
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -100,7 +100,8 @@ def _series_row(entry: SeriesEntry) -> str:
     date = _dicom_date(d.get("SeriesDate") or d.get("StudyDate") or "")
     state = f'<span class="state {escape(v.state)}">{escape(v.state)}</span>'
     if v.reason:
-        state += f'<div class="reason">{escape(v.reason)}</div>'
+        kind = "reason" if v.state == "failed" else "muted"
+        state += f'<div class="{kind}">{escape(v.reason)}</div>'
     pictures = "".join(
         f'<a class="pic" href="{escape(large)}" title="{escape(plane)}">'
         f'<img src="{escape(small)}" alt="{escape(plane)}" data-plane="{escape(plane)}"></a>'
@@ -191,7 +192,7 @@ def _confidence_cell(value: tuple[float, bool] | None) -> str:
 
 def _dice_chart(name: str, points: Sequence[DicePoint], colour: tuple[int, int, int]) -> str:
     """A small SVG line of Dice (0 to 1) against time, one dot per comparison."""
-    width, height, pad = 260, 80, 6
+    width, height, pad = 220, 80, 6
     t0, t1 = points[0].time, points[-1].time
     span = max(t1 - t0, 1e-9)
 
@@ -212,8 +213,12 @@ def _dice_chart(name: str, points: Sequence[DicePoint], colour: tuple[int, int, 
         f'<svg viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">'
         f'<rect x="0" y="0" width="{width}" height="{height}" fill="#fafafa"/>'
         f'<line x1="{pad}" x2="{width - pad}" y1="{pad}" y2="{pad}" stroke="#ddd"/>'
+        f'<line x1="{pad}" x2="{width - pad}" y1="{height - pad}" y2="{height - pad}" stroke="#ddd"/>'
+        f'<text x="{width - pad}" y="{pad + 10}" text-anchor="end" font-size="9" fill="#999">1</text>'
+        f'<text x="{width - pad}" y="{height - pad - 2}" text-anchor="end" font-size="9" fill="#999">0</text>'
         f'<polyline points="{line}" fill="none" stroke="{stroke}" stroke-width="1.5"/>{dots}</svg>'
-        f"<figcaption>{escape(name)}: latest {latest:.3f}, {len(points)} comparisons</figcaption></figure>"
+        f"<figcaption>{escape(name)}: latest {latest:.3f}, {len(points)} comparison{'s' if len(points) > 1 else ''}"
+        "</figcaption></figure>"
     )
 
 
@@ -261,7 +266,7 @@ table{border-collapse:collapse}th,td{padding:.35em .6em;border-bottom:1px solid 
 .reason{color:#c62828;font-size:.9em;max-width:22em}
 .bar{display:flex;width:220px;height:12px;border-radius:2px;overflow:hidden;background:#f3f3f3}
 .key{display:inline-block;width:.8em;height:.8em;margin:0 .25em 0 .8em;vertical-align:middle}
-tbody td:last-child{white-space:nowrap}
+tbody td:last-child,tbody td:nth-child(2){white-space:nowrap}
 a.pic img{width:88px;height:88px;margin-right:4px;background:#000;border:1px solid #ccc;image-rendering:auto}
 .charts{display:flex;flex-wrap:wrap;gap:1em}figure{margin:0}figcaption{font-size:.9em}
 dialog{padding:.5em;border:1px solid #999}dialog img{max-width:90vw;max-height:85vh;display:block}
