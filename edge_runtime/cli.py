@@ -55,11 +55,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from edge_runtime.apps.push import push_folder
-    from edge_runtime.egress.destination import Destination
+    from edge_runtime.egress.destination import DimseNode
 
     setup_logging("info", False)
     try:
-        dest = Destination.parse(args.destination)
+        dest = DimseNode.parse(args.destination)
     except ValueError as exc:
         print(f"edge-runtime push: {exc}", file=sys.stderr)
         return 2

@@ -127,10 +127,19 @@ def _networks(v: Any) -> tuple[str, ...]:
 
 
 def _destinations(v: Any) -> tuple[Destination, ...]:
-    items = [v] if isinstance(v, str) else v
+    """``AE@host:port`` or the compact form (command line, TOML strings), or ``[[destination]]`` tables."""
+    items = [v] if isinstance(v, (str, dict)) else v
     if not isinstance(items, (list, tuple)):
         raise TypeError
-    return tuple(Destination.parse(x) if isinstance(x, str) else x for x in items)
+    parsed = tuple(
+        Destination.parse(x) if isinstance(x, str) else Destination.from_table(x) if isinstance(x, dict) else x
+        for x in items
+    )
+    names = [d.name for d in parsed]
+    if shared := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"destinations share a name: {', '.join(shared)}")
+    return parsed
+
 
 
 # -- one declaration per key ---------------------------------------------------------------------------------
@@ -197,6 +206,25 @@ class ListenerSettings:
         _existing_file,
         "a PEM CA bundle; clients must then present a certificate it signed",
         "PEM CA bundle: require client certificates signed by it",
+    )
+    stow_port: int = option(
+        0,
+        _int_range(0, 65535),
+        "an integer 1-65535, or 0 for no STOW-RS receiver",
+        "also receive instances by DICOMweb STOW-RS (POST /studies) on this port (default 0: off)",
+    )
+    stow_tls: bool = option(
+        False,
+        _bool,
+        "true or false (HTTPS with tls_cert and tls_key; tls_ca then requires client certificates)",
+        "serve STOW-RS over HTTPS with tls_cert and tls_key",
+        flag="bool",
+    )
+    stow_token_file: Path | None = option(
+        None,
+        _existing_file,
+        "an existing file holding the bearer token STOW-RS clients must send",
+        "file with the bearer token STOW-RS clients must present (default: none)",
     )
 
 
@@ -315,10 +343,12 @@ class StorageSettings:
     destination: tuple[Destination, ...] = option(
         (),
         _destinations,
-        "AE@host:port, or a list of them",
-        "send results here; repeatable (default: only the output folder)",
+        "AE@host:port, a compact destination (AE@host:port;formats=binary,sr or dicomweb+https://host/path;"
+        "token-file=FILE;formats=labelmap,sr), or [[destination]] tables",
+        "send results here; repeatable: AE@HOST:PORT (DIMSE) or dicomweb+https://HOST/PATH (STOW-RS), "
+        "with ;formats=a,b;name=N;... (default: only the output folder)",
         flag="append",
-        metavar="AE@HOST:PORT",
+        metavar="DESTINATION",
     )
 
 
@@ -413,6 +443,8 @@ def build_config(values: dict[str, Any]) -> Config:
     listener = typed["listener"]
     if listener.get("tls_port") and not (listener.get("tls_cert") and listener.get("tls_key")):
         problems.append("tls_port is set: tls_cert and tls_key are required")
+    if listener.get("stow_tls") and not (listener.get("tls_cert") and listener.get("tls_key")):
+        problems.append("stow_tls is true: tls_cert and tls_key are required")
     if problems:
         raise ConfigError(problems)
     return Config(**{name: _SECTIONS[name](**kwargs) for name, kwargs in typed.items()})

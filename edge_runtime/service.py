@@ -4,11 +4,12 @@
 
     scanner --C-STORE--> ingest.Listener --> spool.Spool --> ingest.SeriesTracker (complete?)
         --> worker: imaging.load_volume --> inference.segment --> results.write_results --> spool outbox
-        --> egress.Sender --C-STORE--> PACS / viewer
+        --> egress.Sender --C-STORE or STOW-RS--> PACS / viewer / archive (each destination its formats)
 
 Threads and what each owns:
 
 - ``dicom-listener`` (pynetdicom, one thread per association): store and acknowledge instances.
+- ``stow-rs`` (when ``stow_port`` is set; one thread per connection): the same, for DICOMweb STOW-RS.
 - ``tracker``: queues a series once it is complete on evidence or quiet for ``quiet_seconds``.
 - ``decoder``: decodes slices as they arrive, so the worker starts from memory.
 - ``worker``: takes queued series one at a time: volume, model, results, published (files in the output
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.config import Config
+from edge_runtime.egress.destination import route
 from edge_runtime.egress.sender import Sender
 from edge_runtime.errors import SeriesRefused
 from edge_runtime.imaging.geometry import GeometryPolicy
@@ -38,11 +40,13 @@ from edge_runtime.inference.package import ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import open_runner
 from edge_runtime.ingest.listener import Listener, ListenerConfig
+from edge_runtime.ingest.stow import StowReceiver
 from edge_runtime.ingest.tracker import SeriesTracker
 from edge_runtime.ops.health import HealthChecks
 from edge_runtime.ops.systemd import Notifier
 from edge_runtime.ops.telemetry import Metrics
 from edge_runtime.quality.agreement import record_agreement
+from edge_runtime.results.formats import BINARY, SR
 from edge_runtime.results.publish import uid_seed, write_results
 from edge_runtime.spool.store import SeriesRow, Spool
 
@@ -83,7 +87,19 @@ class Service:
             on_released=self.tracker.released,
             on_status=self.metrics.count_status,
         )
-        self.sender = Sender(self.spool, calling_ae=config.listener.ae_title, on_result=self.metrics.count_send)
+        settings = config.listener
+        self.stow = (
+            StowReceiver(self.listener, settings.stow_port, tls=settings.stow_tls, token_file=settings.stow_token_file)
+            if settings.stow_port
+            else None
+        )
+        self.destinations = config.storage.destination
+        self.sender = Sender(
+            self.spool,
+            calling_ae=config.listener.ae_title,
+            on_result=self.metrics.count_send,
+            destinations=self.destinations,
+        )
         self.checks = HealthChecks(
             threads=self._threads_alive,
             listening=self.listener.serving,
@@ -108,6 +124,8 @@ class Service:
             log.info("removed %d unacknowledged file(s) left by an interrupted store", orphans)
         log.info("model %s (%s) on %s", self.package.identity, self.package.model_sha256[:12], self.runner.describe())
         self.listener.start()
+        if self.stow is not None:
+            self.stow.start()
         self.sender.start()
         if self.health is not None:
             self.health.start()
@@ -126,6 +144,8 @@ class Service:
         log.info("stopping: no new associations; finishing the job in hand")
         self.notifier.stopping()
         self.listener.stop()
+        if self.stow is not None:
+            self.stow.stop()
         if self.health is not None:
             self.health.stop()
         self._stop.set()
@@ -147,7 +167,10 @@ class Service:
 
     def _threads_alive(self) -> dict[str, bool]:
         threads = {t.name: t.is_alive() for t in self._threads}
-        return {**threads, "sender": self.sender.alive(), "dicom-listener": self.listener.serving()}
+        threads["sender"], threads["dicom-listener"] = self.sender.alive(), self.listener.serving()
+        if self.stow is not None:
+            threads["stow-rs"] = self.stow.serving()
+        return threads
 
     # -- arrival ------------------------------------------------------------------------------------------------
 
@@ -208,9 +231,11 @@ class Service:
             extra={"windows": result.windows},
         )
         record = {"stages": files.timings, "started": started, "published": time.time()}
-        to = self.config.storage.destination
+        deliveries, missing = route(self.destinations, {BINARY: [files.seg], SR: [files.sr]})
+        if missing:
+            log.warning("series %s: no %s object written; destinations get the rest", row.key_hash, ", ".join(missing))
         published = self.spool.publish(
-            row.id, row.generation, self.package.identity, files.seg.parent, files.files, to, timings=json.dumps(record)
+            row.id, row.generation, self.package.identity, files.seg.parent, deliveries, timings=json.dumps(record)
         )
         if published is None:
             log.info("series %s grew while it was processed; its result is superseded", row.key_hash)

@@ -6,7 +6,7 @@ import pytest
 
 from edge_runtime.cli import main
 from edge_runtime.config import ConfigError, build_config, load_toml
-from edge_runtime.egress.sender import Destination
+from edge_runtime.egress.destination import Destination, DimseNode
 
 
 def test_defaults_are_valid() -> None:
@@ -22,10 +22,10 @@ def test_toml_takes_the_command_line_keys(tmp_path: Path) -> None:
     )
     cfg = build_config(load_toml(f))
     assert cfg.ae_title == "SEGBOX" and cfg.port == 4242 and cfg.quiet_seconds == 2.5
-    assert cfg.destination == (
-        Destination("PACS", "10.0.0.5", 104),
-        Destination("VIEW", "viewer.local", 11112),
-    )
+    assert [d.target for d in cfg.destination] == [
+        DimseNode("PACS", "10.0.0.5", 104),
+        DimseNode("VIEW", "viewer.local", 11112),
+    ]
     assert cfg.allowed_calling_aets == ("CT1",)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from edge_runtime.egress.destination import Destination
+from edge_runtime.egress.destination import DimseNode
 from edge_runtime.egress.sender import StoreSCU
 
 #: the most presentation contexts one association may propose (PS3.8 9.3.2.2: odd context IDs 1-255)
@@ -27,7 +27,7 @@ class PushReport:
     failures: list[str] = field(default_factory=list)
 
 
-def push_folder(folder: Path, dest: Destination, *, calling_ae: str = "PUSH", timeout: float = 30.0) -> PushReport:
+def push_folder(folder: Path, dest: DimseNode, *, calling_ae: str = "PUSH", timeout: float = 30.0) -> PushReport:
     """Send every DICOM file below ``folder`` to ``dest``, each in its own transfer syntax; files that are not
     DICOM are skipped and counted. Every file is tried, whatever became of the one before."""
     report = PushReport()

@@ -1,8 +1,12 @@
-"""The sender: C-STORE SCU that drains the outbox to each destination, with retries and backoff.
+"""The sender: drains the outbox to each destination, by C-STORE (DIMSE) or STOW-RS (DICOMweb), with retries
+and backoff.
 
-A result leaves the outbox only when the destination answered success (0x0000, or a warning 0xB000-0xBFFF).
-Anything else (connection refused, association rejected, a failure status, a timeout) is retried with
-exponential backoff; the row stays pending across restarts.
+A result leaves the outbox only when the destination answered success (C-STORE 0x0000 or a warning
+0xB000-0xBFFF; STOW-RS: the instance referenced, see :mod:`edge_runtime.egress.stow`). Anything else (connection
+refused, association rejected, a failure status, a timeout, an HTTP 5xx) is retried with exponential backoff;
+the row stays pending across restarts. Only a STOW-RS server can refuse an object for good (a 4xx that would be
+answered the same again); that row is marked failed, with the reason. Each destination is tried on its own, so
+one that is down holds back nothing sent elsewhere.
 
 :class:`StoreSCU` is the one association-and-C-STORE code path: the :class:`Sender`'s outbox loop and
 ``edge-runtime push`` (:mod:`edge_runtime.apps.push`) both send through it.
@@ -12,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -26,10 +31,12 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from edge_runtime.dicom import is_success
-from edge_runtime.egress.destination import Destination
+from edge_runtime.egress.delivery import Delivery
+from edge_runtime.egress.destination import Destination, DimseNode, StowTarget
+from edge_runtime.egress.stow import store_instances
 from edge_runtime.spool.store import OutboxItem, Spool
 
-__all__ = ["Destination", "RetryPolicy", "Sender", "StoreResult", "StoreSCU"]
+__all__ = ["Destination", "DimseNode", "RetryPolicy", "Sender", "StoreResult", "StoreSCU"]
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +62,35 @@ class StoreSCU:
     False and :attr:`rejected` tells an association rejection from a connection that never came up.
     """
 
-    def __init__(self, destination: Destination, association: Association):
+    def __init__(self, destination: DimseNode, association: Association):
         self.destination = destination
         self._association = association
 
     @classmethod
     def open(
         cls,
-        destination: Destination,
+        destination: DimseNode,
         *,
         calling_ae: str,
         contexts: Iterable[tuple[str, Sequence[str]]],
         timeout: float,
     ) -> StoreSCU:
         """Request an association calling ``destination`` from ``calling_ae``, proposing each (SOP Class,
-        transfer syntaxes) of ``contexts``; ``timeout`` bounds the connection, ACSE, DIMSE and network waits."""
+        transfer syntaxes) of ``contexts``; ``timeout`` bounds the connection, ACSE, DIMSE and network waits.
+        A node with ``tls_ca`` is reached over TLS, its certificate verified against that CA and its host name."""
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, list(syntaxes))
-        return cls(destination, ae.associate(destination.host, destination.port, ae_title=destination.ae_title))
+        tls_args = None
+        if destination.tls_ca is not None:
+            context = ssl.create_default_context(cafile=str(destination.tls_ca))
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if destination.tls_cert is not None and destination.tls_key is not None:
+                context.load_cert_chain(str(destination.tls_cert), str(destination.tls_key))
+            tls_args = (context, destination.host)
+        association = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+        return cls(destination, association)
 
     @property
     def established(self) -> bool:
@@ -116,6 +132,12 @@ class RetryPolicy:
 
 
 class Sender:
+    """The outbox's drain: one thread, waking when a result is published or a retry falls due.
+
+    ``destinations`` are the configured ones; an outbox row names its destination, which is looked up here (a
+    row naming ``AE@host:port`` that is no longer configured is still sent there, as older versions wrote it).
+    """
+
     def __init__(
         self,
         spool: Spool,
@@ -123,12 +145,17 @@ class Sender:
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         on_result: Callable[[bool], None] | None = None,
+        destinations: Sequence[Destination] = (),
+        on_delivery: Callable[[OutboxItem, str, Delivery], None] | None = None,
     ):
         self.spool = spool
         self.on_result = on_result
+        #: told what became of every send (the audit trail): the outbox row, the destination, the outcome
+        self.on_delivery = on_delivery
         self.calling_ae = calling_ae
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
+        self.destinations = {d.name: d for d in destinations}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -160,66 +187,107 @@ class Sender:
             self._wake.wait(wait)
             self._wake.clear()
 
+    def resolve(self, name: str) -> Destination | None:
+        """The configured destination called ``name``; else ``name`` read as ``AE@host:port``; else None."""
+        if name in self.destinations:
+            return self.destinations[name]
+        try:
+            return Destination.parse(name) if "@" in name and ";" not in name else None
+        except ValueError:
+            return None
+
     def send_due(self) -> int:
-        """Send every due outbox item, one association per destination. Returns how many were sent."""
-        by_dest: dict[Destination, list[OutboxItem]] = defaultdict(list)
+        """Send every due outbox item, one association (or series of STOW-RS requests) per destination.
+        Returns how many were sent."""
+        by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in self.spool.due_outbox():
             by_dest[item.destination].append(item)
         sent = 0
-        for dest, items in by_dest.items():
+        for name, items in by_dest.items():
             if self._stop.is_set():
                 break
-            sent += self._send_to(dest, items)
+            dest = self.resolve(name)
+            if dest is None:
+                for item in items:
+                    self._record(item, name, Delivery.retry(f"destination {name!r} is not configured"))
+                continue
+            target = dest.target
+            paths = [item.path for item in items]
+            deliveries = (
+                self._store_dimse(target, paths) if isinstance(target, DimseNode) else self._store_stow(target, paths)
+            )
+            for index, delivery in deliveries:
+                sent += self._record(items[index], str(dest), delivery)
         return sent
 
-    def _send_to(self, dest: Destination, items: list[OutboxItem]) -> int:
-        datasets = {}
-        for item in items:
+    def _store_stow(self, target: StowTarget, paths: list[Path]) -> Iterator[tuple[int, Delivery]]:
+        for index, delivery in store_instances(target, paths, timeout=self.timeout):
+            yield index, delivery
+            if self._stop.is_set():
+                return
+
+    def _store_dimse(self, node: DimseNode, paths: list[Path]) -> Iterator[tuple[int, Delivery]]:
+        """C-STORE each file on one association; stops at the first request that got no answer (the rest are
+        due again at their next attempt)."""
+        sop_classes: dict[int, str] = {}
+        for index, path in enumerate(paths):
             try:
-                datasets[item.id] = pydicom.dcmread(item.path, stop_before_pixels=True)
-            except (OSError, pydicom.errors.InvalidDicomError) as exc:
-                self._failed(item, dest, f"cannot read result file: {exc}")
-        sop_classes = sorted({str(ds.SOPClassUID) for ds in datasets.values()})
+                sop_classes[index] = str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)
+            except (OSError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
+                yield index, Delivery.retry(f"cannot read result file: {exc}")
+        if not sop_classes:
+            return
         syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        contexts = [(sop_class, syntaxes) for sop_class in sop_classes]
-        with StoreSCU.open(dest, calling_ae=self.calling_ae, contexts=contexts, timeout=self.timeout) as scu:
+        contexts = [(sop_class, syntaxes) for sop_class in sorted(set(sop_classes.values()))]
+        with StoreSCU.open(node, calling_ae=self.calling_ae, contexts=contexts, timeout=self.timeout) as scu:
             if not scu.established:
                 why = "association rejected" if scu.rejected else "association not established"
-                for item in items:
-                    if item.id in datasets:
-                        self._failed(item, dest, why)
-                return 0
-            sent = 0
-            for item in items:
-                if item.id not in datasets or self._stop.is_set():
-                    continue
-                result = scu.store(item.path)
+                for index in sop_classes:
+                    yield index, Delivery.retry(why)
+                return
+            for index in sop_classes:
+                if self._stop.is_set():
+                    return
+                result = scu.store(paths[index])
                 if result.error is not None:
-                    self._failed(item, dest, f"{type(result.error).__name__}: {result.error}")
+                    yield index, Delivery.retry(f"{type(result.error).__name__}: {result.error}")
                 elif result.success:
-                    self.spool.mark_sent(item.id)
-                    if self.on_result is not None:
-                        self.on_result(True)
-                    sent += 1
-                    log.info("sent result %d file %s to %s", item.result_id, item.path.name, dest)
+                    yield index, Delivery.ok()
                 else:
                     code = result.status
                     why = "no response (timeout or abort)" if code is None else f"status 0x{code:04X}"
-                    self._failed(item, dest, why)
+                    yield index, Delivery.retry(why)
                     if code is None:
-                        break
-        return sent
+                        return
 
-    def _failed(self, item: OutboxItem, dest: Destination, why: str) -> None:
+    def _record(self, item: OutboxItem, dest: str, delivery: Delivery) -> int:
+        """Write what became of ``item`` into the outbox; 1 if it was sent."""
         if self.on_result is not None:
-            self.on_result(False)
+            self.on_result(delivery.sent)
+        if self.on_delivery is not None:
+            self.on_delivery(item, dest, delivery)
+        if delivery.sent:
+            self.spool.mark_sent(item.id)
+            log.info("sent result %d file %s to %s", item.result_id, item.path.name, dest)
+            return 1
+        if delivery.final:
+            self.spool.mark_undeliverable(item.id, delivery.why)
+            log.error(
+                "%s refused result %d file %s for good (%s); it will not be sent again",
+                dest,
+                item.result_id,
+                item.path.name,
+                delivery.why,
+            )
+            return 0
         delay = self.retry.delay(item.attempts)
-        self.spool.mark_failed_attempt(item.id, why, time.time() + delay)
+        self.spool.mark_failed_attempt(item.id, delivery.why, time.time() + delay)
         log.warning(
             "send of result %d to %s failed (%s); attempt %d, retrying in %.0f s",
             item.result_id,
             dest,
-            why,
+            delivery.why,
             item.attempts + 1,
             delay,
         )
+        return 0

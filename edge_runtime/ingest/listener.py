@@ -47,7 +47,7 @@ from edge_runtime.dicom import (
 )
 from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.ingest.guard import ConnectionGuard, GuardedAssociationServer, tls_context
-from edge_runtime.spool import Spool, SpoolFull
+from edge_runtime.spool import Spool, SpoolFull, StoredInstance
 
 if TYPE_CHECKING:
     from edge_runtime.config import ListenerSettings
@@ -310,24 +310,10 @@ class Listener:
             return checked.status
         called = event.assoc.acceptor.ae_title.strip()
         calling = event.assoc.requestor.ae_title.strip()
-        try:
-            stored = self.spool.store(
-                event.encoded_dataset(),
-                called_ae=called,
-                calling_ae=calling,
-                study_uid=checked.study_uid,
-                series_uid=checked.series_uid,
-                sop_uid=checked.sop_uid,
-                sop_class=checked.sop_class,
-                transfer_syntax=str(event.context.transfer_syntax),
-                modality=checked.modality,
-                geometry=checked.geometry,
-            )
-        except SpoolFull as exc:
-            log.error("C-STORE refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)
-            return STATUS_OUT_OF_RESOURCES
-        except OSError as exc:
-            log.error("C-STORE refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror)
+        stored = self.store_instance(
+            event.encoded_dataset(), checked, called=called, calling=calling, syntax=str(event.context.transfer_syntax)
+        )
+        if stored is None:
             return STATUS_OUT_OF_RESOURCES
         log.debug(
             "stored instance of series %s from %s%s in %.1f ms",
@@ -339,9 +325,36 @@ class Listener:
         if not stored.duplicate:
             with self._touched_lock:
                 self._touched.setdefault(id(event.assoc), set()).add(stored.series_id)
-            if self.on_stored is not None and stored.path is not None:
-                self.on_stored(stored.series_id, stored.path)
         return STATUS_SUCCESS
+
+    def store_instance(
+        self, encoded: bytes, checked: InstanceInfo, *, called: str, calling: str, syntax: str
+    ) -> StoredInstance | None:
+        """Make one checked instance (a Part 10 encoding) durable in the spool and announce it (``on_stored``);
+        None when the spool refused it (out of resources: the 0xA700 the caller answers). The one way in for
+        C-STORE and for STOW-RS (:mod:`edge_runtime.ingest.stow`)."""
+        try:
+            stored = self.spool.store(
+                encoded,
+                called_ae=called,
+                calling_ae=calling,
+                study_uid=checked.study_uid,
+                series_uid=checked.series_uid,
+                sop_uid=checked.sop_uid,
+                sop_class=checked.sop_class,
+                transfer_syntax=syntax,
+                modality=checked.modality,
+                geometry=checked.geometry,
+            )
+        except SpoolFull as exc:
+            log.error("instance refused (0x%04X): %s", STATUS_OUT_OF_RESOURCES, exc)
+            return None
+        except OSError as exc:
+            log.error("instance refused (0x%04X): spool write failed: %s", STATUS_OUT_OF_RESOURCES, exc.strerror)
+            return None
+        if not stored.duplicate and self.on_stored is not None and stored.path is not None:
+            self.on_stored(stored.series_id, stored.path)
+        return stored
 
     def _on_accepted(self, event: evt.Event) -> None:
         with self._touched_lock:

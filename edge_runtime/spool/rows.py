@@ -1,7 +1,7 @@
 """What the spool hands out: typed rows, never SQL tuples, JSON or strings to parse again.
 
-The index stores text (a geometry as JSON, a destination as ``AE@host:port``); the spool turns it back into
-the types the other stages work with, so no caller unpacks a row by position or parses what the spool kept.
+The index stores text (a geometry as JSON); the spool turns it back into the types the other stages work with,
+so no caller unpacks a row by position or parses what the spool kept.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-
-from edge_runtime.egress.destination import Destination
 
 
 class SeriesState(str, enum.Enum):
@@ -61,10 +59,11 @@ class ResultRow:
 
 @dataclass(frozen=True)
 class OutboxItem:
-    """One result file still to be sent to one destination."""
+    """One result file still to be sent to one destination, named as configured (the sender resolves the name,
+    so a changed address or credential applies to what is already waiting)."""
 
     id: int
     result_id: int
     path: Path
-    destination: Destination
+    destination: str
     attempts: int

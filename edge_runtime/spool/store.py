@@ -21,14 +21,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.dicom import fsync_dir
-from edge_runtime.egress.destination import Destination
 from edge_runtime.errors import SpoolFull
 from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.spool.rows import OutboxItem, ResultRow, SeriesRow, SeriesState, StoredInstance
@@ -385,11 +384,13 @@ class Spool:
         generation: int,
         model: str,
         directory: Path,
-        files: Sequence[Path],
-        destinations: Sequence[Destination],
+        deliveries: Mapping[str, Sequence[Path]],
         timings: str = "{}",
     ) -> int | None:
-        """Commit a result and its outbox rows, if ``generation`` is still the series' current one."""
+        """Commit a result and its outbox rows, if ``generation`` is still the series' current one.
+
+        ``deliveries`` maps a destination's name to the files it receives: one outbox row per (file, destination),
+        so a destination that is down holds back nothing else."""
         now = time.time()
         with self._tx() as db:
             if not _end_processing(db, series_id, generation, SeriesState.DONE, None, now):
@@ -398,11 +399,11 @@ class Spool:
                 "INSERT INTO results (series_id, generation, model, directory, created, timings) VALUES (?,?,?,?,?,?)",
                 (series_id, generation, model, str(directory), now, timings),
             ).lastrowid
-            for dest in destinations:
+            for destination, files in deliveries.items():
                 for f in files:
                     db.execute(
                         "INSERT INTO outbox (result_id, path, destination, state, next_attempt) VALUES (?,?,?,?,?)",
-                        (result_id, str(f), str(dest), "pending", now),
+                        (result_id, str(f), destination, "pending", now),
                     )
         return result_id
 
@@ -468,13 +469,7 @@ class Spool:
                 "AND next_attempt <= ? ORDER BY id",
                 (now,),
             ).fetchall()
-        items = []
-        for r in rows:
-            try:
-                items.append(OutboxItem(r[0], r[1], Path(r[2]), Destination.parse(r[3]), r[4]))
-            except ValueError as exc:  # a row no version of us could send (an old unbracketed IPv6 host)
-                log.warning("outbox row %d skipped: %s", r[0], exc)
-        return items
+        return [OutboxItem(r[0], r[1], Path(r[2]), r[3], r[4]) for r in rows]
 
     def next_outbox_attempt(self) -> float | None:
         with self._lock:
@@ -490,6 +485,13 @@ class Spool:
             db.execute(
                 "UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt=? WHERE id=?",
                 (error[:500], retry_at, item_id),
+            )
+
+    def mark_undeliverable(self, item_id: int, error: str) -> None:
+        """The destination refused the object for good (it would refuse it again): no more attempts."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state='failed', attempts=attempts+1, last_error=? WHERE id=?", (error[:500], item_id)
             )
 
     def series_counts(self) -> dict[str, int]:

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.egress.destination import Destination
 from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.spool import ResultRow, SeriesState, Spool, SpoolFull
 
-PACS = Destination.parse("PACS@h:1")
-P = Destination.parse("P@h:1")
+PACS, P = "PACS@h:1", "P@h:1"
 
 
 def store(spool: Spool, sop: str, series: str = "1.2.3.2", data: bytes = b"DICM-data") -> object:
@@ -78,7 +76,7 @@ def test_quiet_period_queue_claim_publish(tmp_path: Path) -> None:
     assert [r.id for r in queued] == [s.series_id]
     job = spool.claim_job()
     assert job is not None and job.state is SeriesState.PROCESSING and spool.claim_job() is None
-    result = spool.publish(job.id, job.generation, "m 1", tmp_path, [tmp_path / "seg.dcm"], [PACS])
+    result = spool.publish(job.id, job.generation, "m 1", tmp_path, {PACS: [tmp_path / "seg.dcm"]})
     assert result is not None
     assert spool.series(job.id).state is SeriesState.DONE
     assert [str(i.destination) for i in spool.due_outbox()] == ["PACS@h:1"]
@@ -90,7 +88,7 @@ def test_result_of_a_series_that_grew_meanwhile_is_not_published(tmp_path: Path)
     spool.queue_quiet_series(0.0)
     job = spool.claim_job()
     store(spool, "1.2")  # a late instance arrives while the job runs
-    assert spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "x"], [P]) is None
+    assert spool.publish(job.id, job.generation, "m", tmp_path, {P: [tmp_path / "x"]}) is None
     row = spool.series(job.id)
     assert row.state is SeriesState.RECEIVING and row.instance_count == 2
     assert spool.due_outbox() == []
@@ -117,7 +115,7 @@ def test_outbox_retry_bookkeeping(tmp_path: Path) -> None:
     store(spool, "1.1")
     spool.queue_quiet_series(0.0)
     job = spool.claim_job()
-    spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "seg.dcm"], [P])
+    spool.publish(job.id, job.generation, "m", tmp_path, {P: [tmp_path / "seg.dcm"]})
     (item,) = spool.due_outbox()
     spool.mark_failed_attempt(item.id, "refused", retry_at=1e12)
     assert spool.due_outbox() == [] and spool.outbox_counts() == {"pending": 1}
@@ -143,7 +141,7 @@ def test_retention_purges_finished_series_only(tmp_path: Path) -> None:
     for _ in range(2):
         job = spool.claim_job()
         dests = [P] if job.id == unsent.series_id else []
-        spool.publish(job.id, job.generation, "m", tmp_path, [tmp_path / "seg.dcm"], dests)
+        spool.publish(job.id, job.generation, "m", tmp_path, {d: [tmp_path / "seg.dcm"] for d in dests})
     store(spool, "1.4", series="5.3")  # keeps 5.3 receiving
     files_before = set(spool.instances_dir.rglob("*.dcm"))
     assert spool.purge(older_than=time.time() + 1) == (1, 1)
@@ -164,7 +162,7 @@ def test_orphan_files_from_an_interrupted_store_are_removed(tmp_path: Path) -> N
 
 
 def test_rows_come_back_typed(tmp_path: Path) -> None:
-    """Geometry, destinations and results go in and come out as types; the index's text stays inside."""
+    """Geometry and results go in and come out as types; the index's text stays inside."""
     spool = Spool(tmp_path)
     geometry = SliceGeometry(
         iop=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
@@ -183,6 +181,7 @@ def test_rows_come_back_typed(tmp_path: Path) -> None:
     spool.queue_quiet_series(0.0)
     job = spool.claim_job()
     assert job is not None
-    result_id = spool.publish(job.id, job.generation, "m", tmp_path / "r", [tmp_path / "seg.dcm"], [PACS, P])
+    seg = tmp_path / "seg.dcm"
+    result_id = spool.publish(job.id, job.generation, "m", tmp_path / "r", {PACS: [seg], P: [seg]})
     assert spool.results(job.id) == [ResultRow(result_id, job.id, job.generation, "m", tmp_path / "r")]
     assert [item.destination for item in spool.due_outbox()] == [PACS, P]

@@ -1,0 +1,1 @@
+"""Tests of egress: destinations, the sender, STOW-RS."""
