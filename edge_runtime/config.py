@@ -24,6 +24,7 @@ from typing import Any
 from edge_runtime.egress.destination import Destination
 from edge_runtime.errors import ConfigError
 from edge_runtime.imaging.geometry import IRREGULAR_POLICIES
+from edge_runtime.inference.domain import OUT_OF_DOMAIN_POLICIES
 from edge_runtime.inference.package import DEFAULT_PACKAGE
 from edge_runtime.inference.runner import BACKENDS, DEVICES, PRECISIONS
 
@@ -139,7 +140,6 @@ def _destinations(v: Any) -> tuple[Destination, ...]:
     if shared := sorted({n for n in names if names.count(n) > 1}):
         raise ValueError(f"destinations share a name: {', '.join(shared)}")
     return parsed
-
 
 
 # -- one declaration per key ---------------------------------------------------------------------------------
@@ -313,6 +313,20 @@ class SeriesSettings:
         "an integer >= 0 (MiB of slices decoded as they arrive; 0 turns it off)",
         "memory for slices decoded as they arrive (default 2048; 0 decodes at completion)",
     )
+    out_of_domain: str = option(
+        "refuse",
+        _choice(OUT_OF_DOMAIN_POLICIES),
+        f"one of {', '.join(OUT_OF_DOMAIN_POLICIES)}",
+        "a series outside the model's declared domain: refuse it (default) or segment it and mark the result",
+    )
+    streaming: bool = option(
+        True,
+        _bool,
+        "true or false",
+        "segment a series slab by slab while it arrives, same result as whole-series (default true; needs "
+        "decode_cache_mb > 0)",
+        flag="bool",
+    )
 
 
 @dataclass(frozen=True)
@@ -368,8 +382,37 @@ class OpsSettings:
         "an integer 1-65535, or 0 to disable /healthz /metrics",
         "port of /healthz, /readyz and /metrics (default 8190; 0 disables)",
     )
+    http_token_file: Path | None = option(
+        None,
+        _existing_file,
+        "an existing file holding the access token (16 or more characters)",
+        "file with the access token of the status page and /metrics (not /healthz, /readyz); "
+        "or set EDGE_RUNTIME_HTTP_TOKEN (default: no token)",
+    )
     log_level: str = option("info", _choice(LOG_LEVELS, fold=True), f"one of {', '.join(LOG_LEVELS)}")
     log_json: bool = option(False, _bool, "true or false", "one JSON object per log line", flag="switch")
+    audit_log: Path | None = option(
+        None,
+        _path,
+        "a file path (JSON lines, hash-chained)",
+        "audit trail of associations, series, results and deliveries (default: audit.jsonl in the spool)",
+    )
+    audit_patient_data: bool = option(
+        False,
+        _bool,
+        "true or false",
+        "write Patient ID and Study/Series UIDs into the audit trail (default false: keyed hashes only)",
+        flag="bool",
+    )
+    drift_window: int = option(
+        50, _int_range(5, 100000), "an integer >= 5", "series in the rolling window compared with the drift reference"
+    )
+    drift_min_series: int = option(
+        20,
+        _int_range(1, 100000),
+        "an integer >= 1",
+        "series the drift window must hold before it may warn (default 20)",
+    )
 
 
 _SECTIONS: dict[str, type] = {

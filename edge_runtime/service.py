@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import threading
@@ -35,19 +36,26 @@ from edge_runtime.egress.destination import route
 from edge_runtime.egress.sender import Sender
 from edge_runtime.errors import SeriesRefused
 from edge_runtime.imaging.geometry import GeometryPolicy
-from edge_runtime.imaging.volume import SliceCache, load_volume
+from edge_runtime.imaging.volume import SliceCache, Volume, load_volume
+from edge_runtime.inference.domain import Applicability
 from edge_runtime.inference.package import ModelPackage
-from edge_runtime.inference.pipeline import segment
+from edge_runtime.inference.pipeline import Segmentation, segment
 from edge_runtime.inference.runner import open_runner
+from edge_runtime.inference.streaming import Streams
 from edge_runtime.ingest.listener import Listener, ListenerConfig
 from edge_runtime.ingest.stow import StowReceiver
 from edge_runtime.ingest.tracker import SeriesTracker
 from edge_runtime.ops.health import HealthChecks
+from edge_runtime.ops.oversight import Oversight
 from edge_runtime.ops.systemd import Notifier
 from edge_runtime.ops.telemetry import Metrics
+from edge_runtime.ops.web.access import AccessToken
+from edge_runtime.ops.web.page import PageSources, StatusPage
+from edge_runtime.ops.web.server import HttpServer
 from edge_runtime.quality.agreement import record_agreement
 from edge_runtime.results.formats import BINARY, SR
 from edge_runtime.results.publish import uid_seed, write_results
+from edge_runtime.results.thumbnails import publish_thumbnails
 from edge_runtime.spool.store import SeriesRow, Spool
 
 log = logging.getLogger(__name__)
@@ -63,12 +71,18 @@ class Service:
         opened = open_runner(self.package, config.runner)
         self.runner, self.fallback_reason = opened.runner, opened.fallback_reason
         self.spool = Spool(config.storage.spool, min_free_bytes=config.storage.min_free_mb * MiB)
+        #: the audit trail and the drift monitor
+        self.oversight = Oversight(config, self.package, self.spool, self.metrics)
         self.output = Path(config.storage.output)
         self.output.mkdir(parents=True, exist_ok=True)
         self.policy = GeometryPolicy(irregular_spacing=config.series.irregular_spacing)
         #: slices decoded as they arrive, by a thread of their own, so the worker starts from memory
         self.cache = SliceCache(max_bytes=config.series.decode_cache_mb * MiB)
-        self._to_decode: queue.SimpleQueue[Path | None] = queue.SimpleQueue()
+        self._to_decode: queue.SimpleQueue[tuple[int, Path] | None] = queue.SimpleQueue()
+        #: series segmented slab by slab while they arrive, by the worker when it has no job
+        self.streams = (
+            Streams(self.package, self.policy) if config.series.streaming and config.series.decode_cache_mb else None
+        )
         self._stop = threading.Event()
         self._work = threading.Event()
         self.tracker = SeriesTracker(
@@ -86,6 +100,7 @@ class Service:
             on_stored=self._on_stored,
             on_released=self.tracker.released,
             on_status=self.metrics.count_status,
+            on_association=self.oversight.association,
         )
         settings = config.listener
         self.stow = (
@@ -99,6 +114,7 @@ class Service:
             calling_ae=config.listener.ae_title,
             on_result=self.metrics.count_send,
             destinations=self.destinations,
+            on_delivery=self.oversight.delivered,
         )
         self.checks = HealthChecks(
             threads=self._threads_alive,
@@ -110,7 +126,8 @@ class Service:
             stopping=self._stop,
             fallback_reason=self.fallback_reason,
         )
-        self.health = self.checks.server(config.ops.http_host, config.ops.http_port) if config.ops.http_port else None
+        self.metrics.ready.set_function(lambda: float(self.checks.readyz()[0]))
+        self.health = self._http_server() if config.ops.http_port else None
         self._threads: list[threading.Thread] = []
         self.serial = socket.gethostname()[:64] or "edge-runtime"
         self.notifier = Notifier()
@@ -123,6 +140,7 @@ class Service:
         if orphans := self.spool.remove_orphans():
             log.info("removed %d unacknowledged file(s) left by an interrupted store", orphans)
         log.info("model %s (%s) on %s", self.package.identity, self.package.model_sha256[:12], self.runner.describe())
+        self.oversight.started(self.config, self.runner.describe())
         self.listener.start()
         if self.stow is not None:
             self.stow.start()
@@ -155,6 +173,7 @@ class Service:
         for t in self._threads:
             t.join()
         self.sender.stop()
+        self.oversight.stopped()
         self.runner.close()
         self.spool.close()
         log.info("stopped")
@@ -172,16 +191,36 @@ class Service:
             threads["stow-rs"] = self.stow.serving()
         return threads
 
+    def _http_server(self) -> HttpServer:
+        """``/healthz``, ``/readyz``, ``/metrics`` and the status page, behind the access token when one is set."""
+        ops = self.config.ops
+        sources = PageSources(
+            self.package,
+            self.runner,
+            self.listener,
+            self.spool,
+            self.output,
+            self.metrics,
+            destinations=tuple(str(d) for d in self.config.storage.destination),
+            started=time.time(),
+            fallback_reason=self.fallback_reason,
+        )
+        token = AccessToken.configured(ops.http_token_file, os.environ)
+        return self.checks.server(ops.http_host, ops.http_port, page=StatusPage(sources), token=token)
+
     # -- arrival ------------------------------------------------------------------------------------------------
 
-    def _on_stored(self, _series_id: int, path: Path) -> None:
+    def _on_stored(self, series_id: int, path: Path) -> None:
         self.tracker.stored()
         if self.config.series.decode_cache_mb:
-            self._to_decode.put(path)
+            self._to_decode.put((series_id, path))
 
     def _decode(self, stop: threading.Event) -> None:
-        while not stop.is_set() and (path := self._to_decode.get()) is not None:
+        while not stop.is_set() and (item := self._to_decode.get()) is not None:
+            series_id, path = item
             self.cache.add(path)
+            if self.streams is not None and self.streams.arrived(series_id, path, self.cache):
+                self._work.set()
 
     # -- the worker ---------------------------------------------------------------------------------------------
 
@@ -189,9 +228,12 @@ class Service:
         while not stop.is_set():
             row = self.spool.claim_job()
             if row is None:
+                if self.streams is not None and self.streams.step(self.runner):
+                    continue
                 self._work.wait(1.0)
                 self._work.clear()
                 continue
+            self.oversight.series_taken(row)
             try:
                 if row.modality.upper() == "SEG":
                     self._compare_references(row)
@@ -217,8 +259,11 @@ class Service:
         timings = {"load": time.perf_counter() - t_start}
         for note in volume.notes:
             log.info("series %s: %s", row.key_hash, note)
-        result = segment(volume, self.package, self.runner)
+        applicability = self._check_domain(row, volume)
+        result, streamed = self._segment(row, volume)
         timings.update(result.timings)
+        if result.confidence is None:
+            log.info("series %s: the pipeline gave no per-voxel confidence; none is reported", row.key_hash)
         files = write_results(
             self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{row.generation}",
             volume,
@@ -228,8 +273,11 @@ class Service:
             device_serial_number=self.serial,
             timings=timings,
             t_start=t_start,
-            extra={"windows": result.windows},
+            extra={"windows": result.windows, "streaming": streamed},
+            confidence=result.confidence,
+            applicability=applicability,
         )
+        publish_thumbnails(files.seg.parent, volume, result.labels, self.package, row.key_hash)
         record = {"stages": files.timings, "started": started, "published": time.time()}
         deliveries, missing = route(self.destinations, {BINARY: [files.seg], SR: [files.sr]})
         if missing:
@@ -240,6 +288,7 @@ class Service:
         if published is None:
             log.info("series %s grew while it was processed; its result is superseded", row.key_hash)
             return None
+        self.oversight.published(row, published, volume, result.labels, result.confidence, files.files, deliveries)
         log.info(
             "series %s segmented: %d slices, %d windows, %s",
             row.key_hash,
@@ -248,9 +297,41 @@ class Service:
             ", ".join(f"{k} {v:.2f}s" for k, v in files.timings.items()),
         )
         self.metrics.series_segmented.inc()
+        self.metrics.observe_confidence(
+            self.package.identity, ((m.name, m.mean_confidence, m.low_confidence) for m in files.segments)
+        )
         self.metrics.observe_stages(files.timings)
         self.sender.wake()
         return files.seg
+
+    def _segment(self, row: SeriesRow, volume: Volume) -> tuple[Segmentation, dict | None]:
+        """Finish what was streamed while the series arrived, or segment it whole; the timeline says which."""
+
+        def whole() -> Segmentation:
+            return segment(volume, self.package, self.runner)
+
+        if self.streams is None:
+            return whole(), None
+        result, timeline = self.streams.segment(row.id, volume, self.runner, whole)
+        log.info("series %s: %s", row.key_hash, timeline.summary())
+        return result, timeline.as_dict()
+
+    def _check_domain(self, row: SeriesRow, volume: Volume) -> Applicability | None:
+        """Refuse a series outside the package's declared domain, or (``out_of_domain = "mark"``) let it through
+        with the verdict, which marks its results. None when the package declares no domain."""
+        if self.package.domain is None:
+            return None
+        verdict = self.package.domain.check(volume)
+        for note in verdict.notes:
+            log.info("series %s: %s", row.key_hash, note)
+        if verdict.inside:
+            return verdict
+        refuse = self.config.series.out_of_domain == "refuse"
+        self.metrics.count_out_of_domain(verdict.checks_failed, "refused" if refuse else "marked")
+        if refuse:
+            raise SeriesRefused("out-of-domain", verdict.summary)
+        log.warning("series %s is outside the model's domain (%s): segmented and marked", row.key_hash, verdict.summary)
+        return verdict
 
     def _compare_references(self, row: SeriesRow) -> None:
         """Compare reference SEGs pushed back to us with our result for the series they reference."""
@@ -264,8 +345,12 @@ class Service:
             on_dice=lambda label, value: dice.labels(self.package.identity, label).set(value),
         )
         self.spool.finish(row.id, row.generation, f"reference compared ({compared} SEG)")
+        self.oversight.compared(row, compared)
 
     def _refuse(self, row: SeriesRow, reason: str) -> None:
+        if self.streams is not None:
+            self.streams.drop(row.id)
         if self.spool.fail(row.id, row.generation, reason):
             log.warning("series %s refused: %s", row.key_hash, reason)
+            self.oversight.refused(row, reason)
             self.metrics.series_failed.labels(reason.split(":", 1)[0]).inc()
