@@ -52,7 +52,7 @@ def render_thumbnails(directory: Path, volume: Volume, labels: np.ndarray, packa
         for large, size in ((False, THUMB_SIZE), (True, LARGE_SIZE)):
             canvas = _compose(grey, label_map, palette, (height_mm, width_mm), size)
             buffer = io.BytesIO()
-            Image.fromarray(canvas, "RGB").save(buffer, format="PNG", optimize=False)
+            Image.fromarray(canvas, "RGB").save(buffer, format="PNG", compress_level=1)
             written.append(write_atomic(out / thumbnail_name(plane, large), buffer.getvalue()))
     return written
 

@@ -10,6 +10,7 @@ loads nothing from elsewhere.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger(__name__)
+
+_HIDE_TOKEN = re.compile(r"([?&]token=)[^&\s'\"]*")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 SECURITY_HEADERS = (
@@ -102,7 +105,8 @@ class HttpServer:
                     self.wfile.write(response.body)
 
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server API
-                log.debug("http %s", format % args)
+                # the request line of a browser's first visit carries the access token
+                log.debug("http %s", _HIDE_TOKEN.sub(r"\1(hidden)", format % args))
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
