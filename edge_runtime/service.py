@@ -277,7 +277,6 @@ class Service:
             confidence=result.confidence,
             applicability=applicability,
         )
-        publish_thumbnails(files.seg.parent, volume, result.labels, self.package, row.key_hash)
         record = {"stages": files.timings, "started": started, "published": time.time()}
         deliveries, missing = route(self.destinations, {BINARY: [files.seg], SR: [files.sr]})
         if missing:
@@ -302,6 +301,8 @@ class Service:
         )
         self.metrics.observe_stages(files.timings)
         self.sender.wake()
+        # the status page's pictures, once, while the sender works: they must not delay the result
+        publish_thumbnails(files.seg.parent, volume, result.labels, self.package, row.key_hash)
         return files.seg
 
     def _segment(self, row: SeriesRow, volume: Volume) -> tuple[Segmentation, dict | None]:
