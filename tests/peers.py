@@ -20,6 +20,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -268,7 +269,11 @@ def wait_for_seg(folder: Path, seen: set[str], series_uid: str, timeout: float) 
 def serve_command(
     port: int, spool: Path, output: Path, *args: str, ae_title: str = "EDGE", http_port: int = 0
 ) -> list[str]:
-    """``python -m edge_runtime serve`` on loopback with its own spool and output (``http_port`` 0: no HTTP)."""
+    """``python -m edge_runtime serve`` on loopback with its own spool and output (``http_port`` 0: no HTTP).
+
+    The test phantoms are far smaller than the bundled model's declared domain (a torso of 240 mm or more), so
+    series outside it are segmented and marked (``--out-of-domain mark``) rather than refused as by default;
+    a later ``--out-of-domain`` in ``args`` wins."""
     return [
         sys.executable,
         "-m",
@@ -286,6 +291,8 @@ def serve_command(
         str(output),
         "--http-port",
         str(http_port),
+        "--out-of-domain",
+        "mark",
         *args,
     ]
 
@@ -526,3 +533,176 @@ class TritonServer:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
         self._log.close()
+
+
+# -- Orthanc with its DICOMweb plugin ------------------------------------------------------------------------
+
+#: where Debian's ``orthanc`` and ``orthanc-dicomweb`` packages install the server and the plugin
+ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_programs() -> tuple[str, str]:
+    """Orthanc's binary and its DICOMweb plugin, or skip with the packages to install."""
+    binary = str(ORTHANC_BINARY) if ORTHANC_BINARY.exists() else shutil.which("Orthanc")
+    plugin = DICOMWEB_PLUGIN if DICOMWEB_PLUGIN.exists() else None
+    if plugin is None and shutil.which("dpkg"):
+        listed = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, timeout=30)
+        plugin = next((Path(p) for p in listed.stdout.splitlines() if p.endswith("DicomWeb.so")), None)
+    if binary is None or plugin is None:
+        _skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+    return binary, str(plugin)
+
+
+class Orthanc:
+    """Orthanc as a PACS that speaks DICOMweb: its own storage in ``folder``, free HTTP and DICOM ports, no
+    authentication, the DICOMweb plugin at ``/dicom-web``; ``dicomweb_servers`` ({name: base URL}) are the
+    servers its STOW-RS client may send to (``POST /dicom-web/servers/<name>/stow``). Construction returns
+    once its REST API and the plugin answer; :meth:`stop` ends it."""
+
+    def __init__(self, folder: Path, *, dicomweb_servers: dict[str, str] | None = None, timeout: float = 60.0):
+        binary, plugin = orthanc_programs()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.http_port, self.dicom_port = free_port(), free_port()
+        config = {
+            "Name": "edge-test",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [plugin],
+            "DicomWeb": {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "Servers": {name: [url] for name, url in (dicomweb_servers or {}).items()},
+            },
+        }
+        self.config_path = folder / "orthanc.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.log_path = folder / "orthanc.log"
+        with open(self.log_path, "ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [binary, str(self.config_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=folder,
+                env=dcmtk_env(),  # Orthanc's DICOM side is DCMTK
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready(timeout)
+        except Exception:
+            self.stop()
+            print(self.log()[-3000:], file=sys.stderr)
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        wait_port(self.http_port, timeout, self.proc)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.get("/dicom-web/studies")
+                return
+            except (OSError, RuntimeError):
+                if time.monotonic() > end or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The base URL of its DICOMweb API (STOW-RS posts to ``/studies`` below it)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None, content_type: str = "") -> Any:
+        """One REST call; the decoded JSON answer (None when empty). An HTTP error raises RuntimeError."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", content_type or "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise RuntimeError(f"Orthanc {method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+        return json.loads(raw) if raw.strip() else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: bytes | dict | None = None, content_type: str = "") -> Any:
+        return self.request("POST", path, body, content_type)
+
+    def upload(self, paths: list[Path]) -> str:
+        """Store files through the REST API; the Orthanc ID of the series of the last one."""
+        answer: Any = None
+        for path in paths:
+            answer = self.post("/instances", path.read_bytes(), "application/dicom")
+        return str(answer["ParentSeries"])
+
+    def instances(self) -> dict[str, str]:
+        """Every instance it holds as {SOP Instance UID: SOP Class UID}, asked through DICOMweb QIDO-RS."""
+        found = self.get("/dicom-web/instances?includefield=00080016") or []
+        return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in found}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc, 30, group=True)
+
+
+# -- a syslog receiver (audit messages) ----------------------------------------------------------------------
+
+
+class SyslogReceiver:
+    """A syslog receiver: UDP datagrams, or TCP with octet counting (RFC 6587); keeps every message."""
+
+    def __init__(self, transport: str):
+        self.transport = transport
+        kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+        self.sock = socket.socket(socket.AF_INET, kind)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[bytes] = []
+        self.got = threading.Semaphore(0)
+        if transport == "tcp":
+            self.sock.listen(1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if self.transport == "udp":
+            while True:
+                try:
+                    data, _ = self.sock.recvfrom(65536)
+                except OSError:
+                    return
+                self._keep(data)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        buffer = b""
+        with conn:
+            while chunk := conn.recv(65536):
+                buffer += chunk
+                while b" " in buffer and len(buffer) >= (n := int(buffer.split(b" ", 1)[0])) + buffer.index(b" ") + 1:
+                    start = buffer.index(b" ") + 1
+                    self._keep(buffer[start : start + n])
+                    buffer = buffer[start + n :]
+
+    def _keep(self, message: bytes) -> None:
+        self.messages.append(message)
+        self.got.release()
+
+    def wait(self, count: int) -> list[bytes]:
+        for _ in range(count):
+            assert self.got.acquire(timeout=10), f"{len(self.messages)} of {count} messages arrived"
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,4 +1,5 @@
-"""Per-segment measurements of a label map: voxel counts, volumes, intensity statistics and extent, as JSON.
+"""Per-segment measurements of a label map: voxel counts, volumes, intensity statistics, extent and the
+model's confidence, as JSON.
 
 The SR (:mod:`edge_runtime.results.sr`) encodes the same numbers as DICOM; the JSON keeps them for every
 modality, with the model and the source geometry they were taken on.
@@ -16,6 +17,8 @@ from scipy import ndimage
 
 from edge_runtime.dicom import write_atomic
 from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.confidence import summarise
+from edge_runtime.inference.domain import Applicability
 from edge_runtime.inference.package import ModelPackage
 
 
@@ -35,10 +38,19 @@ class SegmentMeasurement:
     centroid_mm: list[float] | None
     #: the segment touches the border of the scanned volume: its volume is a lower bound
     truncated: bool
+    #: mean softmax probability of the segment's voxels; None when empty or not computed
+    mean_confidence: float | None = None
+    #: share of the segment's voxels below the package's ``confidence.low``
+    low_confidence_fraction: float | None = None
+    #: mean confidence below the package's ``confidence.flag_below``
+    low_confidence: bool | None = None
 
 
-def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[SegmentMeasurement]:
-    """Per-label voxel counts, volumes, intensity statistics and extent.
+def measure(
+    volume: Volume, labels: np.ndarray, package: ModelPackage, confidence: np.ndarray | None = None
+) -> list[SegmentMeasurement]:
+    """Per-label voxel counts, volumes, intensity statistics, extent and (given the pipeline's per-voxel
+    ``confidence``) the confidence summary of :func:`edge_runtime.inference.confidence.summarise`.
 
     One pass finds each label's bounding box; every statistic is then computed inside that box only.
     """
@@ -64,6 +76,7 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
             + float(np.dot(mask.sum(axis=tuple(a for a in range(3) if a != axis)), np.arange(mask.shape[axis]))) / n
             for axis in range(3)
         ]
+        trust = None if confidence is None else summarise(confidence[box][mask], package.confidence)
         corners = np.array([_to_patient(volume, lo), _to_patient(volume, hi)])
         truncated = any(a == 0 for a in lo) or any(b == d - 1 for b, d in zip(hi, labels.shape, strict=False))
         out.append(
@@ -80,6 +93,9 @@ def measure(volume: Volume, labels: np.ndarray, package: ModelPackage) -> list[S
                 [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()],
                 _to_patient(volume, centre),
                 truncated,
+                None if trust is None else trust.mean,
+                None if trust is None else trust.low_fraction,
+                None if trust is None else trust.flagged,
             )
         )
     return out
@@ -121,10 +137,12 @@ def write_measurements(
     package: ModelPackage,
     volume: Volume,
     seg_sop_uid: str,
+    applicability: Applicability | None = None,
     extra: dict | None = None,
 ) -> None:
     """``measurements.json``: the measurements with the model, the SEG they belong to and the source geometry;
-    ``extra`` (timings, inference windows ...) is merged in at the top level. Written atomically."""
+    ``applicability`` (when the package declares a domain) says whether the series was inside it and which
+    checks failed; ``extra`` (timings, inference windows ...) is merged in at the top level. Written atomically."""
     data = {
         "model": {"name": package.name, "version": package.version, "sha256": package.model_sha256},
         "seg_sop_instance_uid": seg_sop_uid,
@@ -139,6 +157,8 @@ def write_measurements(
         },
         "units": {"volume": "mL", "intensity": "HU" if volume.modality == "CT" else "modality units"},
         "segments": [asdict(m) for m in measurements],
+        "confidence_thresholds": asdict(package.confidence),
+        **({} if applicability is None else {"applicability": applicability.as_json()}),
         **(extra or {}),
     }
     write_atomic(path, json.dumps(data, indent=2) + "\n")

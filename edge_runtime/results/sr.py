@@ -32,6 +32,17 @@ the SEG, in segment number order, each holding:
 - Truncation: a qualitative evaluation (130576, DCM, "Anatomy coverage incomplete") = (373066001, SCT,
   "Yes") when the segment touches the border of the scanned volume, so that its volume is a lower
   bound, else (373067005, SCT, "No").
+- Confidence (when the pipeline computed it): (122157, DCM, "Probability") with Derivation = (SCT) Mean,
+  unit 1: the mean softmax probability of the segment's voxels; (low-conf-share, 99EDGE, "Share of
+  low-confidence voxels") in %: the voxels below the package's ``confidence.low``; and a qualitative
+  evaluation (low-confidence, 99EDGE, "Low confidence segmentation") = Yes when the mean is below the
+  package's ``confidence.flag_below``, else No. The numbers are measurements (TID 300) because a
+  qualitative evaluation is coded; the flag is the qualitative evaluation a reader filters on.
+- Applicability: for a series outside the package's declared domain that the site chose to segment anyway
+  (``out_of_domain = "mark"``), every segment group carries (out-of-domain, 99EDGE, "Outside the model's
+  validated domain") = Yes, and one more group (TID 1501, Measurements and Qualitative Evaluations, no ROI)
+  lists each failed check as a qualitative evaluation = Yes (the values found are in ``measurements.json``
+  and in the SEG's Series Description).
 
 Empty segments (0 voxels) are reported, not omitted: their group carries Volume = 0 ml and Number of
 voxels = 0, and no intensity statistics nor truncation evaluation (both undefined for an empty region).
@@ -53,12 +64,35 @@ from pydicom.sr.coding import Code
 from edge_runtime import __version__
 from edge_runtime.dicom import SEGMENTATION_CLASSES, derive_uid
 from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.domain import Applicability
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results.measurements import SegmentMeasurement
 
 #: private coding scheme for the concepts DICOM does not define
 PRIVATE_SCHEME = "99EDGE"
 VOXEL_COUNT = ("voxel-count", PRIVATE_SCHEME, "Number of voxels")
+LOW_CONFIDENCE_SHARE = ("low-conf-share", PRIVATE_SCHEME, "Share of low-confidence voxels")
+LOW_CONFIDENCE = ("low-confidence", PRIVATE_SCHEME, "Low confidence segmentation")
+OUT_OF_DOMAIN = ("out-of-domain", PRIVATE_SCHEME, "Outside the model's validated domain")
+APPLICABILITY = ("applicability", PRIVATE_SCHEME, "Applicability of the model to the series")
+#: the checks of :mod:`edge_runtime.inference.domain`, as concepts of their own (Code Value is at most 16 characters)
+DOMAIN_CHECKS = {
+    "modality": "Modality outside the validated domain",
+    "body-part": "Body part outside the validated domain",
+    "anatomy": "Anatomic region outside the validated domain",
+    "z-extent": "Z extent outside the validated range",
+    "y-extent": "Y extent outside the validated range",
+    "x-extent": "X extent outside the validated range",
+    "z-spacing": "Z spacing outside the validated range",
+    "y-spacing": "Y spacing outside the validated range",
+    "x-spacing": "X spacing outside the validated range",
+    "slice-thickness": "Slice thickness outside the validated range",
+    "image-type": "Image type excluded by the model",
+    "contrast": "Contrast not as validated",
+    "intensity": "Intensities implausible for the modality",
+    "intensity-air": "Air intensity implausible (rescale?)",
+    "intensity-body": "Body intensity implausible (rescale?)",
+}
 
 
 def _concept(value: str, scheme: str, meaning: str) -> hd.sr.CodedConcept:
@@ -95,6 +129,7 @@ def build_sr(
     uid_seed: str,
     series_number: int | None = None,
     device_serial_number: str = "edge-runtime",
+    applicability: Applicability | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 Measurement Report for ``measurements`` of the segments of ``seg`` on ``volume``.
 
@@ -102,7 +137,8 @@ def build_sr(
     e.g. read back from disk); ``measurements`` come from :func:`edge_runtime.results.measurements.measure` and
     are matched to the SEG's segments by segment number. ``uid_seed`` makes the Series and SOP Instance UIDs
     deterministic (a result re-sent after a crash keeps its UIDs); the SEG built from the same seed has
-    different UIDs. ``series_number`` defaults to 6000 + the source series number.
+    different UIDs. ``series_number`` defaults to 6000 + the source series number. ``applicability``: the
+    domain check of the series; outside the domain, the report says so (see the module docstring).
     """
     if str(seg.get("SOPClassUID", "")) not in SEGMENTATION_CLASSES:
         raise ValueError(f"seg is not a Segmentation (SOP Class {seg.get('SOPClassUID')!r})")
@@ -122,6 +158,8 @@ def build_sr(
     voxels_unit = _concept("{voxels}", "UCUM", "voxels")
     algorithm = hd.sr.AlgorithmIdentification(name=package.algorithm_name, version=package.algorithm_version)
 
+    outside = applicability is not None and not applicability.inside
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations]
     groups = []
     for number in sorted(by_number):
         m = by_number[number]
@@ -155,6 +193,9 @@ def build_sr(
                     value=codes.SCT.Yes if m.truncated else codes.SCT.No,
                 )
             )
+            _add_confidence(m, items, evaluations)
+        if outside:
+            evaluations.append(hd.sr.QualitativeEvaluation(name=_concept(*OUT_OF_DOMAIN), value=codes.SCT.Yes))
         finding = desc.SegmentedPropertyTypeCodeSequence[0]
         category = desc.SegmentedPropertyCategoryCodeSequence[0]
         groups.append(
@@ -173,6 +214,9 @@ def build_sr(
                 qualitative_evaluations=evaluations or None,
             )
         )
+
+    if applicability is not None and outside:
+        groups.append(_applicability_group(applicability, algorithm, uid_seed))
 
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derive_uid("edge-runtime device", device_serial_number),
@@ -217,4 +261,52 @@ def build_sr(
                 responsible_organization="edge-runtime",
             )
         ],
+    )
+
+
+def _add_confidence(
+    m: SegmentMeasurement, items: list[hd.sr.Measurement], evaluations: list[hd.sr.QualitativeEvaluation]
+) -> None:
+    """The segment's confidence summary: mean probability, share of low-confidence voxels, and the flag."""
+    if m.mean_confidence is None or m.low_confidence_fraction is None:
+        return
+    items.append(
+        hd.sr.Measurement(
+            name=codes.DCM.Probability,
+            value=float(m.mean_confidence),
+            unit=_concept("1", "UCUM", "no units"),
+            derivation=codes.SCT.Mean,
+        )
+    )
+    items.append(
+        hd.sr.Measurement(
+            name=_concept(*LOW_CONFIDENCE_SHARE),
+            value=round(100.0 * m.low_confidence_fraction, 2),
+            unit=_concept("%", "UCUM", "percent"),
+        )
+    )
+    evaluations.append(
+        hd.sr.QualitativeEvaluation(
+            name=_concept(*LOW_CONFIDENCE), value=codes.SCT.Yes if m.low_confidence else codes.SCT.No
+        )
+    )
+
+
+def _applicability_group(
+    applicability: Applicability, algorithm: hd.sr.AlgorithmIdentification, uid_seed: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group: the series is outside the domain, and which checks failed."""
+    evaluations = [hd.sr.QualitativeEvaluation(name=_concept(*OUT_OF_DOMAIN), value=codes.SCT.Yes)]
+    for check in dict.fromkeys(applicability.checks_failed):
+        meaning = DOMAIN_CHECKS.get(check, "Outside the validated domain")
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(name=_concept(check[:16], PRIVATE_SCHEME, meaning), value=codes.SCT.Yes)
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derive_uid(uid_seed, "sr-applicability"), identifier="Applicability"
+        ),
+        finding_type=_concept(*APPLICABILITY),
+        algorithm_id=algorithm,
+        qualitative_evaluations=evaluations,
     )

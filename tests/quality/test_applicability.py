@@ -34,8 +34,8 @@ def domain() -> Domain:
 
 @pytest.fixture(scope="module")
 def torso(tmp_path_factory: pytest.TempPathFactory) -> Volume:
-    """A phantom torso as the training covered it: 250 mm long, 384 mm across, 5 mm slices of 4 mm pixels."""
-    ph = make_phantom((50, 96, 96), (5.0, 4.0, 4.0), rng=7)
+    """A phantom torso as the training covered it: 240 mm long, 336 mm across, 3 mm slices of 1.5 mm pixels."""
+    ph = make_phantom((80, 224, 224), (3.0, 1.5, 1.5), rng=7)
     info = write_series(ph.hu, ph.spacing, tmp_path_factory.mktemp("torso"), rng=7)
     return load_volume(info.paths)
 
@@ -91,14 +91,14 @@ def test_a_lost_rescale_is_caught_by_the_intensity_check(domain: Domain, torso: 
 def test_padding_outside_the_reconstruction_circle_is_not_air(domain: Domain, torso: Volume) -> None:
     padded = torso.array.copy()
     yy, xx = np.mgrid[: padded.shape[1], : padded.shape[2]]
-    outside = (yy - 47.5) ** 2 + (xx - 47.5) ** 2 > 48**2
+    outside = (yy - 111.5) ** 2 + (xx - 111.5) ** 2 > 112**2
     padded[:, outside] = -3024.0
     assert domain.check(dataclasses.replace(torso, array=padded)).inside
 
 
 def test_a_derived_series_and_a_missing_body_part(domain: Domain, tmp_path: Path) -> None:
     """(Localizers never reach the check: the volume builder sets them aside.)"""
-    ph = make_phantom((50, 96, 96), (5.0, 4.0, 4.0), rng=8)
+    ph = make_phantom((80, 224, 224), (3.0, 1.5, 1.5), rng=8)
     reformat = write_series(
         ph.hu, ph.spacing, tmp_path / "a", rng=8, extra={"ImageType": ["DERIVED", "SECONDARY", "REFORMATTED"]}
     )
