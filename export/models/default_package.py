@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.extras import require
+from export.domain import phantom_domain
 from phantom import LABELS
 
 #: the trained phantom U-Net's weights, architecture and training recipe (written by ``train_phantom_unet``)
@@ -54,6 +55,13 @@ THRESHOLD_LABELS = [coded_label(1, "lung"), coded_label(2, "bone")]
 
 #: labels of the phantom U-Net: the values of ``phantom.LABELS``
 PHANTOM_LABELS = [coded_label(value, name) for value, name in LABELS.items()]
+#: Body Part Examined values of a torso from the lungs to the kidneys, what the phantoms draw
+PHANTOM_BODY_PARTS = ["CHEST", "ABDOMEN", "CHESTABDOMEN", "CHESTABDPELVIS", "TRUNK"]
+PHANTOM_DOMAIN_NOTE = (
+    "What the phantom training covered (training.json: data.fov_z_mm, fov_xy_mm, fine_slice_mm, fine_pixel_mm, "
+    "target_spacing; held-out phantom spacings): synthetic CT torsos, original axial images, no patient scans. "
+    "A series outside it is refused unless the site sets out_of_domain = \"mark\"."
+)
 
 UNET_NAME = "phantom-ct-unet"
 UNET_VERSION = "1.1.0"
@@ -114,6 +122,8 @@ def unet_manifest(recipe: dict[str, Any]) -> dict[str, Any]:
             "blending": "gaussian",
             "batch_size": int(inference["batch_size"]),
         },
+        "domain": {"notes": PHANTOM_DOMAIN_NOTE, **phantom_domain(recipe, PHANTOM_BODY_PARTS)},
+        "confidence": {"low": 0.5, "flag_below": 0.7},
         "labels": PHANTOM_LABELS,
         "algorithm": {"name": UNET_NAME, "version": UNET_VERSION, "family": "artificial-intelligence"},
         "source": {
