@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import PackageError
+from edge_runtime.inference.confidence import ConfidencePolicy, parse_confidence
+from edge_runtime.inference.domain import Domain, parse_domain
+from edge_runtime.quality.drift import DriftReference, parse_drift_reference
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -100,6 +103,11 @@ class ModelPackage:
     algorithm_name: str
     algorithm_version: str
     manifest: dict[str, Any] = field(repr=False, compare=False)
+    #: the domain the model was validated on (manifest "domain"); None: not declared, every series passes
+    domain: Domain | None = field(default=None, compare=False)
+    confidence: ConfidencePolicy = field(default=ConfidencePolicy(), compare=False)
+    #: what the inputs and outputs looked like at export (manifest "drift_reference"); None: drift not watched
+    drift_reference: DriftReference | None = field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -209,6 +217,9 @@ class _Parser:
 
         model_path = self.root / model_file if model_file else self.root
         sha = self._check_files(model_file)
+        domain = parse_domain(self.m.get("domain"), self.problems)
+        confidence = parse_confidence(self.m.get("confidence"), self.problems)
+        drift_reference = parse_drift_reference(self.m.get("drift_reference"), self.problems)
         if self.problems or norm is None:
             raise PackageError(self.root, self.problems)
         return ModelPackage(
@@ -233,6 +244,9 @@ class _Parser:
             algorithm_name=algorithm_name,
             algorithm_version=algorithm_version,
             manifest=self.m,
+            domain=domain,
+            confidence=confidence,
+            drift_reference=drift_reference,
         )
 
     def _normalization(self) -> Normalization | None:
