@@ -27,6 +27,7 @@ from edge_runtime.imaging.geometry import IRREGULAR_POLICIES
 from edge_runtime.inference.domain import OUT_OF_DOMAIN_POLICIES
 from edge_runtime.inference.package import DEFAULT_PACKAGE
 from edge_runtime.inference.runner import BACKENDS, DEVICES, PRECISIONS
+from edge_runtime.ops.atna import SyslogTarget
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -403,6 +404,13 @@ class OpsSettings:
         "true or false",
         "write Patient ID and Study/Series UIDs into the audit trail (default false: keyed hashes only)",
         flag="bool",
+    )
+    audit_syslog: SyslogTarget | None = option(
+        None,
+        lambda v: SyslogTarget.parse(_str(v)),
+        "udp://HOST:PORT or tcp://HOST:PORT",
+        "also send DICOM audit messages (PS3.15 A.5) to this syslog receiver (default: none)",
+        metavar="URL",
     )
     drift_window: int = option(
         50, _int_range(5, 100000), "an integer >= 5", "series in the rolling window compared with the drift reference"

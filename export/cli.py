@@ -13,6 +13,8 @@ Commands:
   engine          a TensorRT engine in a package (``export.commands``)
   quantize        an INT8 (QDQ) package, gated by Dice against FP32 (``export.commands``)
   triton          a Triton model-repository entry from a package (``export.triton``)
+  drift-reference the reference distributions for drift monitoring, in a package's manifest
+                  (``export.drift_reference``)
 
 Building the parser is light: torch and onnx are imported only when a command runs.
 """
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 
 from edge_runtime.errors import EdgeRuntimeError, StartupError
 from export.commands import add_commands
+from export.drift_reference import add_drift_reference_parser
 from export.models.default_package import add_default_model_parser
 from export.triton import add_triton_parser
 
@@ -37,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_default_model_parser(subparsers)
     add_commands(subparsers)
     add_triton_parser(subparsers)
+    add_drift_reference_parser(subparsers)
     return parser
 
 

@@ -167,12 +167,15 @@ class Listener:
         on_stored: Callable[[int, Path], None] | None = None,
         on_released: Callable[[set[int], str], None] | None = None,
         on_status: Callable[[int], None] | None = None,
+        on_association: Callable[[dict[str, str]], None] | None = None,
     ):
         self.config = config
         self.spool = spool
         self.on_stored = on_stored
         self.on_released = on_released
         self.on_status = on_status
+        #: told of every association accepted, rejected, released or aborted (the audit trail)
+        self.on_association = on_association
         #: series that received new instances, per association still open
         self._touched: dict[int, set[int]] = {}
         #: open associations: calling AE title and when they were accepted (monotonic)
@@ -212,6 +215,7 @@ class Listener:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_DATA_RECV, self._on_data),
         ]
         networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks)
@@ -356,7 +360,33 @@ class Listener:
             self.on_stored(stored.series_id, stored.path)
         return stored
 
+    def _association_event(self, event: evt.Event, outcome: str, reason: str = "") -> None:
+        if self.on_association is not None:
+            rq = event.assoc.requestor
+            self.on_association(
+                {
+                    "calling_ae": str(rq.ae_title).strip(),
+                    "called_ae": str(getattr(rq.primitive, "called_ae_title", "") or "").strip(),
+                    "peer": f"{rq.address}:{rq.port}",
+                    "outcome": outcome,
+                    **({"reason": reason} if reason else {}),
+                }
+            )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom rejects before our handlers see the request; say why as its acceptor decided it."""
+        rq = event.assoc.requestor
+        called = str(getattr(rq.primitive, "called_ae_title", "") or "").strip()
+        if called != self.config.ae_title:
+            reason = "called AE title is not ours"
+        elif self.config.allowed_calling_aets and str(rq.ae_title).strip() not in self.config.allowed_calling_aets:
+            reason = "calling AE title not allowed"
+        else:
+            reason = f"more than {self.config.max_associations} associations"
+        self._association_event(event, "rejected", reason)
+
     def _on_accepted(self, event: evt.Event) -> None:
+        self._association_event(event, "accepted")
         with self._touched_lock:
             self._opened[id(event.assoc)] = (event.assoc.requestor.ae_title.strip(), time.monotonic())
 
@@ -370,6 +400,7 @@ class Listener:
             self.on_released(series, event.assoc.requestor.ae_title.strip())
 
     def _on_aborted(self, event: evt.Event) -> None:
+        self._association_event(event, "aborted")
         self._received.pop(id(event.assoc), None)
         with self._touched_lock:
             self._opened.pop(id(event.assoc), None)

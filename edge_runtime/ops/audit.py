@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +55,17 @@ class AuditLog:
     ``phi=`` and they are written only then.
     """
 
-    def __init__(self, path: Path, *, patient_data: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        patient_data: bool = False,
+        forward: Callable[[Mapping[str, Any]], None] | None = None,
+    ):
         self.path = Path(path)
         self.patient_data = patient_data
+        #: also told of every record written (DICOM audit messages to syslog: :mod:`edge_runtime.ops.atna`)
+        self.forward = forward
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._prev, self._last_start = self._tail()
@@ -115,6 +123,8 @@ class AuditLog:
                 return
             self._seq += 1
             self._prev = _sha256(line)
+        if self.forward is not None:
+            self.forward(body)
 
     def start(self, config: Mapping[str, Any], **fields: Any) -> None:
         """The configuration at start, and which keys changed since the previous start in this log."""

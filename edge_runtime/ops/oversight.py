@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_runtime.ops.atna import AuditSender
 from edge_runtime.ops.audit import AuditLog
 from edge_runtime.quality.drift import LEVELS, DriftMonitor, series_features
 
@@ -56,7 +57,10 @@ class Oversight:
         ops = config.ops
         self.package = package
         self.metrics = metrics
-        self.audit = AuditLog(ops.audit_log or spool.root / AUDIT_NAME, patient_data=ops.audit_patient_data)
+        self.syslog = AuditSender(ops.audit_syslog, ae_title=config.listener.ae_title) if ops.audit_syslog else None
+        self.audit = AuditLog(
+            ops.audit_log or spool.root / AUDIT_NAME, patient_data=ops.audit_patient_data, forward=self.syslog
+        )
         self.drift: DriftMonitor | None = None
         if package.drift_reference is not None:
             self.drift = DriftMonitor(
@@ -90,6 +94,8 @@ class Oversight:
     def stopped(self) -> None:
         self.audit.record("stop")
         self.audit.close()
+        if self.syslog is not None:
+            self.syslog.close()
 
     # -- the steps of a series -----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from phantom import make_phantom, write_series
-from tests.peers import ServiceProcess, StoreSCP, storescu
+from tests.peers import ServiceProcess, StoreSCP, SyslogReceiver, storescu
 
 pytestmark = pytest.mark.e2e
 
@@ -35,9 +35,12 @@ def _wait_for(path: Path, event: str, timeout: float = 60.0) -> list[dict[str, A
 
 def test_a_series_leaves_a_verifiable_trail_without_patient_data(tmp_path: Path) -> None:
     pacs = StoreSCP(tmp_path / "pacs")
+    syslog = SyslogReceiver("udp")
     # a short phantom is outside the bundled model's domain: "mark" segments it anyway, quickly
     service = ServiceProcess(
-        tmp_path / "svc", "--destination", pacs.address, "--quiet-seconds", "1", "--out-of-domain", "mark"
+        tmp_path / "svc",
+        *("--destination", pacs.address, "--quiet-seconds", "1", "--out-of-domain", "mark"),
+        *("--audit-syslog", f"udp://127.0.0.1:{syslog.port}"),
     )
     audit = service.spool / "audit.jsonl"
     try:
@@ -54,6 +57,7 @@ def test_a_series_leaves_a_verifiable_trail_without_patient_data(tmp_path: Path)
     finally:
         assert service.stop() == 0, service.log()
         pacs.stop()
+        syslog.close()
 
     events = _events(audit)
     kinds = [e["event"] for e in events]
@@ -78,3 +82,8 @@ def test_a_series_leaves_a_verifiable_trail_without_patient_data(tmp_path: Path)
     )
     assert done.returncode == 0 and "chain intact" in done.stdout, done.stdout + done.stderr
     assert code == 200 and "edge_spool_free_bytes" in metrics
+    # DICOM audit messages: application start and stop, the rejected association, the series, each delivery
+    sent = b"".join(syslog.messages)
+    for code_value in (b'"110100"', b'"110113"', b'"110104"', b'"110121"'):
+        assert code_value in sent, code_value
+    assert PATIENT_ID.encode() not in sent and info.study_uid.encode() not in sent
