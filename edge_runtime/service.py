@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.config import Config
-from edge_runtime.egress.destination import route
+from edge_runtime.egress.destination import route, wanted_formats
 from edge_runtime.egress.sender import Sender
 from edge_runtime.errors import SeriesRefused
 from edge_runtime.imaging.geometry import GeometryPolicy
@@ -53,7 +53,7 @@ from edge_runtime.ops.web.access import AccessToken
 from edge_runtime.ops.web.page import PageSources, StatusPage
 from edge_runtime.ops.web.server import HttpServer
 from edge_runtime.quality.agreement import record_agreement
-from edge_runtime.results.formats import BINARY, SR
+from edge_runtime.results.formats import FRACTIONAL
 from edge_runtime.results.publish import uid_seed, write_results
 from edge_runtime.results.thumbnails import publish_thumbnails
 from edge_runtime.spool.store import SeriesRow, Spool
@@ -109,6 +109,8 @@ class Service:
             else None
         )
         self.destinations = config.storage.destination
+        #: what write_results makes for each series: every format some destination receives
+        self.formats = wanted_formats(self.destinations)
         self.sender = Sender(
             self.spool,
             calling_ae=config.listener.ae_title,
@@ -276,18 +278,20 @@ class Service:
             extra={"windows": result.windows, "streaming": streamed},
             confidence=result.confidence,
             applicability=applicability,
+            formats=self.formats,
+            probabilities=result.probabilities,
         )
         record = {"stages": files.timings, "started": started, "published": time.time()}
-        deliveries, missing = route(self.destinations, {BINARY: [files.seg], SR: [files.sr]})
-        if missing:
-            log.warning("series %s: no %s object written; destinations get the rest", row.key_hash, ", ".join(missing))
+        deliveries, missing = route(self.destinations, files.objects)
+        for name in missing:
+            why = files.not_written.get(name, "not written")
+            log.warning("series %s: no %s object (%s); its destinations get the rest", row.key_hash, name, why)
         published = self.spool.publish(
             row.id, row.generation, self.package.identity, files.seg.parent, deliveries, timings=json.dumps(record)
         )
         if published is None:
             log.info("series %s grew while it was processed; its result is superseded", row.key_hash)
             return None
-        self.oversight.published(row, published, volume, result.labels, result.confidence, files.files, deliveries)
         log.info(
             "series %s segmented: %d slices, %d windows, %s",
             row.key_hash,
@@ -303,17 +307,21 @@ class Service:
         self.sender.wake()
         # the status page's pictures, once, while the sender works: they must not delay the result
         publish_thumbnails(files.seg.parent, volume, result.labels, self.package, row.key_hash)
+        # after the wake too: the audit line and the drift features (about a second on a large CT) delay no send
+        self.oversight.published(row, published, volume, result.labels, result.confidence, files.files, deliveries)
         return files.seg
 
     def _segment(self, row: SeriesRow, volume: Volume) -> tuple[Segmentation, dict | None]:
         """Finish what was streamed while the series arrived, or segment it whole; the timeline says which."""
 
+        probabilities = FRACTIONAL in self.formats  # a FRACTIONAL SEG holds them; nothing else needs them
+
         def whole() -> Segmentation:
-            return segment(volume, self.package, self.runner)
+            return segment(volume, self.package, self.runner, probabilities=probabilities)
 
         if self.streams is None:
             return whole(), None
-        result, timeline = self.streams.segment(row.id, volume, self.runner, whole)
+        result, timeline = self.streams.segment(row.id, volume, self.runner, whole, probabilities=probabilities)
         log.info("series %s: %s", row.key_hash, timeline.summary())
         return result, timeline.as_dict()
 
