@@ -413,7 +413,10 @@ class OpsSettings:
         metavar="URL",
     )
     drift_window: int = option(
-        50, _int_range(5, 100000), "an integer >= 5", "series in the rolling window compared with the drift reference"
+        50,
+        _int_range(5, 100000),
+        "an integer >= 5",
+        "series in the rolling window compared with the drift reference (default 50)",
     )
     drift_min_series: int = option(
         20,

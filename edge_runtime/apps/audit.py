@@ -20,7 +20,7 @@ DEFAULT_AUDIT_LOG = StorageSettings().spool / "audit.jsonl"
 
 def add_parser(subparsers: Any) -> None:
     """Add ``audit`` (with its one action, ``verify``) to ``edge-runtime``'s subparsers."""
-    p = subparsers.add_parser("audit", help="check the audit trail", description=__doc__.splitlines()[0])
+    p = subparsers.add_parser("audit", help="check the audit trail", description="Check the audit trail.")
     actions = p.add_subparsers(dest="action", required=True)
     v = actions.add_parser("verify", help="check the hash chain of an audit log")
     v.add_argument("path", type=Path, nargs="?", default=DEFAULT_AUDIT_LOG, help=f"default {DEFAULT_AUDIT_LOG}")
