@@ -49,12 +49,22 @@ class OverlayObjects:
     selection: Dataset
 
 
+def slice_areas(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """(len(values), slices): the pixel count of each label value on each slice, in one pass over the labels."""
+    top = max(values, default=0) + 1
+    areas = np.zeros((top, len(labels)), np.int64)
+    for z, plane in enumerate(labels):
+        counts = np.bincount(plane.ravel(), minlength=top)
+        areas[:, z] = counts[:top]
+    return areas[values]
+
+
 def choose_slices(labels: np.ndarray, values: list[int], share: float = 0.5) -> dict[int, list[int]]:
     """Slice index -> the label values shown there (see the module notes); absent labels are not shown."""
-    areas = np.stack([np.count_nonzero(labels == v, axis=(1, 2)) for v in values]) if values else np.zeros((0, 0))
+    areas = slice_areas(labels, values)
     shown: dict[int, list[int]] = {}
-    for k in np.argsort(-areas.max(axis=1), kind="stable") if len(values) else []:
-        best = int(areas[k].max())
+    for k in np.argsort(-areas.max(axis=1, initial=0), kind="stable"):
+        best = int(areas[k].max(initial=0))
         if best == 0:
             continue
         reuse = [z for z in shown if areas[k, z] >= share * best]
@@ -84,13 +94,17 @@ def _render(volume: Volume, labels: np.ndarray, z: int, shown: list[Label], pack
     rows, cols = grey.shape
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     thick = max(rows, cols) >= 256  # two-pixel outlines on full-size images, to be seen
-    on_slice = [lab for lab in package.labels if np.any(labels[z] == lab.value)]
+    plane = labels[z]
+    boxes = ndimage.find_objects(plane, max_label=max(label.value for label in package.labels))
+    on_slice = [label for label in package.labels if boxes[label.value - 1] is not None]
     for label in on_slice:
-        mask = labels[z] == label.value
+        box = boxes[label.value - 1]
+        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)  # the outline needs the box's edge
+        mask = plane[grown] == label.value
         edge = mask & ~ndimage.binary_erosion(mask)
         if thick:
             edge = ndimage.binary_dilation(edge) & mask
-        rgb[edge] = label.color
+        rgb[grown][edge] = label.color
     height = max(rows, LINE * (len(on_slice) + 5))
     canvas = np.zeros((height, cols + LEGEND_WIDTH, 3), np.uint8)
     canvas[:rows, :cols] = rgb

@@ -89,7 +89,8 @@ def _image_ref(d: Dataset) -> bytes:
 
 def _format_points(points: np.ndarray) -> bytes:
     """Contour Data: x\\y\\z in mm, two decimals (a DS value is at most 16 characters)."""
-    return "\\".join(f"{v:.2f}" for v in points.ravel().tolist()).encode()
+    values = points.ravel().tolist()
+    return (("%.2f\\" * len(values)) % tuple(values))[:-1].encode()
 
 
 def _contours_of(
