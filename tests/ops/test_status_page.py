@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -240,6 +241,8 @@ def test_status_page_in_chromium(tmp_path: Path, storescp: StoreSCP) -> None:
         str(small_field_package(tmp_path / "package")),
         "--destination",
         storescp.address,
+        "--destination",
+        f"DOWN@127.0.0.1:{free_port()}",  # nothing listens there
     )
     try:
         base = f"http://127.0.0.1:{service.http_port}"
@@ -265,6 +268,9 @@ def test_status_page_in_chromium(tmp_path: Path, storescp: StoreSCP) -> None:
         assert table.rows[done].state == "done" and table.rows[failed].state == "failed", table.rows
         assert "gantry-tilt" in dom and "Status page CT" in dom
         assert table.dice_labels >= {"Lung", "Liver"}, table.dice_labels
+        failing = re.search(r"<dt>failing destinations</dt><dd>(.*?)</dd>", dom)
+        assert failing and failing.group(1).startswith("DOWN@127.0.0.1"), failing
+        assert "to the result written: p50" in dom and "to every destination: no result" in dom  # DOWN has none
         assert table.rows[failed].pictures == {}
         pictures = table.rows[done].pictures
         assert set(pictures) == {"axial", "coronal", "sagittal"}

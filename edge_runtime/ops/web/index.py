@@ -124,9 +124,9 @@ class SpoolIndex:
             ).fetchall()
         return [FailingDestination(r[0], r[1], r[2], r[3]) for r in rows]
 
-    def latencies(self, since: float) -> list[float]:
-        """Seconds from a series' last instance to its result leaving for every destination (to its publication
-        when it has none), for results published after ``since``."""
+    def latencies(self, since: float) -> tuple[list[float], list[float]]:
+        """Seconds from a series' last instance to its result, for results published after ``since``: (to the
+        result written, for every result; to its last file sent, for results every destination has taken)."""
         with self._connect() as db:
             rows = db.execute(
                 "SELECT r.created, s.last_received, (SELECT MAX(o.sent) FROM outbox o WHERE o.result_id = r.id), "
@@ -134,7 +134,8 @@ class SpoolIndex:
                 "FROM results r JOIN series s ON s.id = r.series_id WHERE r.created >= ?",
                 (since,),
             ).fetchall()
-        return [(sent or created) - last for created, last, sent, pending in rows if not pending and created >= last]
+        current = [(created - last, sent, pending, last) for created, last, sent, pending in rows if created >= last]
+        return [w for w, *_ in current], [sent - last for _, sent, pending, last in current if sent and not pending]
 
     def describe(self, series_id: int) -> dict[str, str]:
         """Date, modality and description of a series from its first instance's header ({} once purged)."""

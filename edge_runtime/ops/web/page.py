@@ -21,7 +21,7 @@ from edge_runtime.ingest.listener import Listener
 from edge_runtime.ops.telemetry import Metrics
 from edge_runtime.ops.web import render
 from edge_runtime.ops.web.index import SeriesView, SpoolIndex
-from edge_runtime.ops.web.quality import confidence, dice_history, drift_gauges, percentile
+from edge_runtime.ops.web.quality import confidence, dice_history, drift_gauges
 from edge_runtime.ops.web.server import Request, Response, Route
 from edge_runtime.results.thumbnails import PLANES, THUMBS_DIR, thumbnail_name
 from edge_runtime.spool.store import Spool
@@ -30,6 +30,8 @@ MAX_ROWS = 100
 CONFIDENCE_ROWS = 10
 DAY = 86400.0
 _PICTURE = re.compile(r"^/thumbs/(\d{1,12})/([a-z]+(?:-large)?\.png)$")
+#: ``user:password@`` in a URL, which a page must not repeat even when a configuration holds one
+_CREDENTIALS = re.compile(r"(//)[^/@\s]+@")
 _PICTURE_NAMES = frozenset(thumbnail_name(p, large) for p in PLANES for large in (False, True))
 
 
@@ -112,7 +114,9 @@ class StatusPage:
         counts = s.spool.series_counts()
         outbox = s.spool.outbox_counts()
         failing = [
-            f"{f.destination}: {f.pending} pending after {f.attempts} attempts ({f.last_error or 'no error text'})"
+            _without_credentials(
+                f"{f.destination}: {f.pending} pending after {f.attempts} attempts ({f.last_error or 'no error text'})"
+            )
             for f in self.index.failing_destinations()
         ]
         disk = os.statvfs(s.spool.root)
@@ -134,7 +138,7 @@ class StatusPage:
                 f"{outbox.get('failed', 0)} refused for good",
             ),
             ("failing destinations", render.joined(failing)),
-            ("destinations", render.joined(s.destinations, "the output folder only")),
+            ("destinations", render.joined(map(_without_credentials, s.destinations), "the output folder only")),
             ("spool free", f"{free / 2**30:.1f} GiB of {size / 2**30:.1f} GiB"),
             ("uptime", render.duration(time.time() - s.started)),
         ]
@@ -142,15 +146,14 @@ class StatusPage:
 
     def quality(self) -> render.QualityView:
         s = self.sources
-        latencies = self.index.latencies(time.time() - DAY)
+        written, sent = self.index.latencies(time.time() - DAY)
         newest = self.index.recent_series(CONFIDENCE_ROWS, "done")
         confidences = [(v.key_hash, confidence(v.result.directory)) for v in newest if v.result is not None]
         return render.QualityView(
             dice=dice_history(s.output / "validation.jsonl"),
             colours={label.name: label.color for label in s.package.labels},
-            latency_p50=percentile(latencies, 50),
-            latency_p95=percentile(latencies, 95),
-            latency_count=len(latencies),
+            latency_written=written,
+            latency_sent=sent,
             confidence=[(key, values) for key, values in confidences if values],
             drift=drift_gauges(s.metrics.registry),
         )
@@ -169,3 +172,7 @@ class StatusPage:
 def _state(request: Request) -> str | None:
     state = request.query.get("state", "")
     return state if state in render.STATES else None
+
+
+def _without_credentials(destination: str) -> str:
+    return _CREDENTIALS.sub(r"\1", destination)

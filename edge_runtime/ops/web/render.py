@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from html import escape
 
 from edge_runtime.ops.web.index import SeriesView
-from edge_runtime.ops.web.quality import DicePoint
+from edge_runtime.ops.web.quality import DicePoint, percentile
 
 REFRESH_SECONDS = 5
 STATES = ("receiving", "queued", "processing", "done", "failed")
@@ -45,9 +45,9 @@ class SeriesEntry:
 class QualityView:
     dice: dict[str, list[DicePoint]]
     colours: dict[str, tuple[int, int, int]]
-    latency_p50: float | None
-    latency_p95: float | None
-    latency_count: int
+    #: seconds from the last instance to the result written, and to it sent to every destination
+    latency_written: list[float]
+    latency_sent: list[float]
     #: per result, newest first: segment name -> (mean confidence, flagged low)
     confidence: list[tuple[str, dict[str, tuple[float, bool]]]]
     drift: list[tuple[str, dict[str, str], float]]
@@ -142,14 +142,10 @@ def _legend() -> str:
 
 
 def _quality(q: QualityView) -> str:
-    latency = (
-        f"p50 {q.latency_p50:.1f} s, p95 {q.latency_p95:.1f} s over {q.latency_count} results"
-        if q.latency_p50 is not None and q.latency_p95 is not None
-        else "no result in the last day"
-    )
     parts = [
-        "<h3>Latency over the last 24 h: last instance received to result sent (written, without destinations)</h3>"
-        f'<p id="latency">{escape(latency)}</p>'
+        "<h3>Latency over the last 24 h, from the last instance received</h3>"
+        f'<p id="latency">to the result written: {escape(_percentiles(q.latency_written))}<br>'
+        f"to the result sent to every destination: {escape(_percentiles(q.latency_sent))}</p>"
     ]
     parts.append("<h3>Agreement with reference segmentations (Dice)</h3>")
     if q.dice:
@@ -220,6 +216,13 @@ def _dice_chart(name: str, points: Sequence[DicePoint], colour: tuple[int, int, 
         f"<figcaption>{escape(name)}: latest {latest:.3f}, {len(points)} comparison{'s' if len(points) > 1 else ''}"
         "</figcaption></figure>"
     )
+
+
+def _percentiles(seconds: Sequence[float]) -> str:
+    p50, p95 = percentile(seconds, 50), percentile(seconds, 95)
+    if p50 is None or p95 is None:
+        return "no result"
+    return f"p50 {p50:.1f} s, p95 {p95:.1f} s ({len(seconds)} result{'s' if len(seconds) > 1 else ''})"
 
 
 # -- small formats -----------------------------------------------------------------------------------------
