@@ -219,8 +219,10 @@ def build_rtstruct(
     labels = np.asarray(labels)
     if labels.shape != volume.array.shape:
         raise ValueError(f"labels are {labels.shape}; the volume is {volume.array.shape}")
-    sources = [src] if volume.multiframe else volume.datasets  # one series, one geometry, labels on it
-    values = check_inputs(sources, (len(sources), *labels.shape[1:]), package)
+    # single-frame sources: one series of one geometry; a multi-frame source is one instance, checked on loading
+    values = [int(label.value) for label in package.labels]
+    if not volume.multiframe:
+        values = check_inputs(volume.datasets, labels.shape, package)
     if "FrameOfReferenceUID" not in src:
         raise ValueError("an RT Structure Set needs the source's Frame of Reference UID, and the source has none")
     now = datetime.datetime.now()

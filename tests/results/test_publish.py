@@ -14,9 +14,10 @@ import pydicom
 import pytest
 
 from edge_runtime.dicom import LabelMapSegmentationStorage
+from edge_runtime.imaging.volume import load_volume
 from edge_runtime.results.formats import DEFAULT_FORMATS, FORMATS, check_formats
 from edge_runtime.results.publish import ResultFiles, write_results
-from tests.results.readers import dcmjs_read
+from tests.results.readers import dciodvfy_new_errors, dcmjs_read
 from tests.results.test_formats import Case, make_case
 
 
@@ -110,3 +111,36 @@ def test_dcmjs_loads_the_segs_and_the_sr_as_ohif_does(case: Case, tmp_path: Path
     assert fractional["segmentationType"] == "FRACTIONAL"
     (sr,) = read["srs"]
     assert sr["template"] == "1500" and sr["measurementGroups"] == len(case.package.labels)
+
+
+def test_every_format_from_one_enhanced_multiframe_source(case: Case, tmp_path: Path) -> None:
+    singles = [pydicom.dcmread(d.filename) for d in case.volume.datasets]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        singles[::-1],  # frames in reverse spatial order: frame numbers differ from slice indices
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=2,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
+    )
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    volume = load_volume([tmp_path / "enhanced.dcm"])
+    assert volume.multiframe and volume.frames == list(range(len(singles)))[::-1]
+    multiframe = Case(tmp_path, volume, case.labels, case.probabilities, case.package)
+    files = publish(multiframe, tmp_path / "out", formats=FORMATS, probabilities=case.probabilities)
+    assert list(files.objects) == list(FORMATS) and files.not_written == {}
+    for path in files.files:
+        assert dciodvfy_new_errors(path) == [], path.name
+    frames = [f + 1 for f in volume.frames]
+    labelmap = hd.seg.segread(files.objects["labelmap"][0])
+    pixels = labelmap.get_pixels_by_source_frame(
+        str(enhanced.SOPInstanceUID), frames, combine_segments=True, skip_overlap_checks=True
+    )
+    assert np.array_equal(pixels, case.labels)
+    rtstruct = pydicom.dcmread(files.objects["rtstruct"][0])
+    for roi in rtstruct.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            image = contour.ContourImageSequence[0]
+            assert image.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+            z = frames.index(int(image.ReferencedFrameNumber))
+            position = volume.origin + volume.normal * volume.positions[z]
+            assert np.allclose(np.asarray(contour.ContourData, float).reshape(-1, 3)[:, 2], position[2])
