@@ -27,7 +27,10 @@ from PIL import Image
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
+from edge_runtime.ops.telemetry import Metrics
+from edge_runtime.ops.web import render
 from edge_runtime.ops.web.access import COOKIE, TOKEN_ENV, AccessToken
+from edge_runtime.ops.web.quality import confidence, dice_history, drift_gauges
 from edge_runtime.ops.web.server import HttpServer, Response
 from edge_runtime.results.thumbnails import LARGE_SIZE, THUMB_SIZE
 from phantom import make_phantom, write_reference_seg, write_series
@@ -127,6 +130,48 @@ def test_token_comes_from_a_file_or_the_environment_never_too_short(tmp_path: Pa
         AccessToken.configured(tmp_path / "short", {})
     with pytest.raises(ConfigError, match="16 or more"):
         AccessToken.configured(None, {TOKEN_ENV: "two words and then some more"})
+
+
+# -- quality over time, from what the service keeps -----------------------------------------------------------
+
+
+def test_quality_shows_agreement_confidence_and_drift_where_the_service_has_them(tmp_path: Path) -> None:
+    history = tmp_path / "validation.jsonl"
+    lines = [
+        {"time": "2026-12-01T10:00:00+0000", "series": "aaa", "labels": {"Liver": {"dice": 0.91}}},
+        {"time": "2026-12-02T10:00:00+0000", "series": "bbb", "labels": {"Liver": {"dice": 0.42}}},
+    ]
+    history.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"time": "2026-12-03T1')  # cut short
+    dice = dice_history(history)
+    assert [(p.series, p.dice) for p in dice["Liver"]] == [("aaa", 0.91), ("bbb", 0.42)]
+
+    result = tmp_path / "result"
+    result.mkdir()
+    segments = [
+        {"name": "Liver", "mean_confidence": 0.93, "low_confidence": False},
+        {"name": "Spleen", "mean_confidence": 0.41, "low_confidence": True},
+        {"name": "Kidney", "mean_confidence": None},
+    ]
+    (result / "measurements.json").write_text(json.dumps({"segments": segments}))
+    assert confidence(result) == {"Liver": (0.93, False), "Spleen": (0.41, True)}
+
+    metrics = Metrics()
+    assert drift_gauges(metrics.registry) == []  # no drift reference: no drift section
+    metrics.observe_drift("m 1", [("hu_p50", 0.31, 0.001, 2)], window=40)
+    html = render.page(
+        "t",
+        [],
+        [],
+        render.QualityView(dice, {"Liver": (221, 130, 101)}, [3.0, 5.0], [], [("ccc", confidence(result))], []),
+        None,
+    )
+    assert 'data-label="Liver"' in html and "2 comparisons" in html and "#dd8265" in html
+    assert 'class="low"' in html and "0.410" in html and "p50 4.0 s, p95 4.9 s (2 results)" in html
+    assert 'id="drift"' not in html
+    quality = render.QualityView({}, {}, [], [], [], drift_gauges(metrics.registry))
+    html = render.page("t", [], [], quality, None)
+    drift = re.search(r'<table id="drift">(.*?)</table>', html)
+    assert drift and "feature=hu_p50" in drift.group(1) and "<td>0.31</td>" in drift.group(1), html
 
 
 # -- the page, end to end ------------------------------------------------------------------------------------

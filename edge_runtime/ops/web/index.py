@@ -82,7 +82,7 @@ class SpoolIndex:
 
     def __init__(self, spool_root: Path):
         self.root = Path(spool_root)
-        self._headers: OrderedDict[int, dict[str, str]] = OrderedDict()
+        self._headers: OrderedDict[tuple[int, str], dict[str, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -137,15 +137,18 @@ class SpoolIndex:
         current = [(created - last, sent, pending, last) for created, last, sent, pending in rows if created >= last]
         return [w for w, *_ in current], [sent - last for _, sent, pending, last in current if sent and not pending]
 
-    def describe(self, series_id: int) -> dict[str, str]:
-        """Date, modality and description of a series from its first instance's header ({} once purged)."""
+    def describe(self, series: SeriesView) -> dict[str, str]:
+        """Date, modality and description of a series from its first instance's header ({} once purged).
+
+        Cached by row id and keyed hash together: SQLite may give a purged series' id to a new one."""
+        key = (series.id, series.key_hash)
         with self._lock:
-            if series_id in self._headers:
-                self._headers.move_to_end(series_id)
-                return self._headers[series_id]
+            if key in self._headers:
+                self._headers.move_to_end(key)
+                return self._headers[key]
         with self._connect() as db:
             row = db.execute(
-                "SELECT path FROM instances WHERE series_id = ? ORDER BY id LIMIT 1", (series_id,)
+                "SELECT path FROM instances WHERE series_id = ? ORDER BY id LIMIT 1", (series.id,)
             ).fetchone()
         if row is None:
             return {}
@@ -155,7 +158,7 @@ class SpoolIndex:
             return {}
         found = {tag: str(ds.get(tag, "") or "") for tag in DESCRIPTIVE_TAGS}
         with self._lock:
-            self._headers[series_id] = found
+            self._headers[key] = found
             while len(self._headers) > _CACHE_SIZE:
                 self._headers.popitem(last=False)
         return found

@@ -166,7 +166,7 @@ class StatusPage:
                 if (folder / thumbnail_name(plane)).is_file():
                     base = f"/thumbs/{view.result.id}/"
                     pictures.append((plane, base + thumbnail_name(plane), base + thumbnail_name(plane, large=True)))
-        return render.SeriesEntry(view, self.index.describe(view.id), pictures)
+        return render.SeriesEntry(view, self.index.describe(view), pictures)
 
 
 def _state(request: Request) -> str | None:

@@ -171,12 +171,24 @@ def _quality(q: QualityView) -> str:
             f"<h3>Confidence (mean per segment, newest results)</h3><table><tr><th>series</th>{head}</tr>{rows}</table>"
         )
     if q.drift:
-        rows = "".join(
-            f"<tr><td>{escape(name)}</td><td>{escape(_labels(labels))}</td><td>{value:.4g}</td></tr>"
-            for name, labels, value in q.drift
-        )
-        parts.append(f"<h3>Drift</h3><table>{rows}</table>")
+        parts.append(f"<h3>Drift against the package's reference</h3>{_drift(q.drift)}")
     return f'<section id="quality"><h2>Quality over time</h2>{"".join(parts)}</section>'
+
+
+def _drift(samples: Sequence[tuple[str, dict[str, str], float]]) -> str:
+    """One row per label set (model and feature), one column per gauge (PSI, p-value, level ...)."""
+    columns = sorted({name for name, _, _ in samples})
+    rows: dict[str, dict[str, float]] = {}
+    for name, labels, value in samples:
+        rows.setdefault(_labels(labels), {})[name] = value
+    head = "".join(f"<th>{escape(c.removeprefix('edge_drift_'))}</th>" for c in columns)
+    body = "".join(
+        f"<tr><td>{escape(key)}</td>"
+        + "".join(f"<td>{values[c]:.4g}</td>" if c in values else "<td></td>" for c in columns)
+        + "</tr>"
+        for key, values in rows.items()
+    )
+    return f'<table id="drift"><tr><th></th>{head}</tr>{body}</table>'
 
 
 def _confidence_cell(value: tuple[float, bool] | None) -> str:
