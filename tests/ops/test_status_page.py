@@ -31,7 +31,7 @@ from edge_runtime.ops.telemetry import Metrics
 from edge_runtime.ops.web import render
 from edge_runtime.ops.web.access import COOKIE, TOKEN_ENV, AccessToken
 from edge_runtime.ops.web.quality import confidence, dice_history, drift_gauges
-from edge_runtime.ops.web.server import HttpServer, Response
+from edge_runtime.ops.web.server import HttpServer, Request, Response
 from edge_runtime.results.thumbnails import LARGE_SIZE, THUMB_SIZE
 from phantom import make_phantom, write_reference_seg, write_series
 from tests.peers import ServiceProcess, StoreSCP, free_port, storescu
@@ -98,6 +98,10 @@ def test_token_guards_every_path_but_the_probes(gated_server: str) -> None:
     assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
     assert get(gated_server + "/", token=None, cookie=cookie)[0] == 200
     assert get(gated_server + "/", token=None, cookie=f"{COOKIE}=0123abcd")[0] == 401
+    # the redirect never leads to another host, whatever path a link carried the token on
+    for path in ("//evil.example/", "/\\evil.example/"):
+        answer = AccessToken(TOKEN).gate(Request(path, {"token": TOKEN}, {}))
+        assert answer is not None and dict(answer.headers)["Location"] == "/", path
 
 
 def test_the_token_never_reaches_the_log(gated_server: str, caplog: pytest.LogCaptureFixture) -> None:

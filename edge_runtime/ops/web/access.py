@@ -70,7 +70,9 @@ class AccessToken:
         if _same(request.query.get("token", ""), self.secret):
             rest = urlencode({k: v for k, v in request.query.items() if k != "token"})
             cookie = f"{COOKIE}={self.cookie_value}; Path=/; HttpOnly; SameSite=Strict"
-            location = request.path + (f"?{rest}" if rest else "")
+            # back to this server only: a path a browser could read as another host ("//x", "/\\x") goes home
+            path = request.path if request.path.startswith("/") and not request.path.startswith(("//", "/\\")) else "/"
+            location = path + (f"?{rest}" if rest else "")
             return Response(303, b"", "text/plain", (("Location", location), ("Set-Cookie", cookie)))
         return Response(
             401,
