@@ -33,12 +33,18 @@ Stages of the timeline (consecutive, seconds):
     send              published -> SEG stored at the PACS (storescp finished writing the file)
     ack               SEG stored -> the outbox row marked sent (C-STORE-RSP back at the service)
 
+Streaming (``--streaming on|off|both``): the service segments slab by slab while the series arrives (its
+default), or only at completion; ``both`` runs one service of each, the runs interleaved (off, on, off, on ...)
+so the machine's load falls on both alike, and writes one table side by side and one PNG per mode
+(``<tag>-on.png``, ``<tag>-off.png``). Each run records what the service streamed (``measurements.json``).
+
 Headline: last instance acknowledged -> SEG stored at the PACS. Outputs ``benchmarks/results/<tag>.json``,
 ``<tag>.md`` (printed) and ``<tag>.png`` (timeline and memory). Examples::
 
     python -m benchmarks.latency --slices 100 --runs 3                       # bundled model
     python -m benchmarks.latency --model benchmarks/results/spleen-unet --slices 300 --cold 1 --runs 2
     python -m benchmarks.latency --slices 300 --pace 20 --runs 1              # scanner-like 20 slices/s
+    python -m benchmarks.latency --slices 300 --pace 10 --runs 3 --streaming both
 """
 
 from __future__ import annotations
@@ -128,7 +134,7 @@ def one_run(
         derived["last_ack_to_seg_stored"] - durations["inference"] - durations["completion_wait"]
     )
     derived["budget_inference_plus_1_5"] = durations["inference"] + 1.5
-    windows = None
+    windows = streamed = None
     for d in service.output.iterdir():
         m = d / "measurements.json"
         if m.exists():
@@ -136,6 +142,7 @@ def one_run(
                 data = json.loads(m.read_text())
                 if data.get("seg_sop_instance_uid") and seg_path.name.endswith(data["seg_sop_instance_uid"]):
                     windows = data.get("windows")
+                    streamed = data.get("streaming")
             except (OSError, ValueError):
                 pass
     return {
@@ -147,6 +154,7 @@ def one_run(
         "durations": durations,
         "derived": derived,
         "windows": windows,
+        "streaming": streamed,
         "seg_bytes": seg_path.stat().st_size,
         "seg_first_seen_after_mtime": seg_seen - seg_stored,
         "memory_mib": mem,
@@ -229,6 +237,47 @@ def markdown(meta: dict, summary: dict) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(meta: dict, summary: dict[str, dict], runs: list[dict]) -> str:
+    """The headline figures with and without streaming (warm runs; the ratio is on / off of the p50s)."""
+    off, on = summary["off"].get("warm", {}), summary["on"].get("warm", {})
+    n = on.get("receive", {}).get("n", 0)
+    lines = [
+        f"### {meta['title']}: streaming off and on, side by side",
+        "",
+        f"{meta['slices']} slices, {meta['windows']} windows; warm runs (n={n} per mode, interleaved off/on in one "
+        f"invocation; p95 interpolates between {n} values); seconds unless marked.",
+        "",
+        *table_head("", "off p50", "off p95", "on p50", "on p95", "on/off (p50)"),
+    ]
+    rows = [
+        ("**last instance acknowledged → SEG stored at PACS**", "last_ack_to_seg_stored", 2),
+        ("completion wait (last ack → job started)", "completion_wait", 2),
+        ("inference at completion (network + blending)", "inference", 2),
+        ("job total (load … measurements)", "job_total", 2),
+        ("first instance sent → SEG stored at PACS", "first_sent_to_seg_stored", 2),
+        ("peak RSS of the service, MiB", "peak_rss_mib", 0),
+        ("noise: cores busy with other processes", "foreign_cores", 2),
+    ]
+    for label, key, digits in rows:
+        a, b = off.get(key, {}), on.get(key, {})
+        ratio = (b["p50"] / a["p50"]) if a.get("p50") and b.get("p50") is not None else None
+        cells = [fmt(a.get("p50"), digits), fmt(a.get("p95"), digits), fmt(b.get("p50"), digits)]
+        cells += [fmt(b.get("p95"), digits), fmt(ratio, 2)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    streamed = [r.get("streaming") or {} for r in runs if r["mode"] == "on" and r["kind"] == "warm"]
+    lines += [
+        "",
+        "Streamed while arriving (warm runs, streaming on): "
+        + ", ".join(
+            f"{s.get('slabs_streamed', 0)}/{s.get('slabs_streamed', 0) + s.get('slabs_at_completion', 0)} slabs "
+            f"({fmt(s.get('streamed_s'))} s)" + (f" [{s['reason']}]" if s.get("reason") else "")
+            for s in streamed
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
 def plot(path: Path, meta: dict, runs: list[dict]) -> None:
     import matplotlib
 
@@ -276,6 +325,19 @@ def plot(path: Path, meta: dict, runs: list[dict]) -> None:
     plt.close(fig)
 
 
+def progress(r: dict) -> None:
+    """One line per run on stderr, as it finishes."""
+    d = r["durations"]
+    print(
+        f"streaming {r['mode']}, {r['kind']} {r['index'] + 1}: last ack -> SEG stored "
+        f"{r['derived']['last_ack_to_seg_stored']:.2f} s (receive {d['receive']:.2f}, wait {d['completion_wait']:.2f}, "
+        f"inference {d['inference']:.2f}; streamed {(r.get('streaming') or {}).get('slabs_streamed', 0)} slabs); "
+        f"peak RSS {r['memory_mib'].get('VmHWM', 0):.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     harness.add_service_arguments(ap)
@@ -285,6 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pace", type=float, default=0.0, help="instances/s (0: DCMTK storescu at full speed)")
     ap.add_argument("--quiet-seconds", type=float, default=None)
     ap.add_argument("--early-completion", choices=("true", "false"), default=None)
+    ap.add_argument(
+        "--streaming",
+        choices=("on", "off", "both"),
+        default="on",
+        help="segment while the series arrives (on, the service default), only at completion (off), or both "
+        "side by side, runs interleaved",
+    )
     ap.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
     ap.add_argument("--tag", default=None, help="output name in benchmarks/results (default from model/slices)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (spools, PACS, logs)")
@@ -310,39 +379,42 @@ def main(argv: list[str] | None = None) -> int:
         serve += ["--early-completion", args.early_completion]
     serve += args.serve_arg
 
+    modes = ("off", "on") if args.streaming == "both" else (args.streaming,)
     pacs = StoreSCP(work / "pacs", fork=False)
     runs: list[dict] = []
     startups: list[float] = []
     hwm_ready: list[float] = []
     try:
         for c in range(max(1, args.cold)):
-            service = harness.Service(work / f"service{c}", *serve, "--destination", pacs.address)
-            startups.append(service.startup_s)
-            hwm_ready.append(service.memory().get("VmHWM", 0.0))
+            services: dict[str, harness.Service] = {}
             try:
+                for mode in modes:
+                    flag = ["--streaming", "true" if mode == "on" else "false"]
+                    services[mode] = harness.Service(
+                        work / f"service{c}-{mode}", *serve, *flag, "--destination", pacs.address
+                    )
+                    startups.append(services[mode].startup_s)
+                    hwm_ready.append(services[mode].memory().get("VmHWM", 0.0))
                 plan = [("cold", c)] + ([("warm", w) for w in range(args.runs)] if c == args.cold - 1 else [])
                 for kind, i in plan:
-                    r = one_run(service, pacs, base, work, kind, i, args.pace, args.timeout)
-                    runs.append(r)
-                    print(
-                        f"{kind} {i + 1}: last ack -> SEG stored {r['derived']['last_ack_to_seg_stored']:.2f} s "
-                        f"(receive {r['durations']['receive']:.2f}, wait {r['durations']['completion_wait']:.2f}, "
-                        f"inference {r['durations']['inference']:.2f}); peak RSS "
-                        f"{r['memory_mib'].get('VmHWM', 0):.0f} MiB",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-            except Exception:
-                print(service.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
-                raise
+                    for mode, service in services.items():
+                        try:
+                            r = one_run(service, pacs, base, work, kind, i, args.pace, args.timeout)
+                        except Exception:
+                            print(service.log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
+                            raise
+                        r["mode"] = mode
+                        runs.append(r)
+                        progress(r)
             finally:
-                service.stop()
+                for service in services.values():
+                    service.stop()
     finally:
         pacs.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    summary = summarize(runs)
+    summary = {mode: summarize([r for r in runs if r["mode"] == mode]) for mode in modes}
     info = machine()
     meta = {
         "title": f"edge-runtime serve: {package.name}, 512x512x{args.slices} CT"
@@ -363,14 +435,22 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "load_avg_end": os.getloadavg(),
     }
-    md = markdown(meta, summary)
+    meta["modes"] = list(modes)
+    parts = [] if len(modes) == 1 else [side_by_side(meta, summary, runs), ""]
+    for mode in modes:
+        title = meta["title"] + ("" if len(modes) == 1 else f", streaming {mode}")
+        parts += [markdown({**meta, "title": title}, summary[mode]), ""]
+    md = "\n".join(parts)
     write_results(tag, md, {"meta": meta, "summary": summary, "runs": runs})
-    try:
-        plot(RESULTS / f"{tag}.png", meta, runs)
-    except ImportError as exc:
-        print(f"no PNG ({exc}); pip install matplotlib", file=sys.stderr)
+    for mode in modes:
+        name = tag if len(modes) == 1 else f"{tag}-{mode}"
+        title = meta["title"] + ("" if len(modes) == 1 else f", streaming {mode}")
+        try:
+            plot(RESULTS / f"{name}.png", {**meta, "title": title}, [r for r in runs if r["mode"] == mode])
+        except ImportError as exc:
+            print(f"no PNG ({exc}); pip install matplotlib", file=sys.stderr)
     print(md)
-    print(f"\nwrote {RESULTS / tag}.json, .md, .png", file=sys.stderr)
+    print(f"\nwrote {RESULTS / tag}.json, .md and the PNG timelines", file=sys.stderr)
     return 0
 
 

@@ -67,7 +67,7 @@ class Timeline:
     mode: str = "whole-series"
     #: why the series was segmented whole ("" when streamed)
     reason: str = ""
-    #: z-windows (slabs) run while the series arrived, and their network windows
+    #: z-windows (slabs) begun while the series arrived, and their network windows run then
     slabs_streamed: int = 0
     windows_streamed: int = 0
     #: seconds of resampling + inference spent while the series arrived
@@ -254,7 +254,11 @@ class StreamingSession:
         return _Slab(start, [s.pixels for s in run], coords, (grid.coords[1], grid.coords[2]), [s.uid for s in run])
 
     def step(self, runner: Runner) -> bool:
-        """Run the next ready slab; False when none is ready."""
+        """Run one batch of the slab in hand, or begin the next ready slab; False when nothing is ready. One call
+        is one runner call at most, so a series that completes meanwhile waits for one batch, not a slab."""
+        if self._blender is not None and self._blender.busy:
+            self._run_batch()
+            return True
         with self._lock:
             slab = self._next()
             if slab is None:
@@ -271,16 +275,23 @@ class StreamingSession:
             plane = (len(slab.plane[0]), len(slab.plane[1]))
             self._blender = Blender(self.package, runner, plane, self.weights, fill)
             self._plane = slab.plane
-        before = self._blender.windows
-        self._blender.add_slab(slab.start, image)
+        self._blender.begin_slab(slab.start, image)
         with self._lock:
             for k in range(len(slab.coords)):
                 self._used[slab.start + k] = (int(lo[k]), int(hi[k]), w[k])
             self._uids = slab.uids[: max(len(self._uids), int(hi.max()) + 1)]
             self.timeline.slabs_streamed += 1
+            self.timeline.streamed_s += time.perf_counter() - t0
+        self._run_batch()
+        return True
+
+    def _run_batch(self) -> None:
+        assert self._blender is not None
+        t0, before = time.perf_counter(), self._blender.windows
+        self._blender.run(calls=1)
+        with self._lock:
             self.timeline.windows_streamed += self._blender.windows - before
             self.timeline.streamed_s += time.perf_counter() - t0
-        return True
 
     # -- at completion (worker thread) ----------------------------------------------------------------------
 
@@ -304,7 +315,10 @@ class StreamingSession:
             fill = pad_value(self.package.normalization)
             assert fill is not None
             self._blender = Blender(self.package, runner, (len(plane[0]), len(plane[1])), self.weights, fill)
-        timings = {"preprocess": time.perf_counter() - t0, "inference": 0.0}
+        timings = {"preprocess": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        self._blender.run()  # the rest of the slab in hand
+        timings["inference"] = time.perf_counter() - t0
         for start in starts[done:]:
             t0 = time.perf_counter()
             image = model_slices(volume.array, grid.coords[0][start : start + pz], plane, self.package)

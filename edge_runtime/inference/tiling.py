@@ -10,6 +10,8 @@ makes a streamed label map the same, voxel for voxel, as the one batch inference
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 from edge_runtime.inference.package import ModelPackage, Normalization
@@ -48,8 +50,9 @@ class Blender:
     """Blended logits ``(K, Z, Y, X)`` on the model grid, growing along z as slabs are added.
 
     ``add_slab`` takes the normalised model slices of one z-window (a short last slab is padded with ``fill``),
-    runs its windows in y-then-x order and adds their weighted logits; ``logits`` divides by the summed weights
-    and crops to the image. Memory: the accumulator, plus one batch of windows.
+    runs its windows in y-then-x order and adds their weighted logits (``begin_slab`` and ``run`` do the same a
+    batch at a time); ``logits`` divides by the summed weights and crops to the image. Memory: the accumulator,
+    one slab and one batch of windows.
     """
 
     def __init__(
@@ -71,10 +74,21 @@ class Blender:
         self._norm = np.zeros(self._sums.shape[1:], dtype=np.float32)
         self._batch = np.empty((package.batch_size, package.input_channels, *self.patch), dtype=np.float32)
         self._pending: list[tuple[slice, ...]] = []
+        #: the slab whose windows are running, where it starts, and its windows (y, x) still to run
+        self._slab = np.empty((0, 0, 0), dtype=np.float32)
+        self._z0 = 0
+        self._queue: deque[tuple[int, int]] = deque()
 
     def add_slab(self, z0: int, slab: np.ndarray) -> None:
         """Run the windows of the z-window starting at model slice ``z0``; ``slab`` holds its model slices."""
+        self.begin_slab(z0, slab)
+        self.run()
+
+    def begin_slab(self, z0: int, slab: np.ndarray) -> None:
+        """Queue the windows of the z-window at ``z0`` (after the previous slab's have all run)."""
         pz, py, px = self.patch
+        if self._queue:
+            raise RuntimeError("the previous slab still has windows to run")
         if slab.shape[1:] != self.plane or len(slab) > pz:
             raise ValueError(f"slab of shape {slab.shape}; expected at most {pz} slices of {self.plane}")
         padded = slab
@@ -82,16 +96,35 @@ class Blender:
             padded = np.full((pz, *self.padded_plane), self.fill, dtype=np.float32)
             padded[: len(slab), : self.plane[0], : self.plane[1]] = slab
         self._grow(z0 + pz)
-        for y in window_starts(self.padded_plane[0], py, self.package.overlap):
-            for x in window_starts(self.padded_plane[1], px, self.package.overlap):
-                self._batch[len(self._pending)] = padded[:, y : y + py, x : x + px]
-                self._pending.append((slice(z0, z0 + pz), slice(y, y + py), slice(x, x + px)))
-                self.windows += 1
-                if len(self._pending) == self.package.batch_size:
-                    self._flush()
+        self._slab, self._z0 = padded, z0
+        ys = window_starts(self.padded_plane[0], py, self.package.overlap)
+        xs = window_starts(self.padded_plane[1], px, self.package.overlap)
+        self._queue = deque((y, x) for y in ys for x in xs)
+
+    @property
+    def busy(self) -> bool:
+        """Windows of the current slab are still to run."""
+        return bool(self._queue)
+
+    def run(self, calls: int | None = None) -> None:
+        """Run the current slab's windows in order; with ``calls``, stop after that many runner calls, so a
+        caller with other work waits for at most one batch."""
+        (pz, py, px), z0 = self.patch, self._z0
+        made = 0
+        while self._queue and (calls is None or made < calls):
+            y, x = self._queue.popleft()
+            self._batch[len(self._pending)] = self._slab[:, y : y + py, x : x + px]
+            self._pending.append((slice(z0, z0 + pz), slice(y, y + py), slice(x, x + px)))
+            self.windows += 1
+            if len(self._pending) == self.package.batch_size:
+                self._flush()
+                made += 1
+        if not self._queue:
+            self._slab = np.empty((0, 0, 0), dtype=np.float32)
 
     def logits(self, depth: int) -> np.ndarray:
         """The blended logits of a grid ``depth`` model slices deep (after every slab has been added)."""
+        self.run()
         self._flush()
         full = self._sums[:, : max(depth, self.patch[0])]
         full /= self._norm[: full.shape[1]]
