@@ -369,19 +369,19 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class OpsSettings:
-    """Health, metrics and logging."""
+    """Health, metrics, the status page and logging."""
 
     http_host: str = option(
         "127.0.0.1",
         _str,
         "an address for the health and metrics endpoint (default 127.0.0.1)",
-        "address of /healthz, /readyz and /metrics (default 127.0.0.1)",
+        "address of the status page, /healthz, /readyz and /metrics (default 127.0.0.1)",
     )
     http_port: int = option(
         8190,
         _int_range(0, 65535),
-        "an integer 1-65535, or 0 to disable /healthz /metrics",
-        "port of /healthz, /readyz and /metrics (default 8190; 0 disables)",
+        "an integer 1-65535, or 0 to disable the status page, /healthz and /metrics",
+        "port of the status page, /healthz, /readyz and /metrics (default 8190; 0 disables)",
     )
     http_token_file: Path | None = option(
         None,
