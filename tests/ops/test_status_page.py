@@ -344,6 +344,10 @@ def test_status_page_in_chromium(tmp_path: Path, storescp: StoreSCP) -> None:
             Path(os.environ["ARTEFACTS"]).mkdir(parents=True, exist_ok=True)
             shutil.copy(screenshot, Path(os.environ["ARTEFACTS"]) / screenshot.name)
 
+        filtered = SeriesRows()
+        filtered.feed(get(base + "/?state=failed")[2].decode())
+        assert {key: row.state for key, row in filtered.rows.items()} == {failed: "failed"}
+
         # no patient name, ID or birth date on any page or in any image
         pages = [dom.encode(), *images]
         for path in ("/", "/?state=failed", "/?state=done", "/series", "/metrics", "/healthz", "/readyz"):
