@@ -206,10 +206,13 @@ class Sender:
         for name, items in by_dest.items():
             if self._stop.is_set():
                 break
+            # one back-off for the destination's whole batch: its rows stay together and a destination that
+            # is down gets one connection attempt per round, not one per row
+            retry_at = time.time() + self.retry.delay(min(item.attempts for item in items))
             dest = self.resolve(name)
             if dest is None:
                 for item in items:
-                    self._record(item, name, Delivery.retry(f"destination {name!r} is not configured"))
+                    self._record(item, name, Delivery.retry(f"destination {name!r} is not configured"), retry_at)
                 continue
             target = dest.target
             paths = [item.path for item in items]
@@ -217,7 +220,7 @@ class Sender:
                 self._store_dimse(target, paths) if isinstance(target, DimseNode) else self._store_stow(target, paths)
             )
             for index, delivery in deliveries:
-                sent += self._record(items[index], str(dest), delivery)
+                sent += self._record(items[index], str(dest), delivery, retry_at)
         return sent
 
     def _store_stow(self, target: StowTarget, paths: list[Path]) -> Iterator[tuple[int, Delivery]]:
@@ -260,8 +263,9 @@ class Sender:
                     if code is None:
                         return
 
-    def _record(self, item: OutboxItem, dest: str, delivery: Delivery) -> int:
-        """Write what became of ``item`` into the outbox; 1 if it was sent."""
+    def _record(self, item: OutboxItem, dest: str, delivery: Delivery, retry_at: float) -> int:
+        """Write what became of ``item`` into the outbox (to be tried again at ``retry_at`` when it may be); 1 if
+        it was sent."""
         if self.on_result is not None:
             self.on_result(delivery.sent)
         if self.on_delivery is not None:
@@ -280,14 +284,13 @@ class Sender:
                 delivery.why,
             )
             return 0
-        delay = self.retry.delay(item.attempts)
-        self.spool.mark_failed_attempt(item.id, delivery.why, time.time() + delay)
+        self.spool.mark_failed_attempt(item.id, delivery.why, retry_at)
         log.warning(
             "send of result %d to %s failed (%s); attempt %d, retrying in %.0f s",
             item.result_id,
             dest,
             delivery.why,
             item.attempts + 1,
-            delay,
+            max(0.0, retry_at - time.time()),
         )
         return 0
