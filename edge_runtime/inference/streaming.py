@@ -270,12 +270,8 @@ class StreamingSession:
         t0 = time.perf_counter()
         image = model_slices(slab.sources, slab.coords, slab.plane, self.package)
         if self._blender is None:
-            fill = pad_value(self.package.normalization)
-            assert fill is not None  # unsupported() turned such packages away
-            plane = (len(slab.plane[0]), len(slab.plane[1]))
-            self._blender = Blender(self.package, runner, plane, self.weights, fill)
             self._plane = slab.plane
-        self._blender.begin_slab(slab.start, image)
+        self._blender_for(runner, slab.plane).begin_slab(slab.start, image)
         with self._lock:
             for k in range(len(slab.coords)):
                 self._used[slab.start + k] = (int(lo[k]), int(hi[k]), w[k])
@@ -311,30 +307,35 @@ class StreamingSession:
         if starts[:done] != [k * stride(pz, self.package.overlap) for k in range(done)]:
             return "the streamed windows are not those of the final grid"
         plane = (grid.coords[1], grid.coords[2])
-        if self._blender is None:
-            fill = pad_value(self.package.normalization)
-            assert fill is not None
-            self._blender = Blender(self.package, runner, (len(plane[0]), len(plane[1])), self.weights, fill)
+        blender = self._blender_for(runner, plane)
         timings = {"preprocess": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        self._blender.run()  # the rest of the slab in hand
+        blender.run()  # the rest of the slab in hand
         timings["inference"] = time.perf_counter() - t0
         for start in starts[done:]:
             t0 = time.perf_counter()
             image = model_slices(volume.array, grid.coords[0][start : start + pz], plane, self.package)
             t1 = time.perf_counter()
-            self._blender.add_slab(start, image)
+            blender.add_slab(start, image)
             timings["preprocess"] += t1 - t0
             timings["inference"] += time.perf_counter() - t1
         t0 = time.perf_counter()
-        logits = self._blender.logits(grid.shape[0])
+        logits = blender.logits(grid.shape[0])
         timings["inference"] += time.perf_counter() - t0
         self.timeline.slabs_at_completion = len(starts) - done
         if done:
             self.timeline.mode = "streaming"
         else:  # the same computation as batch inference, from the first slab on
             self.timeline.reason = self.waiting or "the series completed before a slab could run"
-        return from_logits(logits, grid, timings, self._blender.windows, probabilities=probabilities)
+        return from_logits(logits, grid, timings, blender.windows, probabilities=probabilities)
+
+    def _blender_for(self, runner: Runner, plane: tuple[np.ndarray, np.ndarray]) -> Blender:
+        """The series' accumulator, made on first use for the in-plane model grid ``plane``."""
+        if self._blender is None:
+            fill = pad_value(self.package.normalization)
+            assert fill is not None  # unsupported() turned such packages away
+            self._blender = Blender(self.package, runner, (len(plane[0]), len(plane[1])), self.weights, fill)
+        return self._blender
 
     def _check(self, volume: Volume, grid: ModelGrid) -> str:
         """Were the streamed slabs made from exactly what the final grid takes? "" when they were."""

@@ -128,6 +128,20 @@ def test_a_gap_waits_for_its_slice(series: SeriesInfo, package: ModelPackage) ->
     np.testing.assert_array_equal(result.labels, expected.labels)
 
 
+def test_uneven_spacing_stops_the_run_and_completion_does_the_rest(package: ModelPackage, tmp_path: Path) -> None:
+    """Regular 2 mm for 80 slices (one z-window), then steps of 2.5 and 3.5 mm: the regular part streams, the
+    rest waits for completion, where the volume is resampled along the true positions as in batch inference."""
+    steps = [2.0] * 79 + [2.5, 3.5] * 12
+    positions = np.concatenate([[0.0], np.cumsum(steps)])
+    hu = make_phantom((len(positions), 32, 32), (2.0, 3.0, 3.0), rng=4).hu
+    info = write_series(hu, (2.0, 3.0, 3.0), tmp_path, slice_positions=positions)
+    runner = WindowMeanRunner(package)
+    expected = segment(load_volume(info.paths, POLICY), package, runner)
+    result, timeline = stream(info.paths, package, runner)
+    assert timeline.mode == "streaming" and timeline.slabs_streamed == 1 and timeline.slabs_at_completion == 2
+    np.testing.assert_array_equal(result.labels, expected.labels)
+
+
 def test_a_second_stack_breaks_the_evidence(series: SeriesInfo, package: ModelPackage, tmp_path: Path) -> None:
     other = write_series(make_phantom((4, 24, 24), (2.0, 3.0, 3.0), rng=1).hu, (2.0, 3.0, 3.0), tmp_path)
     cache, streams = SliceCache(), Streams(package, POLICY)
