@@ -555,12 +555,21 @@ def orthanc_programs() -> tuple[str, str]:
 
 
 class Orthanc:
-    """Orthanc as a PACS that speaks DICOMweb: its own storage in ``folder``, free HTTP and DICOM ports, no
-    authentication, the DICOMweb plugin at ``/dicom-web``; ``dicomweb_servers`` ({name: base URL}) are the
-    servers its STOW-RS client may send to (``POST /dicom-web/servers/<name>/stow``). Construction returns
-    once its REST API and the plugin answer; :meth:`stop` ends it."""
+    """Orthanc as a PACS that speaks DICOMweb: its own storage in ``folder``, free HTTP and DICOM ports, the
+    DICOMweb plugin at ``/dicom-web``; ``dicomweb_servers`` ({name: base URL}) are the servers its STOW-RS
+    client may send to (``POST /dicom-web/servers/<name>/stow``), with ``dicomweb_token`` as their bearer
+    token. With ``users`` ({name: password}) its HTTP side asks for basic authentication (the REST calls here
+    use the first user). Construction returns once its REST API and the plugin answer; :meth:`stop` ends it."""
 
-    def __init__(self, folder: Path, *, dicomweb_servers: dict[str, str] | None = None, timeout: float = 60.0):
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        dicomweb_servers: dict[str, str] | None = None,
+        dicomweb_token: str | None = None,
+        users: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ):
         binary, plugin = orthanc_programs()
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -572,14 +581,25 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "DicomAet": "ORTHANC",
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": users or {},
             "Plugins": [plugin],
             "DicomWeb": {
                 "Enable": True,
                 "Root": "/dicom-web/",
-                "Servers": {name: [url] for name, url in (dicomweb_servers or {}).items()},
+                "Servers": {
+                    name: {"Url": url, "HttpHeaders": {"Authorization": f"Bearer {dicomweb_token}"}}
+                    if dicomweb_token
+                    else [url]
+                    for name, url in (dicomweb_servers or {}).items()
+                },
             },
         }
+        self._auth = None
+        if users:
+            import base64
+
+            self._auth = "Basic " + base64.b64encode(":".join(next(iter(users.items()))).encode()).decode()
         self.config_path = folder / "orthanc.json"
         self.config_path.write_text(json.dumps(config, indent=1))
         self.log_path = folder / "orthanc.log"
@@ -622,6 +642,8 @@ class Orthanc:
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", content_type or "application/json")
+        if self._auth is not None:
+            request.add_header("Authorization", self._auth)
         try:
             with urllib.request.urlopen(request, timeout=120) as r:
                 raw = r.read()

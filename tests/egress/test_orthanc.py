@@ -2,10 +2,11 @@
 DICOMweb plugin (STOW-RS both ways).
 
 One service, started as a user starts it, with three destinations: storescp receiving every format, Orthanc
-receiving some formats by STOW-RS, and a DIMSE node that is down. A series pushed with DCMTK must reach both live
-receivers as the objects each one asked for, while the outbox rows of the dead one retry (attempts and the last
-error recorded) without holding anything back. Orthanc then sends a series of its own into the service's STOW-RS
-receiver, which segments it like any other.
+receiving some formats by STOW-RS (HTTP basic authentication, the password read from a file), and a DIMSE node
+that is down. A series pushed with DCMTK must reach both live receivers as the objects each one asked for, while
+the outbox rows of the dead one retry (attempts and the last error recorded) without holding anything back.
+Orthanc then sends a series of its own into the service's STOW-RS receiver (with a bearer token), which segments
+it like any other.
 """
 
 from __future__ import annotations
@@ -60,9 +61,17 @@ def stow_port() -> int:
     return free_port()
 
 
+STOW_TOKEN = "token-that-orthanc-presents"
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory, stow_port: int) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"), dicomweb_servers={"edge": f"http://127.0.0.1:{stow_port}/"})
+    server = Orthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        dicomweb_servers={"edge": f"http://127.0.0.1:{stow_port}/"},
+        dicomweb_token=STOW_TOKEN,
+        users={"edge": "orthanc-password"},
+    )
     yield server
     server.stop()
 
@@ -71,9 +80,14 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, stow_port: int) -> Iterato
 def service(
     tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP, orthanc: Orthanc, stow_port: int
 ) -> Iterator[ServiceProcess]:
+    secrets = tmp_path_factory.mktemp("secrets")
+    password, token = secrets / "orthanc-password", secrets / "stow-token"
+    password.write_text("orthanc-password\n")
+    token.write_text(STOW_TOKEN)
     destinations = [
         f"{pacs.address};name=pacs;formats={','.join(PACS_FORMATS)}",
-        f"dicomweb+{orthanc.dicomweb_url};name=orthanc;formats={','.join(ORTHANC_FORMATS)}",
+        f"dicomweb+{orthanc.dicomweb_url};name=orthanc;user=edge;password-file={password};"
+        f"formats={','.join(ORTHANC_FORMATS)}",
         f"DOWN@127.0.0.1:{free_port()};name=down",
     ]
     svc = ServiceProcess(
@@ -83,6 +97,8 @@ def service(
         "1",
         "--stow-port",
         str(stow_port),
+        "--stow-token-file",
+        str(token),
     )
     yield svc
     assert svc.stop() == 0, svc.log()
