@@ -20,6 +20,7 @@ from edge_runtime.ingest.listener import Listener, ListenerConfig
 from edge_runtime.ingest.stow import StowReceiver
 from edge_runtime.spool import Spool
 from phantom import write_series
+from tests.ingest.test_listener import make_certs
 from tests.peers import free_port
 
 
@@ -145,3 +146,36 @@ def test_a_row_for_a_destination_no_longer_configured_waits(spool: Spool, files:
     publish(spool, {"gone": files[:1]})
     Sender(spool, "EDGE", RetryPolicy(initial_seconds=0.0)).send_due()
     assert outbox(spool)[(files[0].name, "gone")] == ("pending", 1, "destination 'gone' is not configured")
+
+
+def test_dimse_over_tls_verifies_the_node_and_presents_our_certificate(
+    tmp_path: Path, spool: Spool, files: list[Path]
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    config = ListenerConfig(
+        ae_title="SECURE",
+        host="127.0.0.1",
+        port=free_port(),
+        modalities=("CT",),
+        tls_port=free_port(),
+        tls_cert=str(certs["server_pem"]),
+        tls_key=str(certs["server_key"]),
+        tls_ca=str(certs["ca_pem"]),
+    )
+    node = Spool(tmp_path / "node")
+    listener = Listener(config, node)
+    listener.start()
+    try:
+        address = f"SECURE@127.0.0.1:{listener.tls_port}"
+        ours = f"tls-cert={certs['client_pem']};tls-key={certs['client_key']}"
+        trusted = Destination.parse(f"{address};name=trusted;tls-ca={certs['ca_pem']};{ours}")
+        impostor = Destination.parse(f"{address};name=impostor;tls-ca={certs['rogue_pem']};{ours}")
+        publish(spool, {"trusted": files, "impostor": files[:1]})
+        sender = Sender(spool, "EDGE", RetryPolicy(initial_seconds=30.0), timeout=5, destinations=[trusted, impostor])
+        assert sender.send_due() == len(files)
+        assert outbox(spool)[(files[0].name, "impostor")][:2] == ("pending", 1), "an unverified node gets nothing"
+        [series] = node.all_series()
+        assert series.instance_count == len(files)
+    finally:
+        listener.stop()
+        node.close()
