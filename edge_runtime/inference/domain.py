@@ -10,9 +10,9 @@ section) and the service checks each series against it before inference::
       "body_parts": ["CHEST", "ABDOMEN", "CHESTABDOMEN"],   # Body Part Examined values; [] = any
       "require_body_part": false,          # a series without Body Part Examined passes this check
       "anatomy": [{"value": "818981001", "scheme": "SCT", "meaning": "Abdomen"}],  # optional, coded
-      "extent_mm": {"z": [240, 520], "y": [300, 520], "x": [300, 520]},           # [min, max]; null = open
-      "spacing_mm": {"z": [1, 8], "y": [0.5, 4], "x": [0.5, 4]},
-      "slice_thickness_mm": [0.5, 8],
+      "extent_mm": {"z": [240, 520], "y": [330, 500], "x": [330, 500]},           # [min, max]; null = open
+      "spacing_mm": {"z": [1, 3], "y": [0.7, 1.5], "x": [0.7, 1.5]},
+      "slice_thickness_mm": [1, 3],
       "image_type": {"exclude": ["LOCALIZER", "DERIVED"]},
       "contrast": "any",                   # "any", "with" or "without" (Contrast/Bolus Agent present)
       "intensity": {"air_hu": [-1100, -850], "body_median_hu": [-150, 150]}      # CT only
@@ -62,9 +62,6 @@ class Bounds:
         if self.hi is not None and value > self.hi:
             return f"{what} {value:g} {unit} > {self.hi:g} {unit}"
         return None
-
-    def as_json(self) -> list[float | None]:
-        return [self.lo, self.hi]
 
 
 OPEN = Bounds()
@@ -151,22 +148,6 @@ class Domain:
             elif v := self.body_median_hu.violation("body median", round(float(np.median(body))), "HU"):
                 out.append(("intensity-body", v))
         return out
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "modalities": list(self.modalities),
-            "body_parts": list(self.body_parts),
-            "require_body_part": self.require_body_part,
-            "anatomy": [{"scheme": s, "value": v} for s, v in self.anatomy],
-            "extent_mm": {a: b.as_json() for a, b in zip(AXES, self.extent_mm, strict=True)},
-            "spacing_mm": {a: b.as_json() for a, b in zip(AXES, self.spacing_mm, strict=True)},
-            "slice_thickness_mm": self.slice_thickness_mm.as_json(),
-            "image_type": {"exclude": list(self.exclude_image_types)},
-            "contrast": self.contrast,
-            "intensity": {
-                k: b.as_json() for k, b in (("air_hu", self.air_hu), ("body_median_hu", self.body_median_hu)) if b
-            },
-        }
 
 
 @dataclass(frozen=True)
