@@ -35,6 +35,7 @@ from typing import Any
 from edge_runtime.errors import PackageError
 from edge_runtime.inference.confidence import ConfidencePolicy, parse_confidence
 from edge_runtime.inference.domain import Domain, parse_domain
+from edge_runtime.inference.nnunet.settings import NnunetSettings, parse_nnunet
 from edge_runtime.quality.drift import DriftReference, parse_drift_reference
 
 MANIFEST_NAME = "manifest.json"
@@ -108,6 +109,8 @@ class ModelPackage:
     confidence: ConfidencePolicy = field(default=ConfidencePolicy(), compare=False)
     #: what the inputs and outputs looked like at export (manifest "drift_reference"); None: drift not watched
     drift_reference: DriftReference | None = field(default=None, compare=False)
+    #: nnU-Net's predictor pipeline (manifest "nnunet"); None: the generic pipeline
+    nnunet: NnunetSettings | None = field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -220,6 +223,7 @@ class _Parser:
         domain = parse_domain(self.m.get("domain"), self.problems)
         confidence = parse_confidence(self.m.get("confidence"), self.problems)
         drift_reference = parse_drift_reference(self.m.get("drift_reference"), self.problems)
+        nnunet = parse_nnunet(self.m.get("nnunet"), self.problems)
         if self.problems or norm is None:
             raise PackageError(self.root, self.problems)
         return ModelPackage(
@@ -247,6 +251,7 @@ class _Parser:
             domain=domain,
             confidence=confidence,
             drift_reference=drift_reference,
+            nnunet=nnunet,
         )
 
     def _normalization(self) -> Normalization | None:

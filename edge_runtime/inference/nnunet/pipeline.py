@@ -1,0 +1,120 @@
+"""A volume through nnU-Net's whole predictor pipeline, as ``nnUNetPredictor.predict_single_npy_array`` runs it.
+
+preprocess (transpose, crop to non-zero, normalise, resample: :mod:`.preprocessing`) -> Gaussian sliding window
+with test-time mirroring over the package's ensembled folds (:mod:`.prediction`) -> logits resampled back to the
+cropped shape with nnU-Net's probability resampling -> softmax and argmax -> the crop put back into the full
+shape -> transpose back. The volume's ``(slice, row, column)`` array and spacing are what nnU-Net's SimpleITK
+reader gives for the same series, so the model sees what it was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.nnunet.prediction import predict_logits
+from edge_runtime.inference.nnunet.preprocessing import preprocess, target_spacing
+from edge_runtime.inference.nnunet.resampling import resample
+from edge_runtime.inference.nnunet.settings import NnunetSettings
+from edge_runtime.inference.package import ModelPackage
+from edge_runtime.inference.pipeline import Segmentation
+from edge_runtime.inference.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseResult:
+    """One case on the source grid."""
+
+    labels: np.ndarray
+    #: softmax probability of the chosen label, float32
+    confidence: np.ndarray
+    #: ``(K, Z, Y, X)`` float32 softmax per class when asked for
+    probabilities: np.ndarray | None
+    timings: dict[str, float]
+    windows: int
+
+
+def segment_nnunet(volume: Volume, package: ModelPackage, runner: Runner, *, probabilities: bool = False
+                   ) -> Segmentation:
+    """The volume's label map as nnU-Net's predictor would give it for the same series (``probabilities``: every
+    class's softmax as uint8 0..255, for a FRACTIONAL SEG)."""
+    settings = package.nnunet
+    if settings is None:
+        raise ValueError(f"{package.identity} has no 'nnunet' section")
+    image = np.repeat(volume.array[None], package.input_channels, axis=0)
+    case = predict_case(image, volume.spacing, settings, runner, package.num_classes, package.batch_size,
+                        probabilities=probabilities)
+    per_class = None
+    if case.probabilities is not None:
+        per_class = np.rint(case.probabilities * 255).astype(np.uint8)
+    return Segmentation(labels=case.labels, timings=case.timings, windows=case.windows, confidence=case.confidence,
+                        probabilities=per_class)
+
+
+def predict_case(
+    image: np.ndarray,
+    spacing: Sequence[float],
+    settings: NnunetSettings,
+    runner: Runner,
+    num_classes: int,
+    batch_size: int = 1,
+    *,
+    probabilities: bool = False,
+) -> CaseResult:
+    """``image`` ``(C, Z, Y, X)`` with its ``(z, y, x)`` spacing -> the case on the image's grid."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data, case = preprocess(image, spacing, settings)
+    timings["preprocess"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    logits, windows = predict_logits(
+        data, runner, num_classes, settings.patch_size, tile_step_size=settings.tile_step_size,
+        use_gaussian=settings.use_gaussian, mirror_axes=settings.active_mirror_axes, batch_size=batch_size,
+        accumulate=settings.accumulate,
+    )
+    del data
+    timings["inference"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    # convert_predicted_logits_to_segmentation_with_correct_shape: logits back to the cropped shape first (in
+    # their own dtype, as nnU-Net keeps its float16), argmax (the first maximum wins, as torch's), then softmax
+    logits = resample(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
+                      settings.resampling_probabilities, settings.anisotropy_threshold)
+    labels_crop = np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)
+    logits = softmax(logits.astype(np.float32, copy=False))  # in place: now probabilities
+    where = tuple(slice(lo, hi) for lo, hi in case.bbox)
+    backward = list(settings.transpose_backward)
+    labels = np.zeros(case.shape_before_cropping, dtype=labels_crop.dtype)
+    labels[where] = labels_crop
+    confidence = np.ones(case.shape_before_cropping, dtype=np.float32)  # outside the crop: background, certain
+    confidence[where] = logits.max(axis=0)
+    probs = None
+    if probabilities:
+        # revert_cropping_on_probabilities: background 1 outside the crop
+        probs = np.zeros((num_classes, *case.shape_before_cropping), dtype=np.float32)
+        probs[0] = 1
+        every_class = (slice(None), *where)
+        probs[every_class] = logits
+        probs = np.ascontiguousarray(probs.transpose([0, *[a + 1 for a in backward]]))
+    del logits
+    labels = np.ascontiguousarray(labels.transpose(backward))
+    confidence = np.ascontiguousarray(confidence.transpose(backward))
+    timings["postprocess"] = time.perf_counter() - t0
+    return CaseResult(labels, confidence, probs, timings, windows)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the class axis, in place (float32)."""
+    top = logits.max(axis=0)
+    logits -= top
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0)
+    return logits
