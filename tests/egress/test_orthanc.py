@@ -171,7 +171,7 @@ def test_each_destination_gets_its_formats_and_a_dead_one_holds_back_nothing(
             break
         time.sleep(0.2)
     assert down and all(r[2] == "pending" and r[3] >= 2 and r[4] for r in down), down
-    assert "association not established" in down[0][4]
+    assert "association not established" in str(down[0][4])
 
 
 def test_orthanc_sends_a_series_in_by_stow_rs_and_it_is_segmented(

@@ -67,8 +67,17 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 def publish(spool: Spool, deliveries: dict[str, list[Path]]) -> None:
-    common = dict(called_ae="EDGE", calling_ae="CT", study_uid="1.2", series_uid="1.2.1", sop_class="1.2")
-    spool.store(b"x", **common, sop_uid="1.2.1.1", transfer_syntax="1.2.840.10008.1.2.1", modality="CT")
+    spool.store(
+        b"x",
+        called_ae="EDGE",
+        calling_ae="CT",
+        study_uid="1.2",
+        series_uid="1.2.1",
+        sop_class="1.2",
+        sop_uid="1.2.1.1",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        modality="CT",
+    )
     spool.queue_quiet_series(0.0)
     job = spool.claim_job()
     assert job is not None

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from edge_runtime.dicomweb import FAILURE_CANNOT_UNDERSTAND, FAILURE_SOP_CLASS, StowReport, encode_multipart
 from edge_runtime.egress.destination import Secret, StowTarget
@@ -72,7 +72,7 @@ def test_refused_parts_are_named_with_their_failure_reason_and_the_rest_is_store
     receiver: StowReceiver, ct_files: list[Path]
 ) -> None:
     sr = pydicom.dcmread(ct_files[0])
-    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"  # an SR: not an image
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.34")  # an SR, no image
     sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
