@@ -19,6 +19,7 @@ so a changed password or CA bundle applies to results already waiting.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Collection, Mapping, Sequence
@@ -134,8 +135,6 @@ class StowTarget:
 
     def authorization(self) -> str | None:
         """The ``Authorization`` header value, read fresh from the secret's environment variable or file."""
-        import base64
-
         if self.token is not None:
             return f"Bearer {self.token.read()}"
         if self.user is not None and self.password is not None:

@@ -23,6 +23,7 @@ import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -41,12 +42,14 @@ BATCH_BYTES = 64 * 1024 * 1024
 _TRANSIENT_4XX = frozenset({401, 403, 408, 425, 429})
 
 
+@dataclass(frozen=True)
 class StowResponse:
     """The answer to one POST: the HTTP status (None when no answer came), the body's report when it had one,
     and a short reason for a log line."""
 
-    def __init__(self, status: int | None, report: StowReport | None, reason: str):
-        self.status, self.report, self.reason = status, report, reason
+    status: int | None
+    report: StowReport | None
+    reason: str
 
     @property
     def final(self) -> bool:

@@ -37,7 +37,7 @@ from typing import Any
 
 import pydicom
 
-from edge_runtime.dicom import STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, VERIFICATION
+from edge_runtime.dicom import STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, VERIFICATION
 from edge_runtime.dicomweb import (
     DICOM,
     DICOM_JSON,
@@ -117,18 +117,18 @@ class StowReceiver:
         """Check and store each part; what became of each, in the response's terms."""
         report = StowReport()
         for content_type, data in parts:
-            outcome = self._store_part(content_type, data, study)
+            sop_uid, sop_class, status = self._store_part(content_type, data, study)
             if self.listener.on_status is not None:
-                self.listener.on_status(outcome[2])
-            if outcome[2] == 0:
-                report.stored.append(outcome[:2])
+                self.listener.on_status(status)
+            if status == STATUS_SUCCESS:
+                report.stored.append((sop_uid, sop_class))
             else:
-                report.failed.append(outcome)
+                report.failed.append((sop_uid, sop_class, status))
         log.info("STOW-RS: %d instance(s) stored, %d refused", len(report.stored), len(report.failed))
         return report
 
     def _store_part(self, content_type: str, data: bytes, study: str | None) -> tuple[str, str, int]:
-        """(SOP Instance UID, SOP Class UID, status: 0 when stored) for one part."""
+        """(SOP Instance UID, SOP Class UID, status: success when stored, else the Failure Reason) of one part."""
         if content_type not in ("", DICOM):
             return "", "", FAILURE_CANNOT_UNDERSTAND
         try:
@@ -152,7 +152,7 @@ class StowReceiver:
         stored = self.listener.store_instance(
             data, checked, called=self.listener.config.ae_title, calling=CALLING_AE, syntax=syntax
         )
-        return checked.sop_uid, checked.sop_class, 0 if stored is not None else STATUS_OUT_OF_RESOURCES
+        return checked.sop_uid, checked.sop_class, STATUS_SUCCESS if stored is not None else STATUS_OUT_OF_RESOURCES
 
 
 class _GuardedHTTPServer(ThreadingHTTPServer):
@@ -180,6 +180,8 @@ class _GuardedHTTPServer(ThreadingHTTPServer):
             self.finish_request(request, client_address)
         except OSError as exc:  # a TLS handshake that failed, a peer that went silent or away
             log.warning("STOW-RS connection from %s dropped: %s", client_address[0], exc)
+        except Exception:  # a fault of ours: logged with its traceback; the other connections go on
+            log.exception("STOW-RS connection from %s failed", client_address[0])
         finally:
             self.guard.release()
             self.shutdown_request(request)
@@ -244,7 +246,12 @@ def _handler(
             chunks: list[bytes] = []
             total = 0
             while True:
-                size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"0", 16)
+                line = self.rfile.readline(1024).split(b";", 1)[0].strip()
+                try:
+                    size = int(line or b"0", 16)
+                except ValueError:
+                    self._error(400, "malformed chunked transfer coding")
+                    return None
                 if size == 0:
                     while self.rfile.readline(1024).strip():  # trailers, then the empty line
                         pass
