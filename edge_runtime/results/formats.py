@@ -7,7 +7,6 @@ can write; a destination lists the ones its receiver reads. The defaults are wha
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Collection
 
 BINARY = "binary"
@@ -36,17 +35,3 @@ def check_formats(formats: Collection[str]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown result format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}")
     return tuple(name for name in FORMATS if name in formats)
-
-
-#: the module a format's writer needs beyond the core install, and the extra that installs it
-_NEEDS = {RTSTRUCT: ("skimage", "rtstruct")}
-
-
-def unavailable(formats: Collection[str]) -> dict[str, str]:
-    """Each of ``formats`` whose writer cannot run in this install, with how to install it: configuration checks
-    this at start-up, so that a destination asking for such a format is refused then, not at the first series."""
-    return {
-        name: f"pip install 'edge-runtime[{extra}]'"
-        for name, (module, extra) in _NEEDS.items()
-        if name in formats and importlib.util.find_spec(module) is None
-    }

@@ -3,8 +3,8 @@ overlays with their Key Object Selection (:mod:`edge_runtime.results.formats` na
 
 Each is written atomically under its own file name and each is optional: a format that cannot be made for this
 series (FRACTIONAL without the model's probabilities; an RT Structure Set for a source without a Frame of
-Reference; a writer whose optional dependency is missing) is reported with its reason and costs nothing else,
-since destinations that asked for other formats must still get theirs.
+Reference) is reported with its reason and costs nothing else, since destinations that asked for other formats
+must still get theirs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from edge_runtime.dicom import write_atomic
-from edge_runtime.errors import MissingDependencyError
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results.formats import FRACTIONAL, LABELMAP, OVERLAY, RTSTRUCT
@@ -114,7 +113,7 @@ def write_objects(
         t0 = time.perf_counter()
         try:
             written.objects[name] = write()
-        except (_NotMade, MissingDependencyError, ValueError) as exc:
+        except (_NotMade, ValueError) as exc:
             # ValueError: the writers' word for a source this format cannot describe (checked before writing)
             written.not_written[name] = str(exc)
             log.warning("result format %s not written: %s", name, exc)

@@ -7,12 +7,12 @@ systems and dicompyler/rt-utils apply. Every contour references its source image
 Study/Series/Contour Image sequences list every source instance. A label with no voxel has no ROI: an ROI
 without contours is valid DICOM, but readers such as rt-utils fail on it (the SEG and SR still list it).
 
-Outlines: marching squares (:func:`skimage.measure.find_contours`) on each slice's mask, inside the label's
-bounding box; vertices in the middle of straight runs are dropped. Each vertex lies between a pixel inside and
-one outside, 0.45 pixel from the inside one (level 0.55, not 0.5), so that both ways readers rasterise give back
-the mask: testing pixel centres against the polygon (planning systems, matplotlib), and rounding vertices to
-pixel centres and filling with the outline included (OpenCV's fillPoly, as rt-utils does; at 0.5, rounding
-half to even would add every other outside pixel).
+Outlines: marching squares (contourpy, matplotlib's C++ contour generator, small and numpy-only) on each
+slice's mask, inside the label's bounding box; vertices in the middle of straight runs are dropped. Each vertex
+lies between a pixel inside and one outside, 0.45 pixel from the inside one (level 0.55, not 0.5), so that both
+ways readers rasterise give back the mask: testing pixel centres against the polygon (planning systems,
+matplotlib), and rounding vertices to pixel centres and filling with the outline included (OpenCV's fillPoly,
+as rt-utils does; at 0.5, rounding half to even would add every other outside pixel).
 
 Encoding: the ROI Contour Sequence (tens of thousands of contours on a whole-body CT) is written as Implicit VR
 Little Endian bytes, as pydicom would write it, rather than as Datasets with DS values (seconds); the file is
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Collection, Iterator
+from typing import cast
 
+import contourpy
 import numpy as np
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -32,7 +34,6 @@ from scipy import ndimage
 
 from edge_runtime import __version__
 from edge_runtime.dicom import derive_uid
-from edge_runtime.extras import require
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results._elements import implicit_element, implicit_sequence, item, raw_implicit_sequence
@@ -53,11 +54,12 @@ STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     """The closed outlines of a 2-D boolean mask as (n, 2) arrays of (row, column) pixel coordinates, without the
     repeated closing vertex and without vertices in the middle of straight runs."""
-    measure = require("skimage.measure", feature="RTSTRUCT results", extra="rtstruct", package="scikit-image")
-    padded = np.pad(mask.astype(np.uint8), 1)  # outlines close at the image border too
+    padded = np.pad(mask.astype(np.float64), 1)  # outlines close at the image border too
     out = []
-    for contour in measure.find_contours(padded, LEVEL):
-        points = contour[:-1] - 1.0 if np.array_equal(contour[0], contour[-1]) else contour - 1.0
+    generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
+    for line in cast("list[np.ndarray]", generator.lines(LEVEL)):  # Separate: one (n, 2) array per line
+        xy = line[:-1] if np.array_equal(line[0], line[-1]) else line
+        points = xy[:, ::-1] - 1.0  # contourpy gives (x, y) = (column, row) of the padded mask
         if len(points) < 3:
             continue
         before = points - np.roll(points, 1, axis=0)
