@@ -16,12 +16,15 @@ in a manifest, costs nothing to compute, reads the same for every feature, and h
 its minimum and one above its maximum, so a value never seen at export (a spacing the model was not checked
 on) lands in a bin of its own. Both sides are smoothed with half a count per bin.
 
-PSI alone misleads on a small window: with B bins and N series its expected value without any drift is about
-(B - 1) / N (0.08 for 7 bins and 50 series; above 0.25 at times for N = 20). So a level is reached only when a
-test says the difference is also unlikely to be chance: the **two-sample Kolmogorov-Smirnov test** for numeric
+PSI alone misleads on the small samples a device sees: with B bins, N series in the window and M in the
+reference, its expected value without any drift is about (B - 1)(1/N + 1/M): 0.22 for 7 bins, N = 50 and
+M = 60, and 0.6 for N = M = 20, past the conventional thresholds by chance alone. So a level is reached only when
+a test says the difference is also unlikely to be chance: the **two-sample Kolmogorov-Smirnov test** for numeric
 features (against the reference sample kept in the manifest, up to :data:`MAX_SAMPLE` order statistics) and a
 chi-square goodness-of-fit test for the scanner mix. ``watch`` needs PSI >= 0.1 and p < 0.05, ``alarm`` needs
-PSI >= 0.25 and p < 0.01, and neither is given before the window holds ``min_series`` series.
+PSI >= 0.25 and p < 0.01, each p divided by the number of features tested (Bonferroni: a dozen tests after
+every series would otherwise raise a level by chance every few series), and neither is given before the window
+holds ``min_series`` series.
 """
 
 from __future__ import annotations
@@ -236,14 +239,14 @@ def compare(
     """PSI and test per feature of ``reference`` present in the window; features the window lacks are skipped."""
     from scipy.stats import chisquare, ks_2samp
 
-    out = []
+    measured: list[tuple[str, float, float, int]] = []
     for name, num in reference.numeric.items():
         x = np.asarray([float(s[name]) for s in window if isinstance(s.get(name), (int, float))])
         if not len(x):
             continue
         actual = _smoothed(np.bincount(num.bin_of(x), minlength=num.bins))
         p = float(ks_2samp(x, np.asarray(num.sample)).pvalue)
-        out.append(_judged(name, _psi(actual, np.asarray(num.expected)), p, len(x), min_series))
+        measured.append((name, _psi(actual, np.asarray(num.expected)), p, len(x)))
     for name, cat in reference.categorical.items():
         values = [str(s[name]) for s in window if name in s]
         if not values:
@@ -253,19 +256,22 @@ def compare(
         expected = _smoothed(np.asarray([cat.expected.get(k, 0.0) * cat.n for k in keys]))
         actual = _smoothed(seen)
         p = float(chisquare(seen, expected * len(values)).pvalue)
-        out.append(_judged(name, _psi(actual, expected), p, len(values), min_series))
-    return out
+        measured.append((name, _psi(actual, expected), p, len(values)))
+    # a dozen features are tested after every series: each test must pass its level's significance divided by
+    # their number (Bonferroni), or chance alone would raise a level every few series
+    tests = max(1, len(measured))
+    return [_judged(name, psi, p, n, min_series, tests) for name, psi, p, n in measured]
 
 
 def _psi(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
-def _judged(name: str, psi: float, p: float, n: int, min_series: int) -> FeatureDrift:
+def _judged(name: str, psi: float, p: float, n: int, min_series: int, tests: int) -> FeatureDrift:
     level = "ok"
-    if n >= min_series and psi >= PSI_ALARM and p < P_ALARM:
+    if n >= min_series and psi >= PSI_ALARM and p < P_ALARM / tests:
         level = "alarm"
-    elif n >= min_series and psi >= PSI_WATCH and p < P_WATCH:
+    elif n >= min_series and psi >= PSI_WATCH and p < P_WATCH / tests:
         level = "watch"
     return FeatureDrift(name, round(psi, 4), p if math.isfinite(p) else 1.0, n, level)
 
