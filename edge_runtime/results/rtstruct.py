@@ -47,6 +47,8 @@ __all__ = ["build_rtstruct", "slice_contours"]
 SERIES_OFFSET = 3
 #: the marching squares level: vertices 0.45 pixel out from the inside pixel centres (see the module notes)
 LEVEL = 0.55
+#: how many pixels :func:`stack_contours` contours at once (float64: 128 MB)
+_TILE_PIXELS = 16 << 20
 #: Referenced SOP Class UID of the RT Referenced Study Sequence (PS3.3 C.8.8.5: Detached Study Management)
 STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
 
@@ -54,19 +56,34 @@ STUDY_COMPONENT_CLASS = "1.2.840.10008.3.1.2.3.1"
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     """The closed outlines of a 2-D boolean mask as (n, 2) arrays of (row, column) pixel coordinates, without the
     repeated closing vertex and without vertices in the middle of straight runs."""
-    padded = np.pad(mask.astype(np.float64), 1)  # outlines close at the image border too
-    out = []
-    generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
-    for line in cast("list[np.ndarray]", generator.lines(LEVEL)):  # Separate: one (n, 2) array per line
-        xy = line[:-1] if np.array_equal(line[0], line[-1]) else line
-        points = xy[:, ::-1] - 1.0  # contourpy gives (x, y) = (column, row) of the padded mask
-        if len(points) < 3:
-            continue
-        before = points - np.roll(points, 1, axis=0)
-        after = np.roll(points, -1, axis=0) - points
-        turns = np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9
-        out.append(points[turns] if turns.sum() >= 3 else points)
-    return out
+    return stack_contours(mask[None])[0]
+
+
+def stack_contours(masks: np.ndarray) -> list[list[np.ndarray]]:
+    """:func:`slice_contours` of each of ``masks`` (slices, rows, columns).
+
+    The slices are laid side by side in one image, each with a border of background, and contoured at once,
+    a few million pixels at a time: one contour generator per label rather than one per slice (building one
+    costs more than contouring a slice). The border keeps every outline within its own slice."""
+    n, rows, cols = masks.shape
+    per_slice: list[list[np.ndarray]] = [[] for _ in range(n)]
+    step = max(1, _TILE_PIXELS // ((rows + 2) * (cols + 2)))
+    for first in range(0, n, step):
+        chunk = masks[first : first + step]
+        tiles = np.zeros((rows + 2, len(chunk), cols + 2), np.float64)
+        tiles[1:-1, :, 1:-1] = chunk.transpose(1, 0, 2)
+        generator = contourpy.contour_generator(z=tiles.reshape(rows + 2, -1), line_type=contourpy.LineType.Separate)
+        for line in cast("list[np.ndarray]", generator.lines(LEVEL)):  # Separate: one (n, 2) array per line
+            xy = line[:-1] if np.array_equal(line[0], line[-1]) else line
+            k = int(xy[0, 0] // (cols + 2))
+            points = xy[:, ::-1] - (1.0, k * (cols + 2) + 1.0)  # contourpy gives (x, y) = (column, row)
+            if len(points) < 3:
+                continue
+            before = points - np.roll(points, 1, axis=0)
+            after = np.roll(points, -1, axis=0) - points
+            turns = np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9
+            per_slice[first + k].append(points[turns] if turns.sum() >= 3 else points)
+    return per_slice
 
 
 def _slice_frames(volume: Volume) -> tuple[list[np.ndarray], list[bytes]]:
@@ -109,11 +126,8 @@ def _contours_of(
     row_step = volume.row_direction * volume.spacing[2]  # along a row: the column index
     col_step = volume.column_direction * volume.spacing[1]  # down a column: the row index
     zs, ys, xs = box
-    for z in range(zs.start, zs.stop):
-        mask = labels[z, ys, xs] == value
-        if not mask.any():
-            continue
-        for points in slice_contours(mask):
+    for z, outlines in enumerate(stack_contours(labels[box] == value), start=zs.start):
+        for points in outlines:
             rows, cols = points[:, 0] + ys.start, points[:, 1] + xs.start
             xyz = origins[z] + np.outer(cols, row_step) + np.outer(rows, col_step)
             yield (
