@@ -15,8 +15,8 @@ Sources, each used only for what it says:
 
 ``edge-export package --domain FILE.json`` replaces, key by key, what was filled (``{"body_parts": [...]}``
 changes only the body parts). The manifest's file hashes cover the model and its reports, not the manifest
-itself: editing ``"domain"`` in ``manifest.json`` by hand needs no re-hash, and the runtime validates it at
-load (``edge-export verify PACKAGE`` shows the problems).
+itself: editing ``"domain"`` in ``manifest.json`` by hand needs no re-hash, and the runtime validates it when
+it loads the package (``edge-runtime serve`` names every problem at start).
 """
 
 from __future__ import annotations
