@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ExportError, StartupError
+from export.domain import DomainError, apply_override, base_domain, nnunet_domain
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ def _add_package_parser(subparsers: Any) -> None:
     meta.add_argument("--overlap", type=float)
     meta.add_argument("--blending", choices=("gaussian", "constant"))
     meta.add_argument("--batch-size", type=int)
+    meta.add_argument(
+        "--domain",
+        type=Path,
+        metavar="FILE",
+        help="JSON object whose keys replace those of the filled-in 'domain' (what the model was validated on)",
+    )
     norm = meta.add_mutually_exclusive_group()
     norm.add_argument("--ct-window", nargs=4, type=float, metavar=("LOWER", "UPPER", "MEAN", "STD"),
                       help="clip to [LOWER, UPPER] then (x - MEAN) / STD")
@@ -119,6 +126,9 @@ def _add_package_parser(subparsers: Any) -> None:
     out = p.add_argument_group("ONNX")
     out.add_argument("--opset", type=int, default=18)
     out.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    from export.nnunet_command import add_nnunet_arguments  # here: that module builds on this one
+
+    add_nnunet_arguments(p)
     p.set_defaults(func=run_package)
 
 
@@ -171,6 +181,10 @@ def run_package(args: argparse.Namespace) -> int:
 
     try:
         require("torch", feature="edge-export package", extra="export")
+        if args.nnunet and args.folds:  # nnU-Net's whole predictor pipeline, gated against nnUNetPredictor
+            from export.nnunet_command import run_nnunet_package
+
+            return run_nnunet_package(args)
         loaded = load_source(args)
         return _package(args, loaded)
     except StartupError as exc:  # a loader, command or missing-extra problem: the request cannot be served
@@ -294,9 +308,21 @@ def build_manifest(args: argparse.Namespace, loaded: Any) -> tuple[dict[str, Any
         "algorithm": {"name": name, "version": version, "family": "artificial-intelligence"},
         "source": source,
     }
+    manifest["domain"] = export_domain(args, manifest["series_filter"]["modalities"])
     if hints.get("notes"):
         manifest["notes"] = list(hints["notes"])
     return manifest, num_classes  # type: ignore[return-value]
+
+
+def export_domain(args: argparse.Namespace, modalities: list[str]) -> dict[str, Any]:
+    """The manifest's ``"domain"``: what the source says of its training data (:mod:`export.domain`), with
+    ``--domain``'s keys over it."""
+    try:
+        nnunet = getattr(args, "nnunet", None)
+        domain = nnunet_domain(nnunet, modalities) if nnunet else base_domain(modalities)
+        return apply_override(domain, getattr(args, "domain", None))
+    except DomainError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def resolve_labels(num_classes: int, names: dict[int, str], labels_json: Path | None) -> list[dict[str, Any]]:

@@ -293,16 +293,25 @@ def label_agreement(
         for runner in (reference, candidate):
             logits, _ = _window(image, package, runner)
             maps.append(argmax_labels(logits))
-        ref_counts = np.bincount(maps[0].ravel(), minlength=package.num_classes)
-        cand_counts = np.bincount(maps[1].ravel(), minlength=package.num_classes)
-        both = np.bincount(maps[0][maps[0] == maps[1]].ravel(), minlength=package.num_classes)
-        for value in range(1, package.num_classes):
-            total = int(ref_counts[value] + cand_counts[value])
-            dice = 1.0 if total == 0 else 2.0 * float(both[value]) / total
-            out.append(
-                LabelAgreement(vol_name, value, names.get(value, str(value)), dice, int(ref_counts[value]),
-                               int(cand_counts[value]))
-            )
+        out += label_dice(vol_name, maps[0], maps[1], names, package.num_classes)
+    return out
+
+
+def label_dice(
+    volume: str, reference: np.ndarray, candidate: np.ndarray, names: Mapping[int, str], num_classes: int
+) -> list[LabelAgreement]:
+    """Dice per label 1..K-1 between two label maps of one volume; 1.0 where both lack the label."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"{volume}: label maps of shape {reference.shape} and {candidate.shape}")
+    ref_counts = np.bincount(reference.ravel(), minlength=num_classes)
+    cand_counts = np.bincount(candidate.ravel(), minlength=num_classes)
+    both = np.bincount(reference[reference == candidate].ravel(), minlength=num_classes)
+    out = []
+    for value in range(1, num_classes):
+        total = int(ref_counts[value] + cand_counts[value])
+        dice = 1.0 if total == 0 else 2.0 * float(both[value]) / total
+        out.append(LabelAgreement(volume, value, names.get(value, str(value)), dice, int(ref_counts[value]),
+                                  int(cand_counts[value])))
     return out
 
 

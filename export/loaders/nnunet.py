@@ -110,11 +110,14 @@ def load_nnunet(
             f"trained with image reader {plans['image_reader_writer']}: check that its voxel order matches the "
             "DICOM (slice, row, column) order the runtime uses"
         )
-    notes.append("nnU-Net's test-time mirroring and ensembling over folds are not reproduced (one fold, no TTA)")
+    notes.append("the network only, on the runtime's generic pipeline (one fold, no test-time mirroring); "
+                 "--folds gives nnU-Net's whole predictor pipeline instead")
     return LoadedModel(module, input_channels, num_classes, hints)
 
 
-def _nnunet_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
+def _nnunet_configuration(plans: dict[str, Any], name: str, *, allow_2d: bool = False) -> dict[str, Any]:
+    """The configuration ``name`` with what it inherits; cascade stages are refused (they need the previous
+    stage's segmentation), 2D ones unless ``allow_2d``."""
     configs = plans.get("configurations", {})
     if name not in configs:
         raise LoaderError(f"plans.json has no configuration {name!r} (it has: {', '.join(sorted(configs))})")
@@ -135,7 +138,7 @@ def _nnunet_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
     for key in ("spacing", "patch_size"):
         if key not in config:
             raise LoaderError(f"plans.json configuration {name!r} has no {key!r}")
-    if len(config["patch_size"]) != 3:
+    if len(config["patch_size"]) != 3 and not (allow_2d and len(config["patch_size"]) == 2):
         raise LoaderError(f"configuration {name!r} is {len(config['patch_size'])}D; the runtime runs 3D models")
     return config
 
@@ -200,6 +203,12 @@ def _numpy_safe_globals() -> list[Any]:
 
 
 def _nnunet_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    return _checkpoint_weights(_read_checkpoint(path, allow_pickle))
+
+
+def _read_checkpoint(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    """The whole checkpoint (weights, ``inference_allowed_mirroring_axes``, ``init_args`` ...), tensors-only unless
+    ``allow_pickle``."""
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
@@ -210,6 +219,11 @@ def _nnunet_checkpoint(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor
         ) from exc
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise LoaderError(f"{path.name} has no 'network_weights': not an nnU-Net v2 checkpoint")
+    return ckpt
+
+
+def _checkpoint_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network weights, without the ``_orig_mod.`` prefix torch.compile leaves."""
     state = {}
     for name, tensor in ckpt["network_weights"].items():
         state[name[len("_orig_mod.") :] if name.startswith("_orig_mod.") else name] = tensor
