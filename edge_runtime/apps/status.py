@@ -16,7 +16,11 @@ def print_status(spool_dir: Path) -> int:
         for r in rows:
             print(f"{r.key_hash:<14}{r.state.value:<12}{r.instance_count:>10}  {r.reason or ''}")
         counts = spool.outbox_counts()
-        print(f"outbox: {counts.get('pending', 0)} pending, {counts.get('sent', 0)} sent")
+        failed = counts.get("failed", 0)  # refused for good by a DICOMweb server (the reason is in the row)
+        print(
+            f"outbox: {counts.get('pending', 0)} pending, {counts.get('sent', 0)} sent"
+            + (f", {failed} refused for good" if failed else "")
+        )
     finally:
         spool.close()
     return 0

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from edge_runtime.apps.status import print_status
 from edge_runtime.dicomweb import StowReport
 from edge_runtime.egress.destination import Destination
 from edge_runtime.egress.sender import RetryPolicy, Sender
@@ -100,7 +101,9 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
     s.close()
 
 
-def test_stow_answers_decide_sent_retry_or_refused(spool: Spool, files: list[Path]) -> None:
+def test_stow_answers_decide_sent_retry_or_refused(
+    spool: Spool, files: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     a, b, c = files
     partial = StowReport(stored=[(uid(a), "1.2")], failed=[(uid(b), "1.2", 0xA700), (uid(c), "1.2", 0xC000)])
     server = ScriptedServer([(503, b"busy"), (202, partial.to_json()), (400, b'{"error": "bad multipart"}')])
@@ -120,6 +123,8 @@ def test_stow_answers_decide_sent_retry_or_refused(spool: Spool, files: list[Pat
         assert state == "failed" and error is not None and "HTTP 400" in error and "bad multipart" in error
         assert sender.send_due() == 0 and len(server.requests) == 3, "nothing is left to send"
         assert server.requests[0]["Content-Type"].startswith('multipart/related; type="application/dicom"')
+        print_status(spool.root)
+        assert "outbox: 0 pending, 1 sent, 2 refused for good" in capsys.readouterr().out
     finally:
         server.stop()
 
