@@ -638,6 +638,11 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: bytes | dict | None = None, content_type: str = "") -> Any:
         """One REST call; the decoded JSON answer (None when empty). An HTTP error raises RuntimeError."""
+        raw = self.raw(method, path, body, content_type)
+        return json.loads(raw) if raw.strip() else None
+
+    def raw(self, method: str, path: str, body: bytes | dict | None = None, content_type: str = "") -> bytes:
+        """One REST call; the body of the answer as it came. An HTTP error raises RuntimeError."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
         if data is not None:
@@ -646,11 +651,10 @@ class Orthanc:
             request.add_header("Authorization", self._auth)
         try:
             with urllib.request.urlopen(request, timeout=120) as r:
-                raw = r.read()
+                return bytes(r.read())
         except urllib.error.HTTPError as exc:
             with exc:
                 raise RuntimeError(f"Orthanc {method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
-        return json.loads(raw) if raw.strip() else None
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -669,6 +673,11 @@ class Orthanc:
         """Every instance it holds as {SOP Instance UID: SOP Class UID}, asked through DICOMweb QIDO-RS."""
         found = self.get("/dicom-web/instances?includefield=00080016") or []
         return {item["00080018"]["Value"][0]: item["00080016"]["Value"][0] for item in found}
+
+    def instance_file(self, sop_uid: str) -> bytes:
+        """The file Orthanc keeps for one SOP Instance UID (``/tools/lookup``, then ``/instances/<id>/file``)."""
+        [found] = [r for r in self.post("/tools/lookup", sop_uid.encode(), "text/plain") if r["Type"] == "Instance"]
+        return self.raw("GET", f"/instances/{found['ID']}/file")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

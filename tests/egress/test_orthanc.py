@@ -163,6 +163,9 @@ def test_each_destination_gets_its_formats_and_a_dead_one_holds_back_nothing(
     at_orthanc = orthanc.instances()
     assert routed["orthanc"].items() <= at_orthanc.items(), "Orthanc (QIDO-RS) holds what was sent by STOW-RS"
     assert not set(routed["pacs"]) - set(routed["orthanc"]) & set(at_orthanc), "and nothing it did not ask for"
+    for path, name, *_ in rows:
+        if name == "orthanc":  # Orthanc keeps the bytes that were checked at storescp
+            assert orthanc.instance_file(sop_of(path)[0]) == Path(path).read_bytes(), Path(path).name
 
     end = time.monotonic() + 30
     while True:  # the dead destination is tried after the others, and again after its back-off
