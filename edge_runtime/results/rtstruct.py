@@ -2,10 +2,11 @@
 
 One ROI per package label (ROI number = segment number of the SEG, colour = the label's colour, name = its name,
 generation AUTOMATIC), each with one CLOSED_PLANAR contour per connected outline on each source slice where the
-label is present. Holes are contours of their own on the same slice, the even-odd reading that planning
-systems and dicompyler/rt-utils apply. Every contour references its source image, and the RT Referenced
-Study/Series/Contour Image sequences list every source instance. A label with no voxel has no ROI: an ROI
-without contours is valid DICOM, but readers such as rt-utils fail on it (the SEG and SR still list it).
+label is present. Holes are contours of their own on the same slice, read by the even-odd rule (as rt-utils
+does, filling all of a slice's contours at once with OpenCV). Every contour references its source image, and
+the RT Referenced Study/Series/Contour Image sequences list every source instance. A label with no voxel has no
+ROI: an ROI without contours is valid DICOM, but readers such as rt-utils fail on it (the SEG and SR still list
+it).
 
 Outlines: marching squares (contourpy, matplotlib's C++ contour generator, small and numpy-only) on each
 slice's mask, inside the label's bounding box; vertices in the middle of straight runs are dropped. Each vertex
