@@ -10,6 +10,7 @@ some failed (or carry warnings), 409 when none was stored.
 from __future__ import annotations
 
 import json
+import mmap
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,8 +67,10 @@ def encode_multipart(parts: Iterable[bytes]) -> tuple[bytes, str]:
     return b"".join(chunks), f'multipart/related; type="{DICOM}"; boundary={boundary}'
 
 
-def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
-    """The parts of a multipart body as (Content-Type, content); an absent part Content-Type is ``""``."""
+def split_multipart(body: bytes | mmap.mmap, boundary: str) -> list[tuple[str, slice]]:
+    """Where the parts of a multipart body are: (Content-Type, the slice of ``body`` that is its content); an
+    absent part Content-Type is ``""``. Nothing is copied, so a body mapped from a file stays on disk until each
+    part is read."""
     # RFC 2046 allows 70 characters; Orthanc 1.10's DICOMweb plugin sends 73, so be liberal in what we accept
     if not boundary or len(boundary) > 200:
         raise MultipartError("the Content-Type names no usable boundary")
@@ -75,9 +78,9 @@ def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
     start = body.find(delimiter)
     if start < 0:
         raise MultipartError("the body holds no part (boundary not found)")
-    parts: list[tuple[str, bytes]] = []
+    parts: list[tuple[str, slice]] = []
     pos = start + len(delimiter)
-    while not body.startswith(b"--", pos):
+    while body[pos : pos + 2] != b"--":
         header_end = body.find(b"\r\n\r\n", pos)
         end = body.find(b"\r\n" + delimiter, header_end + 4 if header_end >= 0 else pos)
         if header_end < 0 or end < 0:
@@ -87,7 +90,7 @@ def split_multipart(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
             name, _, value = line.partition(":")
             if name.strip().lower() == "content-type":
                 content_type = parse_content_type(value.strip())[0]
-        parts.append((content_type, body[header_end + 4 : end]))
+        parts.append((content_type, slice(header_end + 4, end)))
         pos = end + 2 + len(delimiter)
     return parts
 

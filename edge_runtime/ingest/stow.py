@@ -26,14 +26,16 @@ import hmac
 import io
 import ipaddress
 import logging
+import mmap
 import re
 import socket
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 
@@ -92,7 +94,7 @@ class StowReceiver:
         )
         self.listener = listener
         self.policy = _Policy.of(listener, token_file)
-        handler = _handler(self._receive, self.policy, timeout=cfg.network_timeout)
+        handler = _handler(self._receive, self.policy, timeout=cfg.network_timeout, scratch=listener.spool.tmp_dir)
         self.httpd = _GuardedHTTPServer((cfg.host, port), handler, guard)
         self._thread: threading.Thread | None = None
 
@@ -113,8 +115,9 @@ class StowReceiver:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _receive(self, parts: list[tuple[str, bytes]], study: str | None) -> StowReport:
-        """Check and store each part; what became of each, in the response's terms."""
+    def _receive(self, parts: Iterable[tuple[str, bytes]], study: str | None) -> StowReport:
+        """Check and store each part (Content-Type, content) as it comes; what became of each, in the response's
+        terms."""
         report = StowReport()
         for content_type, data in parts:
             sop_uid, sop_class, status = self._store_part(content_type, data, study)
@@ -188,7 +191,11 @@ class _GuardedHTTPServer(ThreadingHTTPServer):
 
 
 def _handler(
-    receive: Callable[[list[tuple[str, bytes]], str | None], StowReport], policy: _Policy, *, timeout: float
+    receive: Callable[[Iterable[tuple[str, bytes]], str | None], StowReport],
+    policy: _Policy,
+    *,
+    timeout: float,
+    scratch: Path,
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -207,14 +214,20 @@ def _handler(
             media, params = parse_content_type(self.headers.get("Content-Type", ""))
             if media != "multipart/related" or params.get("type", DICOM).lower() != DICOM:
                 return self._error(415, f'expected multipart/related; type="{DICOM}"')
-            body = self._body()
-            if body is None:
-                return None
-            try:
-                parts = split_multipart(body, params.get("boundary", ""))
-            except MultipartError as exc:
-                return self._error(400, str(exc))
-            report = receive(parts, match["study"])
+            # the body waits in an unnamed file beside the spool, mapped into memory one part at a time: a
+            # request of many instances costs disk, not memory
+            with tempfile.TemporaryFile(dir=scratch) as file:
+                if not self._body(file):
+                    return None
+                if file.tell() == 0:
+                    return self._error(400, "the body is empty")
+                file.flush()
+                with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as body:
+                    try:
+                        where = split_multipart(body, params.get("boundary", ""))
+                    except MultipartError as exc:
+                        return self._error(400, str(exc))
+                    report = receive(((kind, body[at]) for kind, at in where), match["study"])
             self._send(report.http_status, report.to_json(), DICOM_JSON)
             return None
 
@@ -229,39 +242,40 @@ def _handler(
             given = self.headers.get("Authorization", "")
             return bool(token) and hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
-        def _body(self) -> bytes | None:
-            """The request body (plain or chunked), or None after answering 411/413."""
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                return self._chunked()
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self._error(411, "Content-Length or chunked transfer coding required")
-                return None
-            if int(length) > policy.max_bytes:
-                self._error(413, f"larger than {policy.max_bytes} bytes")
-                return None
-            return self.rfile.read(int(length))
-
-        def _chunked(self) -> bytes | None:
-            chunks: list[bytes] = []
-            total = 0
+        def _body(self, into: BinaryIO) -> bool:
+            """Copy the request body (plain or chunked) into ``into``; False after answering 400/411/413."""
+            if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                length = self.headers.get("Content-Length")
+                if length is None or not length.isdigit():
+                    self._error(411, "Content-Length or chunked transfer coding required")
+                    return False
+                return self._copy(int(length), into)
             while True:
                 line = self.rfile.readline(1024).split(b";", 1)[0].strip()
                 try:
                     size = int(line or b"0", 16)
                 except ValueError:
                     self._error(400, "malformed chunked transfer coding")
-                    return None
+                    return False
                 if size == 0:
                     while self.rfile.readline(1024).strip():  # trailers, then the empty line
                         pass
-                    return b"".join(chunks)
-                total += size
-                if total > policy.max_bytes:
-                    self._error(413, f"larger than {policy.max_bytes} bytes")
-                    return None
-                chunks.append(self.rfile.read(size))
+                    return True
+                if not self._copy(size, into):
+                    return False
                 self.rfile.readline(16)
+
+        def _copy(self, size: int, into: BinaryIO) -> bool:
+            if into.tell() + size > policy.max_bytes:
+                self._error(413, f"larger than {policy.max_bytes} bytes")
+                return False
+            while size > 0:
+                chunk = self.rfile.read(min(size, 1 << 20))
+                if not chunk:
+                    raise ConnectionError("the request body ended early")
+                into.write(chunk)
+                size -= len(chunk)
+            return True
 
         def _error(self, code: int, detail: str, headers: dict[str, str] | None = None) -> None:
             log.warning("STOW-RS request from %s answered %d: %s", self.client_address[0], code, detail)

@@ -159,3 +159,29 @@ def test_the_response_is_dicom_json(receiver: StowReceiver, ct_files: list[Path]
     code, text = answer(f"http://127.0.0.1:{receiver.port}/studies", body, content_type)
     data = json.loads(text)
     assert code == 200 and data["00081199"]["vr"] == "SQ" and data["00081199"]["Value"][0]["00081155"]["vr"] == "UI"
+
+
+def test_a_body_larger_than_the_instance_limit_is_413_and_nothing_is_stored(
+    tmp_path: Path, ct_files: list[Path]
+) -> None:
+    data = ct_files[0].read_bytes()
+    receiver = start(tmp_path, max_instance_bytes=len(data) // 2)
+    try:
+        response = post(target(receiver), [data], timeout=10)
+        assert response.status == 413 and response.final
+        assert receiver.listener.spool.all_series() == []
+        assert list(receiver.listener.spool.tmp_dir.iterdir()) == [], "the body's scratch file is gone"
+    finally:
+        receiver.stop()
+
+
+def test_a_chunked_body_is_read_as_routers_send_it(receiver: StowReceiver, ct_files: list[Path]) -> None:
+    body, content_type = encode_multipart([p.read_bytes() for p in ct_files[:2]])
+    chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{receiver.port}/studies",
+        data=iter(chunks),
+        headers={"Content-Type": content_type, "Transfer-Encoding": "chunked"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 200 and len(StowReport.from_json(r.read()).stored) == 2
