@@ -172,14 +172,17 @@ class Destination:
             table.update(kind=DICOMWEB, url=target[len(_WEB_PREFIX) :])
         else:
             table.update(kind=DIMSE, address=target)
-        if "password" in table or "token" in table:
-            raise ValueError("secrets are not taken on the command line: use token_env/token_file or password_env/...")
         return cls.from_table(table)
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> Destination:
-        """A ``[[destination]]`` TOML table (keys with dashes or underscores); every problem in one ValueError."""
+        """A ``[[destination]]`` TOML table (keys with dashes or underscores); a ValueError names what is wrong."""
         values = {str(k).replace("-", "_"): v for k, v in table.items()}
+        if secrets := sorted({"password", "token"} & set(values)):
+            raise ValueError(
+                f"{' and '.join(secrets)} given as a value: secrets are named by where they are kept "
+                "(token_env or token_file, password_env or password_file), never written in the configuration"
+            )
         kind = str(values.pop("kind", DICOMWEB if "url" in values else DIMSE))
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")

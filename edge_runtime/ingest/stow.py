@@ -5,9 +5,10 @@ It is the listener by another door, not a second listener: every instance is che
 :func:`~edge_runtime.ingest.listener.inspect_dataset`, must be of a SOP class and transfer syntax the listener
 accepts (read from its negotiated contexts), and is stored through :meth:`Listener.store_instance`: durable in
 the spool before the response says so, grouped under the listener's AE title with the series that came by
-C-STORE, and announced to the tracker. Connections pass the same :class:`~edge_runtime.ingest.guard
-.ConnectionGuard` (allowed networks, a cap on connections) and the same TLS context (with ``tls_ca``, clients
-must present a certificate). AE titles do not exist in HTTP: ``allowed_calling_aets`` has no say here; a bearer
+C-STORE, and announced to the tracker. Connections pass a :class:`~edge_runtime.ingest.guard.ConnectionGuard`
+with the listener's allowed networks (and a cap of ``max_associations`` connections), and TLS uses the
+listener's certificate through the same :func:`~edge_runtime.ingest.guard.tls_context` (with ``tls_ca``,
+clients must present a certificate). AE titles do not exist in HTTP: ``allowed_calling_aets`` has no say here; a bearer
 token (``stow_token_file``, read at each request) takes its place.
 
 Completion: an HTTP request carries no "association released" evidence, and a router may split a series over

@@ -40,7 +40,7 @@ def test_the_compact_form_names_formats_and_a_dicomweb_server(tmp_path: Path, mo
         ("PACS@h:104;formats=binary,jpeg", "unknown result format(s) jpeg"),
         ("PACS@h:104;formats=", "formats is empty"),
         ("PACS@h:104;colour=blue", "unknown key(s) for a dimse destination: colour"),
-        ("dicomweb+https://h/dw;token=abc", "secrets are not taken on the command line"),
+        ("dicomweb+https://h/dw;token=abc", "token given as a value: secrets are named by where they are kept"),
         ("dicomweb+https://user:pw@h/dw", "credentials do not belong in the URL"),
         ("dicomweb+ftp://h/dw", "is not an http:// or https:// URL"),
         ("dicomweb+https://h/dw;token-env=EDGE_TEST_UNSET_VARIABLE", "EDGE_TEST_UNSET_VARIABLE is not set"),
