@@ -116,8 +116,7 @@ class NnunetParityReport:
             "",
             f"Reference: {self.reference}; candidate: {self.candidate}.",
             f"Settings: configuration {s.get('configuration')}, folds {', '.join(s.get('folds', []))}, mirroring "
-            f"{'on over axes ' + str(s.get('mirror_axes')) if s.get('use_mirroring') else 'off'}, tile step "
-            f"{s.get('tile_step_size')}.",
+            f"{_mirroring(s)}, tile step {s.get('tile_step_size')}, logits accumulated in {s.get('accumulate')}.",
             f"Gate: Dice >= {self.options.min_dice:g} per label and volume; softmax probabilities within "
             f"{self.options.max_probability_error:g} at every voxel.",
             f"Needed: min Dice {self.needed_min_dice if self.needed_min_dice is not None else float('nan'):.4f}, "
@@ -130,6 +129,12 @@ class NnunetParityReport:
         if failures:
             lines += ["## Failed checks", "", *(f"- {f}" for f in failures), ""]
         return "\n".join(lines)
+
+
+def _mirroring(settings: dict[str, Any]) -> str:
+    if not settings.get("mirror_axes"):
+        return "none (the checkpoint allows no axes)"
+    return f"on over axes {settings['mirror_axes']}" if settings.get("use_mirroring") else "off"
 
 
 class NnunetReference:

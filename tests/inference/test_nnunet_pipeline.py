@@ -96,3 +96,11 @@ def test_manifest_section_round_trips_and_problems_are_all_reported() -> None:
     text = "\n".join(problems)
     assert "not inverse permutations" in text and "tile_step_size" in text and "SomethingNew" in text
     assert "orders must be integers 0-5" in text and len(problems) == 4
+
+
+def test_confidence_without_probabilities_is_the_chosen_softmax() -> None:
+    from edge_runtime.inference.nnunet.pipeline import chosen_probability, softmax
+
+    logits = np.random.default_rng(3).normal(0, 4, (4, 5, 6, 7)).astype(np.float16)
+    expected = softmax(logits.astype(np.float32)).max(axis=0)
+    np.testing.assert_allclose(chosen_probability(logits), expected, rtol=1e-6)

@@ -89,26 +89,40 @@ def predict_case(
     logits = resample(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
                       settings.resampling_probabilities, settings.anisotropy_threshold)
     labels_crop = np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)
-    logits = softmax(logits.astype(np.float32, copy=False))  # in place: now probabilities
     where = tuple(slice(lo, hi) for lo, hi in case.bbox)
     backward = list(settings.transpose_backward)
     labels = np.zeros(case.shape_before_cropping, dtype=labels_crop.dtype)
     labels[where] = labels_crop
     confidence = np.ones(case.shape_before_cropping, dtype=np.float32)  # outside the crop: background, certain
-    confidence[where] = logits.max(axis=0)
     probs = None
     if probabilities:
+        logits = softmax(logits.astype(np.float32, copy=False))  # in place: now probabilities
+        confidence[where] = logits.max(axis=0)
         # revert_cropping_on_probabilities: background 1 outside the crop
         probs = np.zeros((num_classes, *case.shape_before_cropping), dtype=np.float32)
         probs[0] = 1
         every_class = (slice(None), *where)
         probs[every_class] = logits
         probs = np.ascontiguousarray(probs.transpose([0, *[a + 1 for a in backward]]))
+    else:
+        confidence[where] = chosen_probability(logits)
     del logits
     labels = np.ascontiguousarray(labels.transpose(backward))
     confidence = np.ascontiguousarray(confidence.transpose(backward))
     timings["postprocess"] = time.perf_counter() - t0
     return CaseResult(labels, confidence, probs, timings, windows)
+
+
+def chosen_probability(logits: np.ndarray) -> np.ndarray:
+    """The softmax probability of the largest logit, ``1 / sum(exp(l - max))``, one slice at a time (no float32
+    copy of every class at once)."""
+    out = np.empty(logits.shape[1:], dtype=np.float32)
+    for i in range(logits.shape[1]):
+        part = logits[:, i].astype(np.float32)
+        part -= part.max(axis=0)
+        np.exp(part, out=part)
+        out[i] = 1.0 / part.sum(axis=0)
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
