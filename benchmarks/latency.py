@@ -306,8 +306,16 @@ def plot(path: Path, meta: dict, runs: list[dict]) -> None:
             x += max(d, 0.0)
         names.append(f"{r['kind']} {r['index'] + 1}")
         total = r["derived"]["first_sent_to_seg_stored"]
-        ax.text(total, i, f" {r['derived']['last_ack_to_seg_stored']:.2f} s after last ack", va="center", fontsize=8)
-    ax.set_xlim(0, 1.22 * max(r["derived"]["first_sent_to_seg_stored"] for r in runs))
+        streamed = r.get("streaming") or {}
+        note = (
+            f"\n streamed {streamed['slabs_streamed']}/{streamed['slabs_streamed'] + streamed['slabs_at_completion']}"
+            f" slabs while arriving ({streamed['streamed_s']:.0f} s of work)"
+            if streamed.get("slabs_streamed")
+            else ""
+        )
+        label = f" {r['derived']['last_ack_to_seg_stored']:.2f} s after last ack{note}"
+        ax.text(total, i, label, va="center", fontsize=8)
+    ax.set_xlim(0, 1.3 * max(r["derived"]["first_sent_to_seg_stored"] for r in runs))
     ax.set_yticks(range(len(runs)), names)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first instance was sent")
