@@ -299,6 +299,7 @@ class StreamingSession:
             t0 = time.perf_counter()
             grid = ModelGrid.for_volume(volume, self.package)
             problem = self._check(volume, grid)
+            self.slices = []  # the volume holds the pixels now: let the decoded slices go
         if problem:
             return problem
         pz = self.package.patch_size[0]
