@@ -46,7 +46,11 @@ def push_folder(folder: Path, dest: DimseNode, *, calling_ae: str = "PUSH", time
             report.failed = len(files)
             report.failures.append(f"association with {dest} not established")
             return report
-        for path, _, _ in files:
+        for path, sop_class, _ in files:
+            if not scu.accepts(sop_class):
+                report.failed += 1
+                report.failures.append(f"{path.name}: SOP class {sop_class} not accepted by {dest}")
+                continue
             result = scu.store(path)
             if result.success:
                 report.sent += 1

@@ -4,9 +4,10 @@ and backoff.
 A result leaves the outbox only when the destination answered success (C-STORE 0x0000 or a warning
 0xB000-0xBFFF; STOW-RS: the instance referenced, see :mod:`edge_runtime.egress.stow`). Anything else (connection
 refused, association rejected, a failure status, a timeout, an HTTP 5xx) is retried with exponential backoff;
-the row stays pending across restarts. Only a STOW-RS server can refuse an object for good (a 4xx that would be
-answered the same again); that row is marked failed, with the reason. Each destination is tried on its own, so
-one that is down holds back nothing sent elsewhere.
+the row stays pending across restarts. An object is refused for good only when asking again would get the same
+answer: a STOW-RS 4xx, or a DIMSE node that accepts no presentation context for its SOP class (DCMTK 3.6.7's
+storescp, for one, does not take the Label Map Segmentation class). That row is marked failed, with the reason.
+Each destination is tried on its own, so one that is down holds back nothing sent elsewhere.
 
 :class:`StoreSCU` is the one association-and-C-STORE code path: the :class:`Sender`'s outbox loop and
 ``edge-runtime push`` (:mod:`edge_runtime.apps.push`) both send through it.
@@ -26,9 +27,10 @@ from pathlib import Path
 from types import TracebackType
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from edge_runtime.dicom import is_success
 from edge_runtime.egress.delivery import Delivery
@@ -82,6 +84,10 @@ class StoreSCU:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, list(syntaxes))
+        # Verification too, which every node accepts: a node that accepts none of the storage classes then
+        # still answers, and :meth:`accepts` tells which objects it refuses, instead of an aborted association
+        # that looks like a node that is down
+        ae.add_requested_context(Verification)
         tls_args = None
         if destination.tls_ca is not None:
             context = ssl.create_default_context(cafile=str(destination.tls_ca))
@@ -99,6 +105,10 @@ class StoreSCU:
     @property
     def rejected(self) -> bool:
         return bool(self._association.is_rejected)
+
+    def accepts(self, sop_class: str) -> bool:
+        """Whether the node accepted a presentation context for ``sop_class`` on this association."""
+        return any(cx.abstract_syntax == sop_class for cx in self._association.accepted_contexts)
 
     def store(self, path: Path) -> StoreResult:
         """Send the file at ``path`` as it is, with C-STORE."""
@@ -248,9 +258,14 @@ class Sender:
                 for index in sop_classes:
                     yield index, Delivery.retry(why)
                 return
-            for index in sop_classes:
+            for index, sop_class in sop_classes.items():
                 if self._stop.is_set():
                     return
+                if not scu.accepts(sop_class):
+                    # the node does not store this kind of object; asking again would get the same answer
+                    name = getattr(UID(sop_class), "name", sop_class)
+                    yield index, Delivery.refused(f"{name} not accepted by the node (no presentation context)")
+                    continue
                 result = scu.store(paths[index])
                 if result.error is not None:
                     yield index, Delivery.retry(f"{type(result.error).__name__}: {result.error}")

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from edge_runtime.apps.status import print_status
+from edge_runtime.dicom import LabelMapSegmentationStorage
 from edge_runtime.dicomweb import StowReport
 from edge_runtime.egress.destination import Destination
 from edge_runtime.egress.sender import RetryPolicy, Sender
@@ -22,7 +23,7 @@ from edge_runtime.ingest.stow import StowReceiver
 from edge_runtime.spool import Spool
 from phantom import write_series
 from tests.ingest.test_listener import make_certs
-from tests.peers import free_port
+from tests.peers import StoreSCP, free_port
 
 
 class ScriptedServer:
@@ -193,3 +194,34 @@ def test_dimse_over_tls_verifies_the_node_and_presents_our_certificate(
     finally:
         listener.stop()
         node.close()
+
+
+def test_an_object_the_node_does_not_store_is_refused_for_good_and_the_rest_is_sent(
+    tmp_path: Path, spool: Spool, files: list[Path]
+) -> None:
+    """DCMTK 3.6.7's storescp has no presentation context for the Label Map Segmentation class: that object is
+    marked failed with the reason, not retried every few minutes forever, and the images on the same association
+    are stored."""
+    labelmap = tmp_path / "labelmap.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = LabelMapSegmentationStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.424242"
+    ds.save_as(labelmap)
+    pacs = StoreSCP(tmp_path / "pacs", fork=False)
+    try:
+        publish(spool, {"pacs": [*files, labelmap]})
+        sender = Sender(
+            spool,
+            "EDGE",
+            RetryPolicy(initial_seconds=30.0),
+            timeout=10,
+            destinations=[Destination.parse(f"{pacs.address};name=pacs")],
+        )
+        assert sender.send_due() == len(files)
+        rows = outbox(spool)
+        assert all(rows[(f.name, "pacs")][0] == "sent" for f in files)
+        state, _, error = rows[("labelmap.dcm", "pacs")]
+        assert state == "failed" and "not accepted by the node" in (error or "")
+        assert sender.send_due() == 0 and outbox(spool)[("labelmap.dcm", "pacs")][0] == "failed"
+    finally:
+        pacs.stop()
