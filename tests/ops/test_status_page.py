@@ -30,9 +30,11 @@ from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.ops.telemetry import Metrics
 from edge_runtime.ops.web import render
 from edge_runtime.ops.web.access import COOKIE, TOKEN_ENV, AccessToken
+from edge_runtime.ops.web.index import SpoolIndex
 from edge_runtime.ops.web.quality import confidence, dice_history, drift_gauges
 from edge_runtime.ops.web.server import HttpServer, Request, Response
 from edge_runtime.results.thumbnails import LARGE_SIZE, THUMB_SIZE
+from edge_runtime.spool import Spool
 from phantom import make_phantom, write_reference_seg, write_series
 from tests.peers import ServiceProcess, StoreSCP, free_port, storescu
 
@@ -362,3 +364,41 @@ def test_status_page_in_chromium(tmp_path: Path, storescp: StoreSCP) -> None:
         code = service.stop()
     assert code == 0, service.log()[-3000:]
     assert "Traceback" not in service.log()
+
+
+def test_failing_destinations_name_retries_and_objects_refused_for_good(tmp_path: Path) -> None:
+    """A destination that is down (pending after failed attempts) and one that refused an object for good (a SOP
+    class it does not store) are both listed with their last error; a destination that took everything is not."""
+    spool = Spool(tmp_path / "spool")
+    try:
+        spool.store(
+            b"x",
+            called_ae="EDGE",
+            calling_ae="CT",
+            study_uid="1.2",
+            series_uid="1.2.1",
+            sop_class="1.2",
+            sop_uid="1.2.1.1",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            modality="CT",
+        )
+        spool.queue_quiet_series(0.0)
+        job = spool.claim_job()
+        assert job is not None
+        files = [tmp_path / "seg.dcm", tmp_path / "labelmap.dcm"]
+        spool.publish(job.id, job.generation, "m", tmp_path, {"down": files, "old-pacs": files, "pacs": files})
+        for item in spool.due_outbox():
+            if item.destination == "down":
+                spool.mark_failed_attempt(item.id, "association not established", time.time() + 60)
+            elif item.destination == "old-pacs" and item.path.name == "labelmap.dcm":
+                spool.mark_undeliverable(item.id, "Label Map Segmentation Storage not accepted by the node")
+            else:
+                spool.mark_sent(item.id)
+        failing = {f.destination: f for f in SpoolIndex(spool.root).failing_destinations()}
+    finally:
+        spool.close()
+    assert set(failing) == {"down", "old-pacs"}
+    assert (failing["down"].pending, failing["down"].refused) == (2, 0)
+    assert failing["down"].last_error == "association not established"
+    assert (failing["old-pacs"].pending, failing["old-pacs"].refused) == (0, 1)
+    assert "not accepted" in (failing["old-pacs"].last_error or "")

@@ -72,8 +72,11 @@ class SeriesView:
 @dataclass(frozen=True)
 class FailingDestination:
     destination: str
+    #: results waiting after at least one failed attempt
     pending: int
     attempts: int
+    #: results the destination refused for good (state ``failed``)
+    refused: int
     last_error: str | None
 
 
@@ -114,15 +117,17 @@ class SpoolIndex:
         return None if row is None else Path(row[0])
 
     def failing_destinations(self) -> list[FailingDestination]:
-        """Destinations with results still pending after at least one failed attempt, with the newest error."""
+        """Destinations with results still pending after at least one failed attempt, or refused for good, with
+        the newest error."""
+        failing = "(state = 'pending' AND attempts > 0) OR state = 'failed'"
         with self._connect() as db:
             rows = db.execute(
-                "SELECT destination, COUNT(*), MAX(attempts), "
-                "(SELECT last_error FROM outbox e WHERE e.destination = o.destination AND e.state = 'pending' "
+                "SELECT destination, SUM(state = 'pending'), MAX(attempts), SUM(state = 'failed'), "
+                f"(SELECT last_error FROM outbox e WHERE e.destination = o.destination AND ({failing}) "
                 " AND e.last_error IS NOT NULL ORDER BY e.id DESC LIMIT 1) "
-                "FROM outbox o WHERE state = 'pending' GROUP BY destination HAVING MAX(attempts) > 0"
+                f"FROM outbox o WHERE {failing} GROUP BY destination"
             ).fetchall()
-        return [FailingDestination(r[0], r[1], r[2], r[3]) for r in rows]
+        return [FailingDestination(*r) for r in rows]
 
     def latencies(self, since: float) -> tuple[list[float], list[float]]:
         """Seconds from a series' last instance to its result, for results published after ``since``: (to the

@@ -115,7 +115,9 @@ class StatusPage:
         outbox = s.spool.outbox_counts()
         failing = [
             _without_credentials(
-                f"{f.destination}: {f.pending} pending after {f.attempts} attempts ({f.last_error or 'no error text'})"
+                f"{f.destination}: {f.pending} pending after {f.attempts} attempts"
+                + (f", {f.refused} refused for good" if f.refused else "")
+                + f" ({f.last_error or 'no error text'})"
             )
             for f in self.index.failing_destinations()
         ]
