@@ -80,7 +80,7 @@ def phantom_volumes(
         hu = make_phantom(shape, spacing, rng=seed + i).hu
         if transform is not None:
             hu = transform(hu, spacing)
-        maker, model = scanners[i % len(scanners)]
+        maker, model = scanners[(seed + i) % len(scanners)]
         with tempfile.TemporaryDirectory() as tmp:
             write_series(hu, spacing, tmp, extra={"Manufacturer": maker, "ManufacturerModelName": model})
             yield load_volume(sorted(Path(tmp).glob("*.dcm")))
