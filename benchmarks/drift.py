@@ -113,31 +113,43 @@ def _first(steps: list[dict[str, Any]], level: str) -> int | None:
 
 
 def _plot(null: list[dict[str, Any]], shifted: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Top: the largest PSI over the features; bottom: the smallest test p-value times the number of features
+    (the Bonferroni-adjusted p a level is judged by). A level needs both past their lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    def psi(s: dict[str, Any]) -> float:
+        return max(s["psi"].values())
+
+    def adjusted_p(s: dict[str, Any]) -> float:
+        return max(1e-12, min(1.0, min(s["p"].values()) * len(s["p"])))
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     n0 = len(null)
-    ax.plot(range(1, n0 + 1), [max(s["psi"].values()) for s in null], color="grey", label="reference population")
-    for name, steps in shifted.items():
-        xs = range(n0 + 1, n0 + len(steps) + 1)
-        line = ax.plot(xs, [max(s["psi"].values()) for s in steps], label=name)[0]
-        if (k := _first(steps, "alarm")) is not None:
-            ax.plot([n0 + k], [max(steps[k - 1]["psi"].values())], "o", color=line.get_color())
-    for y, what in ((0.1, "watch"), (0.25, "alarm")):
-        ax.axhline(y, color="black", lw=0.6, ls="--")
-        ax.text(1, y * 1.08, f"PSI {y} ({what})", fontsize=8)
-    ax.axvline(n0 + 0.5, color="black", lw=0.6)
-    ax.set_yscale("log")
-    ax.set_xlabel("series fed to the monitor (the shift starts after the line)")
-    ax.set_ylabel("largest PSI over the features")
-    ax.set_title("Drift monitor: reference phantoms, then shifted ones (dot: first alarm)")
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    for ax, value in ((top, psi), (bottom, adjusted_p)):
+        ax.plot(range(1, n0 + 1), [value(s) for s in null], color="grey", label="reference population")
+        for name, steps in shifted.items():
+            line = ax.plot(range(n0 + 1, n0 + len(steps) + 1), [value(s) for s in steps], label=name)[0]
+            if (k := _first(steps, "alarm")) is not None:
+                ax.plot([n0 + k], [value(steps[k - 1])], "o", color=line.get_color())
+        ax.axvline(n0 + 0.5, color="black", lw=0.6)
+        ax.set_yscale("log")
+    marks = ((top, 1.15, ((0.1, "PSI watch"), (0.25, "PSI alarm"))), (bottom, 0.6, ((0.05, "watch"), (0.01, "alarm"))))
+    for ax, above, lines in marks:  # the bottom axis is inverted: "above the line" is a smaller value
+        for y, what in lines:
+            ax.axhline(y, color="black", lw=0.6, ls="--")
+            ax.text(1, y * above, f"{what} {y}", fontsize=8)
+    top.set_ylabel("largest PSI over the features")
+    bottom.set_ylabel("smallest p x features (Bonferroni)")
+    bottom.invert_yaxis()
+    bottom.set_xlabel("series fed to the monitor (the shifted population starts after the vertical line)")
+    top.set_title("Drift monitor: reference phantoms, then shifted ones (dot: first alarm)")
+    top.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
