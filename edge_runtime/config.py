@@ -296,6 +296,13 @@ class SeriesSettings:
         "before the quiet period (default true)",
         flag="bool",
     )
+    study_quiet_seconds: float = option(
+        60.0,
+        _float_above(0, inclusive=False),
+        "a number of seconds > 0",
+        "a model of several input series: a study still without every channel's series after this long without "
+        "a new instance is refused, naming the channel (default 60)",
+    )
     release_grace_seconds: float = option(
         0.5,
         _float_above(0, inclusive=True),

@@ -85,16 +85,17 @@ class Blender:
         self.run()
 
     def begin_slab(self, z0: int, slab: np.ndarray) -> None:
-        """Queue the windows of the z-window at ``z0`` (after the previous slab's have all run)."""
+        """Queue the windows of the z-window at ``z0`` (after the previous slab's have all run); a slab of
+        several input channels is ``(C, Z, Y, X)``."""
         pz, py, px = self.patch
         if self._queue:
             raise RuntimeError("the previous slab still has windows to run")
-        if slab.shape[1:] != self.plane or len(slab) > pz:
+        if slab.shape[-2:] != self.plane or slab.shape[-3] > pz:
             raise ValueError(f"slab of shape {slab.shape}; expected at most {pz} slices of {self.plane}")
         padded = slab
-        if slab.shape != (pz, *self.padded_plane):
-            padded = np.full((pz, *self.padded_plane), self.fill, dtype=np.float32)
-            padded[: len(slab), : self.plane[0], : self.plane[1]] = slab
+        if slab.shape[-3:] != (pz, *self.padded_plane):
+            padded = np.full((*slab.shape[:-3], pz, *self.padded_plane), self.fill, dtype=np.float32)
+            padded[..., : slab.shape[-3], : self.plane[0], : self.plane[1]] = slab
         self._grow(z0 + pz)
         self._slab, self._z0 = padded, z0
         ys = window_starts(self.padded_plane[0], py, self.package.overlap)
@@ -113,7 +114,7 @@ class Blender:
         made = 0
         while self._queue and (calls is None or made < calls):
             y, x = self._queue.popleft()
-            self._batch[len(self._pending)] = self._slab[:, y : y + py, x : x + px]
+            self._batch[len(self._pending)] = self._slab[..., y : y + py, x : x + px]
             self._pending.append((slice(z0, z0 + pz), slice(y, y + py), slice(x, x + px)))
             self.windows += 1
             if len(self._pending) == self.package.batch_size:

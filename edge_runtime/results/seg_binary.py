@@ -472,8 +472,13 @@ def encode_binary_seg(
     uid_seed: str,
     series_number: int | None = None,
     device_serial_number: str = MANUFACTURER,
+    other_sources: Sequence[Dataset] = (),
 ) -> Dataset:
     """A BINARY Segmentation Storage dataset for ``labels`` on ``volume`` (see the module notes).
+
+    ``other_sources``: instances of other series of the study that the segmentation was derived from too (the
+    other input channels of a model of several, resampled onto ``volume``'s grid); they are referenced in the
+    Common Instance Reference and Source Image sequences, while each frame derives from its ``volume`` slice.
 
     ``labels`` holds the package's label values (0 = background), shaped like ``volume.array``; values that
     belong to no package label are background. Segment ``i`` is ``package.labels[i - 1]``. The identifying
@@ -492,7 +497,7 @@ def encode_binary_seg(
     plan = plan_frames(boxes, highdicom_plane_order(positions, orientation))
     pixel_data = pack_pixel_data(labels, values, boxes, plan)
     identity = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
-    return assemble_seg(volume, package, plan, pixel_data, identity, uid_seed, SegPixels())
+    return assemble_seg(volume, package, plan, pixel_data, identity, uid_seed, SegPixels(), other_sources)
 
 
 def assemble_seg(
@@ -503,6 +508,7 @@ def assemble_seg(
     identity: SegIdentity,
     uid_seed: str,
     pixels: SegPixels,
+    other_sources: Sequence[Dataset] = (),
 ) -> Dataset:
     """The SEG dataset around frames already planned and encoded (``pixel_data``, padded to even length): every
     module but the pixels is the same for a BINARY and a FRACTIONAL SEG."""
@@ -532,7 +538,7 @@ def assemble_seg(
         ds.DimensionOrganizationType = "3D"
     ds.NumberOfFrames = len(plan.slices)
     # the long sequences, as raw Explicit VR Little Endian
-    referenced_series, source_images = _source_references(sources)
+    referenced_series, source_images = _source_references([*sources, *other_sources])
     ds[0x00081115] = raw_sequence(0x00081115, referenced_series)
     ds[0x00082112] = raw_sequence(0x00082112, source_images)
     ds[0x52009230] = raw_sequence(0x52009230, _per_frame_functional_groups(sources, plan, n_segments))

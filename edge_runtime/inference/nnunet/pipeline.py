@@ -41,14 +41,15 @@ class CaseResult:
     windows: int
 
 
-def segment_nnunet(volume: Volume, package: ModelPackage, runner: Runner, *, probabilities: bool = False
-                   ) -> Segmentation:
+def segment_nnunet(volume: Volume, package: ModelPackage, runner: Runner, *, probabilities: bool = False,
+                   channels: np.ndarray | None = None) -> Segmentation:
     """The volume's label map as nnU-Net's predictor would give it for the same series (``probabilities``: every
-    class's softmax as uint8 0..255, for a FRACTIONAL SEG)."""
+    class's softmax as uint8 0..255, for a FRACTIONAL SEG). ``channels`` ``(C, Z, Y, X)`` on the volume's grid:
+    the input channels from several series; without them the one series fills every channel."""
     settings = package.nnunet
     if settings is None:
         raise ValueError(f"{package.identity} has no 'nnunet' section")
-    image = np.repeat(volume.array[None], package.input_channels, axis=0)
+    image = np.repeat(volume.array[None], package.input_channels, axis=0) if channels is None else channels
     case = predict_case(image, volume.spacing, settings, runner, package.num_classes, package.batch_size,
                         probabilities=probabilities)
     per_class = None
