@@ -309,6 +309,7 @@ class StreamingSession:
             return "the streamed windows are not those of the final grid"
         plane = (grid.coords[1], grid.coords[2])
         blender = self._blender_for(runner, plane)
+        blender.reserve(grid.shape[0])
         timings = {"preprocess": time.perf_counter() - t0}
         t0 = time.perf_counter()
         blender.run()  # the rest of the slab in hand

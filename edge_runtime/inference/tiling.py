@@ -141,12 +141,17 @@ class Blender:
             self._norm[where] += self.weights
         self._pending.clear()
 
-    def _grow(self, depth: int) -> None:
-        """Room for ``depth`` model slices; grows by half again at least, so a long series copies little."""
+    def reserve(self, depth: int) -> None:
+        """Room for exactly ``depth`` model slices (the grid's depth, once known), so no later slab grows it."""
+        self._grow(max(depth, self.patch[0]), exact=True)
+
+    def _grow(self, depth: int, *, exact: bool = False) -> None:
+        """Room for ``depth`` model slices; unless ``exact``, grows by half again at least, so a series of
+        unknown length copies little."""
         have = self._sums.shape[1]
         if depth <= have:
             return
-        new = max(depth, have + have // 2)
+        new = depth if exact else max(depth, have + have // 2)
         sums = np.zeros((self._sums.shape[0], new, *self.padded_plane), dtype=np.float32)
         sums[:, :have] = self._sums
         norm = np.zeros(sums.shape[1:], dtype=np.float32)
