@@ -82,6 +82,8 @@ def _add_package_parser(subparsers: Any) -> None:
     src.add_argument("--torchscript", type=Path, metavar="FILE", help="TorchScript file (torch.jit.save)")
     src.add_argument("--monai-bundle", type=Path, metavar="DIR", help="MONAI bundle folder")
     src.add_argument("--nnunet", type=Path, metavar="DIR", help="nnU-Net v2 trained-model folder (plans.json ...)")
+    src.add_argument("--totalsegmentator", type=Path, metavar="WEIGHTS",
+                     help="TotalSegmentator weights folder (DatasetNNN_* nnU-Net results; --task picks the models)")
     p.add_argument("--kwargs", default=None, help="factory keyword arguments as JSON, or @FILE holding JSON")
     p.add_argument("--state-dict", type=Path, default=None, help="state dict file for --factory")
     p.add_argument("--fold", default="0", help="nnU-Net fold (0-4 or 'all'; default 0)")
@@ -129,6 +131,9 @@ def _add_package_parser(subparsers: Any) -> None:
     from export.nnunet_command import add_nnunet_arguments  # here: that module builds on this one
 
     add_nnunet_arguments(p)
+    from export.totalsegmentator import add_totalsegmentator_arguments
+
+    add_totalsegmentator_arguments(p)
     p.set_defaults(func=run_package)
 
 
@@ -181,6 +186,10 @@ def run_package(args: argparse.Namespace) -> int:
 
     try:
         require("torch", feature="edge-export package", extra="export")
+        if args.totalsegmentator:  # TotalSegmentator's parts merged as it merges them, in one package
+            from export.totalsegmentator import run_totalsegmentator_package
+
+            return run_totalsegmentator_package(args)
         if args.nnunet and args.folds:  # nnU-Net's whole predictor pipeline, gated against nnUNetPredictor
             from export.nnunet_command import run_nnunet_package
 

@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import PackageError
+from edge_runtime.inference.channels import Channels, parse_channels
 from edge_runtime.inference.confidence import ConfidencePolicy, parse_confidence
 from edge_runtime.inference.domain import Domain, parse_domain
 from edge_runtime.inference.nnunet.settings import NnunetSettings, parse_nnunet
+from edge_runtime.inference.totalsegmentator.settings import TotalSegmentatorSettings, parse_totalsegmentator
 from edge_runtime.quality.drift import DriftReference, parse_drift_reference
 
 MANIFEST_NAME = "manifest.json"
@@ -111,10 +113,17 @@ class ModelPackage:
     drift_reference: DriftReference | None = field(default=None, compare=False)
     #: nnU-Net's predictor pipeline (manifest "nnunet"); None: the generic pipeline
     nnunet: NnunetSettings | None = field(default=None, compare=False)
+    #: TotalSegmentator's parts around that pipeline (manifest "totalsegmentator"); None: one model
+    totalsegmentator: TotalSegmentatorSettings | None = field(default=None, compare=False)
+    #: which series of a study gives each input channel (manifest "channels"); None: one series in, as always
+    channels: Channels | None = field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
-        """Output channels of the model: background plus one per label."""
+        """Output channels of the model: background plus one per label (a multi-part TotalSegmentator model: each
+        part's classes, background included)."""
+        if self.totalsegmentator is not None:
+            return self.totalsegmentator.output_channels
         return len(self.labels) + 1
 
     @property
@@ -224,6 +233,8 @@ class _Parser:
         confidence = parse_confidence(self.m.get("confidence"), self.problems)
         drift_reference = parse_drift_reference(self.m.get("drift_reference"), self.problems)
         nnunet = parse_nnunet(self.m.get("nnunet"), self.problems)
+        totalsegmentator = parse_totalsegmentator(self.m.get("totalsegmentator"), self.problems)
+        inputs = parse_channels(self.m.get("channels"), channels, [m.upper() for m in modalities], self.problems)
         if self.problems or norm is None:
             raise PackageError(self.root, self.problems)
         return ModelPackage(
@@ -252,6 +263,8 @@ class _Parser:
             confidence=confidence,
             drift_reference=drift_reference,
             nnunet=nnunet,
+            totalsegmentator=totalsegmentator,
+            channels=inputs,
         )
 
     def _normalization(self) -> Normalization | None:

@@ -44,16 +44,31 @@ class Segmentation:
     probabilities: np.ndarray | None = None
 
 
-def segment(volume: Volume, package: ModelPackage, runner: Runner, *, probabilities: bool = False) -> Segmentation:
+def segment(
+    volume: Volume,
+    package: ModelPackage,
+    runner: Runner,
+    *,
+    probabilities: bool = False,
+    channels: np.ndarray | None = None,
+) -> Segmentation:
+    """``volume``'s label map; ``channels`` ``(C, Z, Y, X)`` on ``volume``'s grid are the model's input channels
+    when they come from several series (:mod:`edge_runtime.imaging.multichannel`), each normalised on its own."""
+    if package.totalsegmentator is not None:  # TotalSegmentator's parts, each through nnU-Net's pipeline
+        from edge_runtime.inference.totalsegmentator.pipeline import segment_totalsegmentator
+
+        return segment_totalsegmentator(volume, package, runner, probabilities=probabilities)
     if package.nnunet is not None:  # nnU-Net's own predictor pipeline (its module builds on this one)
         from edge_runtime.inference.nnunet.pipeline import segment_nnunet
 
-        return segment_nnunet(volume, package, runner, probabilities=probabilities)
+        return segment_nnunet(volume, package, runner, probabilities=probabilities, channels=channels)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     grid = ModelGrid.for_volume(volume, package)
-    image = grid.resample(volume.array)
-    image = normalize(image, package.normalization)
+    if channels is None:
+        image = normalize(grid.resample(volume.array), package.normalization)
+    else:
+        image = np.stack([normalize(grid.resample(c), package.normalization) for c in channels])
     timings["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -239,18 +254,20 @@ def _windows(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float
 
 
 def sliding_window(image: np.ndarray, package: ModelPackage, runner: Runner) -> tuple[np.ndarray, int]:
-    """Blend logits of overlapping windows into ``(K, Z, Y, X)`` logits over the whole image, placed and blended
-    as :mod:`edge_runtime.inference.tiling` does for streaming too."""
+    """Blend logits of overlapping windows into ``(K, Z, Y, X)`` logits over the whole image (``(Z, Y, X)``, or
+    ``(C, Z, Y, X)`` for several input channels), placed and blended as :mod:`edge_runtime.inference.tiling`
+    does for streaming too."""
     patch = package.patch_size
     fill = pad_value(package.normalization)
+    depth, rows, cols = image.shape[-3:]
     blender = Blender(
         package,
         runner,
-        (image.shape[1], image.shape[2]),
+        (rows, cols),
         blending_weights(package),
         float(image.min()) if fill is None else fill,
-        depth=image.shape[0],
+        depth=depth,
     )
-    for z in window_starts(image.shape[0], patch[0], package.overlap):
-        blender.add_slab(z, image[z : z + patch[0]])
-    return blender.logits(image.shape[0]), blender.windows
+    for z in window_starts(depth, patch[0], package.overlap):
+        blender.add_slab(z, image[..., z : z + patch[0], :, :])
+    return blender.logits(depth), blender.windows
