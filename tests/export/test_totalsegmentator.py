@@ -89,6 +89,30 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def test_tasks_are_planned_from_totalsegmentators_own_table() -> None:
+    from export.totalsegmentator import plan_task
+
+    total, fast = plan_task("total"), plan_task("total_fast")
+    assert total.task_ids == (291, 292, 293, 294, 295) and [n for n, _ in total.part_maps] == [
+        map_taskid_to_partname_ct[t] for t in total.task_ids]
+    assert (total.resample_mm, total.trainer, total.step_size, total.folds) == (1.5, "nnUNetTrainerNoMirroring",
+                                                                                0.8, ("0",))
+    assert (fast.task_ids, fast.resample_mm, fast.part_maps) == ((297,), 3.0, ())
+
+
+def test_a_part_whose_classes_are_not_totalsegmentators_is_refused(tmp_path: Path) -> None:
+    from export.commands import CommandError
+    from export.totalsegmentator import load_totalsegmentator
+
+    weights = _write_weights(tmp_path / "weights")
+    dataset = next(weights.glob("Dataset292_*/*/dataset.json"))
+    data = json.loads(dataset.read_text())
+    data["labels"] = {"background": 0, "vertebrae_S1": 1, "sacrum": 2}  # TotalSegmentator's order is the reverse
+    dataset.write_text(json.dumps(data))
+    with pytest.raises(CommandError, match="class 1 is 'vertebrae_S1'.*'sacrum'"):
+        load_totalsegmentator(weights, "total")
+
+
 def _ts_inverse() -> dict[str, int]:
     return {name: value for value, name in class_map["total"].items()}
 
