@@ -9,28 +9,41 @@ same objects at the receiver.
 
 ``seg.dcm`` and ``sr.dcm`` are always written (the result of record, which ``measurements.json`` and the status
 page refer to); :attr:`ResultFiles.objects` lists only the formats asked for, and it is what goes out.
+
+Writing is split in two steps so that the SEG leaves as soon as it exists: :func:`write_segs` writes the SEG(s)
+(BINARY, and LABELMAP when asked for), which the service publishes and sends at once; :func:`write_rest` then
+writes the measurements, the SR, the other formats and ``measurements.json``. After a crash between the steps,
+:func:`read_segs` takes the SEG(s) already written (and perhaps already sent) back from the result folder, so
+the SR re-made from the same ``uid_seed`` references the very SEG that went out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
 
 from edge_runtime.dicom import write_atomic
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.domain import Applicability
 from edge_runtime.inference.package import ModelPackage
-from edge_runtime.results.formats import BINARY, DEFAULT_FORMATS, SR, check_formats
+from edge_runtime.results.formats import BINARY, DEFAULT_FORMATS, LABELMAP, SR, check_formats
 from edge_runtime.results.measurements import SegmentMeasurement, measure, write_measurements
-from edge_runtime.results.objects import write_objects
+from edge_runtime.results.objects import FILE_NAMES, write_objects
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
 from edge_runtime.results.sr import build_sr
+
+#: the formats of the first step: the SEGs, which leave before anything else is written
+SEG_FORMATS = (BINARY, LABELMAP)
+#: the result of record's SEG, always written (the status page and ``measurements.json`` refer to it)
+SEG_FILE = "seg.dcm"
 
 
 @dataclass(frozen=True)
@@ -54,10 +67,97 @@ class ResultFiles:
         return [path for paths in self.objects.values() for path in paths]
 
 
+@dataclass(frozen=True)
+class SegFiles:
+    """The first step's output: the SEG(s) written, and the one the SR references."""
+
+    directory: Path
+    seg: Path
+    #: the SOP Instance UID of ``seg``
+    seg_uid: str
+    #: the SEG formats asked for -> their files (what goes out in the first step)
+    objects: dict[str, list[Path]]
+    #: the BINARY SEG, or the LABELMAP SEG when only that is asked for (without pixel data when read back)
+    referenced: Dataset
+    timings: dict[str, float] = field(default_factory=dict)
+    not_written: dict[str, str] = field(default_factory=dict)
+
+
 def uid_seed(called_ae: str, study_uid: str, series_uid: str, model_sha256: str, generation: int) -> str:
     """The seed of every UID in one result: the series (as received by this AE), the model and the series'
     generation (a series that grows after its result is a new generation, with new objects)."""
     return f"{called_ae}|{study_uid}|{series_uid}|{model_sha256}|{generation}"
+
+
+def write_segs(
+    directory: Path,
+    volume: Volume,
+    labels: np.ndarray,
+    package: ModelPackage,
+    *,
+    uid_seed: str,
+    device_serial_number: str,
+    applicability: Applicability | None = None,
+    formats: Collection[str] = DEFAULT_FORMATS,
+    other_sources: Sequence[Dataset] = (),
+) -> SegFiles:
+    """The first step: write ``seg.dcm`` (always) and the LABELMAP SEG when ``formats`` has it.
+
+    ``other_sources``: the instances of the other input series of a model of several channels, which the
+    BINARY SEG references beside ``volume``'s (the highdicom encoder of a multi-frame source references only it).
+    """
+    formats = check_formats(formats)
+    directory.mkdir(parents=True, exist_ok=True)
+    mark = applicability.mark if applicability is not None and not applicability.inside else None
+    t0 = time.perf_counter()
+    seg: Dataset
+    if volume.multiframe:
+        seg = build_seg(volume, labels, package, uid_seed=uid_seed, device_serial_number=device_serial_number)
+    else:
+        seg = encode_binary_seg(
+            volume,
+            labels,
+            package,
+            uid_seed=uid_seed,
+            device_serial_number=device_serial_number,
+            other_sources=other_sources,
+        )
+    if mark is not None:
+        seg.SeriesDescription = mark
+    seg_path = write_atomic(directory / SEG_FILE, seg)
+    timings = {"seg": time.perf_counter() - t0}
+    written = write_objects(
+        directory,
+        volume,
+        labels,
+        package,
+        [f for f in formats if f == LABELMAP],
+        probabilities=None,
+        uid_seed=uid_seed,
+        device_serial_number=device_serial_number,
+        series_description=mark,
+    )
+    timings.update(written.timings)
+    referenced = written.labelmap if BINARY not in formats and written.labelmap is not None else seg
+    objects = {BINARY: [seg_path], **written.objects}
+    objects = {name: objects[name] for name in formats if name in objects}
+    return SegFiles(directory, seg_path, str(seg.SOPInstanceUID), objects, referenced, timings, written.not_written)
+
+
+def read_segs(directory: Path, formats: Collection[str] = DEFAULT_FORMATS) -> SegFiles:
+    """The first step's output as it was written into ``directory`` (before a crash), read back without pixel
+    data: what the second step needs to reference and route. A LABELMAP SEG asked for but absent was not
+    written (the reason was logged then)."""
+    formats = check_formats(formats)
+    seg_path = directory / SEG_FILE
+    labelmap_path = directory / FILE_NAMES[LABELMAP]
+    objects = {BINARY: [seg_path]} if BINARY in formats else {}
+    seg = referenced = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    if LABELMAP in formats and labelmap_path.is_file():
+        objects[LABELMAP] = [labelmap_path]
+        if BINARY not in formats:
+            referenced = pydicom.dcmread(labelmap_path, stop_before_pixels=True)
+    return SegFiles(directory, seg_path, str(seg.SOPInstanceUID), objects, referenced)
 
 
 def write_results(
@@ -75,8 +175,10 @@ def write_results(
     applicability: Applicability | None = None,
     formats: Collection[str] = DEFAULT_FORMATS,
     probabilities: np.ndarray | None = None,
+    other_sources: Sequence[Dataset] = (),
 ) -> ResultFiles:
-    """Write ``seg.dcm``, ``sr.dcm``, the other ``formats`` and ``measurements.json`` into ``directory``.
+    """Write ``seg.dcm``, ``sr.dcm``, the other ``formats`` and ``measurements.json`` into ``directory``: both
+    steps (:func:`write_segs`, :func:`write_rest`) at once.
 
     ``timings`` are the stages so far (load, inference...); ``seg``, ``measurements`` and ``total`` (since
     ``t_start``, a ``time.perf_counter()``) are added and recorded in ``measurements.json`` with ``extra``.
@@ -86,35 +188,74 @@ def write_results(
     what a FRACTIONAL SEG holds. The SR references the BINARY SEG, or the LABELMAP SEG when only that is asked
     for, so that a destination gets the SEG its SR points at.
     """
-    formats = check_formats(formats)
-    directory.mkdir(parents=True, exist_ok=True)
-    timings = dict(timings)
-    t0 = time.perf_counter()
-    encode = build_seg if volume.multiframe else encode_binary_seg
-    seg = encode(volume, labels, package, uid_seed=uid_seed, device_serial_number=device_serial_number)
-    if applicability is not None and not applicability.inside:
-        seg.SeriesDescription = applicability.mark
-    seg_path = write_atomic(directory / "seg.dcm", seg)
-    timings["seg"] = time.perf_counter() - t0
+    segs = write_segs(
+        directory,
+        volume,
+        labels,
+        package,
+        uid_seed=uid_seed,
+        device_serial_number=device_serial_number,
+        applicability=applicability,
+        formats=formats,
+        other_sources=other_sources,
+    )
+    return write_rest(
+        segs,
+        volume,
+        labels,
+        package,
+        uid_seed=uid_seed,
+        device_serial_number=device_serial_number,
+        timings=timings,
+        t_start=t_start,
+        extra=extra,
+        confidence=confidence,
+        applicability=applicability,
+        formats=formats,
+        probabilities=probabilities,
+    )
 
+
+def write_rest(
+    segs: SegFiles,
+    volume: Volume,
+    labels: np.ndarray,
+    package: ModelPackage,
+    *,
+    uid_seed: str,
+    device_serial_number: str,
+    timings: dict[str, float],
+    t_start: float,
+    extra: dict[str, Any] | None = None,
+    confidence: np.ndarray | None = None,
+    applicability: Applicability | None = None,
+    formats: Collection[str] = DEFAULT_FORMATS,
+    probabilities: np.ndarray | None = None,
+) -> ResultFiles:
+    """The second step: the other ``formats`` (not the SEGs of ``segs``), the measurements, ``sr.dcm``
+    (referencing ``segs.referenced``) and ``measurements.json``. The arguments are :func:`write_results`'; the
+    returned :attr:`ResultFiles.objects` hold both steps' objects."""
+    formats = check_formats(formats)
+    directory = segs.directory
+    timings = {**timings, **segs.timings}
     written = write_objects(
         directory,
         volume,
         labels,
         package,
-        formats,
+        [f for f in formats if f not in SEG_FORMATS],
         probabilities=probabilities,
         uid_seed=uid_seed,
         device_serial_number=device_serial_number,
         series_description=applicability.mark if applicability is not None and not applicability.inside else None,
     )
     timings.update(written.timings)
-    referenced = written.labelmap if BINARY not in formats and written.labelmap is not None else seg
+    not_written = {**segs.not_written, **written.not_written}
 
     t0 = time.perf_counter()
     measurements = measure(volume, labels, package, confidence)
     sr = build_sr(
-        referenced,
+        segs.referenced,
         measurements,
         volume,
         package,
@@ -125,7 +266,7 @@ def write_results(
     sr_path = write_atomic(directory / "sr.dcm", sr)
     timings["measurements"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    objects = {BINARY: [seg_path], **written.objects, SR: [sr_path]}
+    objects = {**segs.objects, **written.objects, SR: [sr_path]}
     objects = {name: objects[name] for name in formats if name in objects}
 
     json_path = directory / "measurements.json"
@@ -134,13 +275,13 @@ def write_results(
         measurements,
         package=package,
         volume=volume,
-        seg_sop_uid=str(seg.SOPInstanceUID),
+        seg_sop_uid=segs.seg_uid,
         applicability=applicability,
         extra={
             "sr_sop_instance_uid": str(sr.SOPInstanceUID),
             "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            **({"formats_not_written": written.not_written} if written.not_written else {}),
+            **({"formats_not_written": not_written} if not_written else {}),
             **(extra or {}),
         },
     )
-    return ResultFiles(seg_path, sr_path, json_path, timings, tuple(measurements), objects, written.not_written)
+    return ResultFiles(segs.seg, sr_path, json_path, timings, tuple(measurements), objects, not_written)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 
 class SeriesState(str, enum.Enum):
-    """Where a series stands: receiving -> queued -> processing -> done | failed; a new instance reopens it."""
+    """Where a series stands: receiving -> queued -> processing -> done | failed; a new instance reopens it.
+    A series that is one input channel of a model of several waits ``held`` for the rest of its study."""
 
     RECEIVING = "receiving"
     QUEUED = "queued"
     PROCESSING = "processing"
+    HELD = "held"
     DONE = "done"
     FAILED = "failed"
 
@@ -46,15 +48,27 @@ class SeriesRow:
     reason: str | None
 
 
+class ResultStage(str, enum.Enum):
+    """How far a result is published: its SEG(s) first (they leave at once), then everything else."""
+
+    #: the SEG(s) and their outbox rows are committed; the SR, measurements and other objects are not yet
+    SEG = "seg"
+    #: every object written and queued
+    COMPLETE = "complete"
+    #: the SEG(s) went out; the rest was given up (a newer generation of the series, or another model, came first)
+    DROPPED = "dropped"
+
+
 @dataclass(frozen=True)
 class ResultRow:
-    """A published result: the model that made it and the directory that holds its files."""
+    """A published result: the model that made it, the directory that holds its files, and its stage."""
 
     id: int
     series_id: int
     generation: int
     model: str
     directory: Path
+    stage: ResultStage = ResultStage.COMPLETE
 
 
 @dataclass(frozen=True)

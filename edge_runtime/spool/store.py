@@ -8,12 +8,17 @@ Series move through :class:`SeriesState`. A new instance (re)opens its series (`
 ``generation``; the tracker queues it after the quiet period; the worker publishes a result only if the
 generation it processed is still current, so a series that grew while it was processed is processed again
 rather than sent half-done.
+
+A result is published in two steps (:class:`ResultStage`): its SEG(s) with their outbox rows first, so they leave
+at once, then the other objects with theirs. The stage is recorded, so a result whose second step a crash
+interrupted is completed at the next start (:meth:`Spool.unfinished_results`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -30,11 +35,16 @@ from typing import Any
 from edge_runtime.dicom import fsync_dir
 from edge_runtime.errors import SpoolFull
 from edge_runtime.imaging.geometry import SliceGeometry
-from edge_runtime.spool.rows import OutboxItem, ResultRow, SeriesRow, SeriesState, StoredInstance
+from edge_runtime.spool.rows import OutboxItem, ResultRow, ResultStage, SeriesRow, SeriesState, StoredInstance
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: each older schema version's step to the next (the index is migrated in place when it is opened)
+MIGRATIONS = {
+    # 1 -> 2: results gain their publishing stage; every result of version 1 was published in one step
+    1: "ALTER TABLE results ADD COLUMN stage TEXT NOT NULL DEFAULT 'complete'",
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     id INTEGER PRIMARY KEY,
@@ -73,7 +83,8 @@ CREATE TABLE IF NOT EXISTS results (
     model TEXT NOT NULL,
     directory TEXT NOT NULL,
     created REAL NOT NULL,
-    timings TEXT NOT NULL DEFAULT '{}'
+    timings TEXT NOT NULL DEFAULT '{}',
+    stage TEXT NOT NULL DEFAULT 'complete'
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -87,6 +98,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (state, next_attempt);
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    called_ae TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    key_hash TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL,
+    reason TEXT,
+    UNIQUE (called_ae, study_uid)
+);
 """
 
 
@@ -108,6 +129,11 @@ class Spool:
         self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0] > 0
+        while has_tables and version in MIGRATIONS:
+            with self._tx() as db:
+                db.execute(MIGRATIONS[version])
+                version += 1
+                db.execute(f"PRAGMA user_version={version}")
         if has_tables and version != SCHEMA_VERSION:
             self._db.close()
             raise RuntimeError(
@@ -386,51 +412,88 @@ class Spool:
         directory: Path,
         deliveries: Mapping[str, Sequence[Path]],
         timings: str = "{}",
+        stage: ResultStage = ResultStage.COMPLETE,
     ) -> int | None:
         """Commit a result and its outbox rows, if ``generation`` is still the series' current one.
 
         ``deliveries`` maps a destination's name to the files it receives: one outbox row per (file, destination),
-        so a destination that is down holds back nothing else."""
+        so a destination that is down holds back nothing else. ``stage`` :attr:`ResultStage.SEG`: these are the
+        result's SEG(s) only; :meth:`complete` adds the rest."""
         now = time.time()
         with self._tx() as db:
             if not _end_processing(db, series_id, generation, SeriesState.DONE, None, now):
                 return None
             result_id = db.execute(
-                "INSERT INTO results (series_id, generation, model, directory, created, timings) VALUES (?,?,?,?,?,?)",
-                (series_id, generation, model, str(directory), now, timings),
+                "INSERT INTO results (series_id, generation, model, directory, created, timings, stage) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (series_id, generation, model, str(directory), now, timings, stage.value),
             ).lastrowid
-            for destination, files in deliveries.items():
-                for f in files:
-                    db.execute(
-                        "INSERT INTO outbox (result_id, path, destination, state, next_attempt) VALUES (?,?,?,?,?)",
-                        (result_id, str(f), destination, "pending", now),
-                    )
+            assert result_id is not None
+            _add_outbox(db, result_id, deliveries, now)
         return result_id
+
+    def complete(self, result_id: int, deliveries: Mapping[str, Sequence[Path]], record: Mapping[str, Any]) -> bool:
+        """The second step of a result published at :attr:`ResultStage.SEG`: its other objects' outbox rows, and
+        ``record`` (stages, time) as ``completed`` in its timings. False, adding nothing, when the result is not
+        at that stage (so no object is queued twice). The generation is not checked: the SEG of this one went
+        out, and the SR and the other objects describe it; a newer generation brings a result of its own."""
+        now = time.time()
+        with self._tx() as db:
+            r = db.execute(
+                "SELECT timings FROM results WHERE id=? AND stage=?", (result_id, ResultStage.SEG.value)
+            ).fetchone()
+            if r is None:
+                return False
+            timings = {**json.loads(r[0]), "completed": dict(record)}
+            db.execute(
+                "UPDATE results SET stage=?, timings=? WHERE id=?",
+                (ResultStage.COMPLETE.value, json.dumps(timings), result_id),
+            )
+            _add_outbox(db, result_id, deliveries, now)
+        return True
+
+    def drop_unfinished(self, result_id: int) -> bool:
+        """Give up the second step of a result (its SEG went out; its other objects cannot be made as they were:
+        a newer generation or another model). False when the result was not at the SEG stage."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE results SET stage=? WHERE id=? AND stage=?",
+                (ResultStage.DROPPED.value, result_id, ResultStage.SEG.value),
+            )
+        return cur.rowcount == 1
+
+    def unfinished_results(self) -> list[ResultRow]:
+        """Results whose SEG(s) were published and their other objects not (a stop or crash came between)."""
+        return self._results("stage=?", ResultStage.SEG.value)
 
     def results(self, series_id: int) -> list[ResultRow]:
         """The results published for a series, oldest first."""
+        return self._results("series_id=?", series_id)
+
+    def _results(self, where: str, value: object) -> list[ResultRow]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, series_id, generation, model, directory FROM results WHERE series_id=? ORDER BY id",
-                (series_id,),
+                f"SELECT id, series_id, generation, model, directory, stage FROM results WHERE {where} ORDER BY id",
+                (value,),
             ).fetchall()
-        return [ResultRow(r[0], r[1], r[2], r[3], Path(r[4])) for r in rows]
+        return [ResultRow(r[0], r[1], r[2], r[3], Path(r[4]), ResultStage(r[5])) for r in rows]
 
     # -- retention -------------------------------------------------------------------------------------------
 
     def purge(self, older_than: float) -> tuple[int, int]:
         """Delete the instances of series finished (done or failed) before ``older_than``, and sent outbox rows.
 
-        A series still receiving, queued, processing or with an unsent result is never touched. Rows go first,
-        then files: a crash in between leaves orphan files, which :meth:`remove_orphans` collects.
-        Returns (series purged, files deleted).
+        A series still receiving, queued, processing, with an unsent result or a result whose second step is
+        still to be made (from its instances) is never touched. Rows go first, then files: a crash in between
+        leaves orphan files, which :meth:`remove_orphans` collects. Returns (series purged, files deleted).
         """
         with self._tx() as db:
             rows = db.execute(
                 "SELECT id FROM series WHERE state IN (?, ?) AND updated < ? AND NOT EXISTS ("
                 "SELECT 1 FROM results r JOIN outbox o ON o.result_id = r.id "
-                "WHERE r.series_id = series.id AND o.state = 'pending')",
-                (SeriesState.DONE.value, SeriesState.FAILED.value, older_than),
+                "WHERE r.series_id = series.id AND o.state = 'pending') AND NOT EXISTS ("
+                "SELECT 1 FROM results r WHERE r.series_id = series.id AND r.stage = ?)",
+                (SeriesState.DONE.value, SeriesState.FAILED.value, older_than, ResultStage.SEG.value),
             ).fetchall()
             ids = [r[0] for r in rows]
             paths: list[str] = []
@@ -503,6 +566,14 @@ class Spool:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
         return {r[0]: r[1] for r in rows}
+
+
+def _add_outbox(db: sqlite3.Connection, result_id: int, deliveries: Mapping[str, Sequence[Path]], now: float) -> None:
+    """One pending outbox row per (file, destination). Runs inside the caller's transaction."""
+    db.executemany(
+        "INSERT INTO outbox (result_id, path, destination, state, next_attempt) VALUES (?,?,?,?,?)",
+        [(result_id, str(f), name, "pending", now) for name, files in deliveries.items() for f in files],
+    )
 
 
 def _end_processing(
