@@ -157,7 +157,8 @@ class StreamingSession:
         self._top = -np.inf
         self._blender: Blender | None = None
         self._plane: tuple[np.ndarray, np.ndarray] | None = None
-        #: model slice -> (first source index, weight) it was interpolated from; the instances behind the indices
+        #: model slice -> (source index, other source index, weight) it was interpolated from, and the instances
+        #: (SOP Instance UIDs, in spatial order) behind those indices
         self._used: dict[int, tuple[int, int, np.float32]] = {}
         self._uids: list[str] = []
         self._arrived = 0
