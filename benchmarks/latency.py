@@ -127,24 +127,15 @@ def one_run(
         "last_ack_to_seg_sent": (seg_sent - ack) if seg_sent else None,
         "server_receive_span": rec["last_received"] - rec["first_received"],
         "sender_wall": send.wall,
-        "job_total": stages.get("total"),
+        "job_total": tm.get("completed", {}).get("stages", stages).get("total"),  # SEG first: total is step 2's
         "started_to_published": published - started,
     }
     derived["overhead_excl_inference_wait"] = (
         derived["last_ack_to_seg_stored"] - durations["inference"] - durations["completion_wait"]
     )
     derived["budget_inference_plus_1_5"] = durations["inference"] + 1.5
-    windows = streamed = None
-    for d in service.output.iterdir():
-        m = d / "measurements.json"
-        if m.exists():
-            try:
-                data = json.loads(m.read_text())
-                if data.get("seg_sop_instance_uid") and seg_path.name.endswith(data["seg_sop_instance_uid"]):
-                    windows = data.get("windows")
-                    streamed = data.get("streaming")
-            except (OSError, ValueError):
-                pass
+    data = result_record(service.output, seg_path)
+    windows, streamed = data.get("windows"), data.get("streaming")
     return {
         "kind": kind,
         "index": index,
@@ -165,6 +156,23 @@ def one_run(
         "service_cpu_s": round(cpu1[2] - cpu0[2], 2),
         "load_avg": os.getloadavg(),
     }
+
+
+def result_record(output: Path, seg_path: Path, timeout: float = 30.0) -> dict:
+    """The service's ``measurements.json`` for the SEG at ``seg_path``; it may be written after the SEG has left
+    (the SEG is sent first), so wait for it a little. {} when it never shows."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for m in output.glob("*/measurements.json"):
+            try:
+                data = json.loads(m.read_text())
+            except (OSError, ValueError):
+                continue  # being written
+            if data.get("seg_sop_instance_uid") and seg_path.name.endswith(data["seg_sop_instance_uid"]):
+                return data
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(0.2)
 
 
 def percentiles(vals: list) -> dict:
