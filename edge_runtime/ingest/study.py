@@ -36,16 +36,6 @@ class StudyInputs:
     names: tuple[str, ...]
     series: tuple[SeriesRow, ...]
 
-    @property
-    def series_key(self) -> str:
-        """The channel series' UIDs joined: what names this input in the result's UID seed."""
-        return "+".join(s.series_uid for s in self.series)
-
-    @property
-    def generation(self) -> int:
-        """Grows whenever any channel series grows: a study re-segmented after one did gets new objects."""
-        return sum(s.generation for s in self.series)
-
 
 class StudyGate:
     """Holds complete series for their study and says when a study is ready (see the module notes)."""

@@ -106,6 +106,7 @@ CREATE TABLE IF NOT EXISTS studies (
     state TEXT NOT NULL,
     updated REAL NOT NULL,
     reason TEXT,
+    inputs TEXT,
     UNIQUE (called_ae, study_uid)
 );
 """

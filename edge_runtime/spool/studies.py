@@ -109,9 +109,10 @@ class StudyJobs:
                     return None
             for s in series:
                 db.execute("UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.PROCESSING.value, now, s.id))
+            inputs = "+".join(f"{s.series_uid}@{s.generation}" for s in series)
             db.execute(
-                "UPDATE studies SET state=?, updated=?, reason=NULL WHERE id=?",
-                (StudyState.PROCESSING.value, now, study.id),
+                "UPDATE studies SET state=?, updated=?, reason=NULL, inputs=? WHERE id=?",
+                (StudyState.PROCESSING.value, now, inputs, study.id),
             )
         return [replace(s, state=SeriesState.PROCESSING) for s in series]
 
@@ -140,6 +141,17 @@ class StudyJobs:
                 "UPDATE studies SET state=?, reason=?, updated=? WHERE id=?", (state.value, reason, now, study.id)
             )
         return [self.spool._row(r) for r in rows]
+
+    def inputs_key(self, row: SeriesRow) -> str | None:
+        """The series (UID and generation) of the study's last claimed input, when ``row`` is its first channel:
+        what names a study's result in its UID seed, so that a study segmented again after any of its channel
+        series grew gets new objects, and a result completed after a restart the same ones."""
+        with self.spool._lock:
+            r = self.spool._db.execute(
+                "SELECT inputs FROM studies WHERE called_ae=? AND study_uid=?", (row.called_ae, row.study_uid)
+            ).fetchone()
+        key = r[0] if r is not None else None
+        return key if key and key.startswith(f"{row.series_uid}@") else None
 
     def study_of(self, row: SeriesRow) -> StudyRow | None:
         """The study job of a series, if it was ever held for one."""
