@@ -228,6 +228,24 @@ def referenced_series(ds: pydicom.Dataset) -> list[str]:
     )
 
 
+def wait_for_measurements(output: Path, seg: Path, timeout: float = 60.0) -> list[Path]:
+    """The ``measurements.json`` files in a service's output folder that describe ``seg`` (a SEG received by a
+    PACS), once there is one: the SEG leaves before the rest of its result is written (SEG first)."""
+    uid = str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
+    end = time.monotonic() + timeout
+    while True:
+        found = []
+        for path in output.glob("*/measurements.json"):
+            try:
+                if json.loads(path.read_text()).get("seg_sop_instance_uid") == uid:
+                    found.append(path)
+            except (OSError, ValueError):
+                continue
+        if found or time.monotonic() >= end:
+            return found
+        time.sleep(0.1)
+
+
 def wait_for_seg(folder: Path, seen: set[str], series_uid: str, timeout: float) -> tuple[Path, float, float]:
     """Poll a storescp folder for a new SEG that references ``series_uid``, opening only new files.
 
@@ -402,7 +420,8 @@ def spool_record(spool: Path, series_uid: str, timeout: float = 60.0) -> dict[st
                 if state == "failed":
                     raise RuntimeError(f"series refused by the service: {reason}")
                 res = con.execute(
-                    "SELECT id, timings, created, directory FROM results WHERE series_id=? ORDER BY id DESC", (sid,)
+                    "SELECT id, timings, created, directory, stage FROM results WHERE series_id=? ORDER BY id DESC",
+                    (sid,),
                 ).fetchone()
                 if res is not None:
                     out = con.execute(
@@ -419,7 +438,8 @@ def spool_record(spool: Path, series_uid: str, timeout: float = 60.0) -> dict[st
                             Path(p).name: {"state": s, "sent": t, "attempts": a, "error": e} for p, s, t, a, e in out
                         },
                     }
-                    if out and all(s == "sent" for _, s, *_ in out):
+                    # a result at stage "seg" has sent its SEG; the SR and the other objects are still to come
+                    if out and all(s == "sent" for _, s, *_ in out) and res[4] != "seg":
                         return last
         except sqlite3.OperationalError:
             pass  # the index is not created yet, or its schema is busy

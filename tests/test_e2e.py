@@ -24,7 +24,15 @@ from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import load_runner
 from phantom import SeriesInfo, make_phantom, write_reference_seg, write_series
-from tests.peers import ServiceProcess, StoreSCP, dciodvfy_errors, dcmtk_env, require_tool, storescu
+from tests.peers import (
+    ServiceProcess,
+    StoreSCP,
+    dciodvfy_errors,
+    dcmtk_env,
+    require_tool,
+    storescu,
+    wait_for_measurements,
+)
 
 pytestmark = pytest.mark.e2e
 QUIET = 1.0
@@ -89,12 +97,7 @@ def test_shuffled_series_gives_one_correct_seg(service: ServiceProcess, pacs: St
     storescu(service.port, sorted(tmp_path.glob("*.dcm")))
     seg = pacs.wait_for_seg(info.series_uid, timeout=60)
     check_seg(seg, info)
-    results = [
-        p
-        for p in service.output.glob("*/measurements.json")
-        if pydicom.dcmread(p.parent / "seg.dcm", stop_before_pixels=True).SOPInstanceUID
-        == pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID
-    ]
+    results = wait_for_measurements(service.output, seg)
     assert len(results) == 1, "results are also written to the output folder"
     data = json.loads(results[0].read_text())
     assert {s["name"] for s in data["segments"]} == {lab.name for lab in ModelPackage.load(DEFAULT_PACKAGE).labels}

@@ -21,7 +21,7 @@ from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import load_runner
 from phantom import SeriesInfo, make_phantom, write_series
-from tests.peers import ServiceProcess, StoreSCP, storescu
+from tests.peers import ServiceProcess, StoreSCP, storescu, wait_for_measurements
 
 pytestmark = pytest.mark.e2e
 #: three z-windows of the bundled model (64 slices of 1.5 mm, stride 48) in 105 slices of 2 mm
@@ -74,11 +74,8 @@ def paced_store(port: int, paths: list[Path], rate: float) -> None:
 
 
 def streaming_record(service: ServiceProcess, seg: Path) -> dict:
-    uid = str(pydicom.dcmread(seg, stop_before_pixels=True).SOPInstanceUID)
-    for path in service.output.glob("*/measurements.json"):
-        data = json.loads(path.read_text())
-        if data.get("seg_sop_instance_uid") == uid:
-            return data["streaming"]
+    for path in wait_for_measurements(service.output, seg):
+        return json.loads(path.read_text())["streaming"]
     raise AssertionError("no measurements.json for the SEG")
 
 
