@@ -498,6 +498,8 @@ class Service:
             self._process_study(inputs)
         elif self.studies.jobs.study(study.id).state is StudyState.WAITING:
             log.info("series %s held: its study %s waits for the other input channels", row.key_hash, study.key_hash)
+        else:  # closed: refused, or nothing new in it
+            self._forget_study(study)
 
     def _take_quiet_study(self) -> bool:
         """Look at a study whose quiet period passed: segment it, or refuse it naming the missing channel."""
@@ -547,6 +549,7 @@ class Service:
             self.studies.jobs.end(inputs.study, StudyState.WAITING)
             return
         self.studies.jobs.end(inputs.study, StudyState.DONE, f"input of study {inputs.study.key_hash}'s result")
+        self._forget_study(inputs.study)
 
     def _load_other_channels(
         self, volume: Volume, inputs: StudyInputs | None
@@ -566,9 +569,16 @@ class Service:
                 self.cache.forget(paths)
         return stack_channels([volume, *others]), [ds for v in others for ds in v.datasets]
 
+    def _forget_study(self, study: StudyRow) -> None:
+        """Let the decoded slices of a closed study's series go (those no channel took were never loaded)."""
+        assert self.studies is not None
+        for member in self.studies.jobs.members(study):
+            self.cache.forget(self.spool.instance_paths(member.id))
+
     def _refuse_study(self, study: StudyRow, reason: str) -> None:
         assert self.studies is not None
         ended = self.studies.jobs.end(study, StudyState.FAILED, reason)
+        self._forget_study(study)
         log.warning("study %s refused: %s", study.key_hash, reason)
         for row in ended:
             self.oversight.refused(row, reason)
