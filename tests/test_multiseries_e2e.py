@@ -238,6 +238,22 @@ def test_four_series_one_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: 
 
     reason = refusal(service, missing["T1"].series_uid)
     assert "channel-missing" in reason and "FLAIR" in reason, reason
+    # its FLAIR arrives late: the refused study is completed by it and segmented
+    shape, spacing = GRIDS["FLAIR"]
+    late = write_series(
+        np.where(in_cube("FLAIR", *voxel_centres(shape, spacing)), 100.0, 0.0),
+        spacing,
+        tmp_path / "late",
+        modality="MR",
+        origin=origin_of(shape, spacing),
+        study_uid=missing["T1"].study_uid,
+        frame_of_reference_uid=missing["T1"].frame_of_reference_uid,
+        series_description="FLAIR",
+        extra={"ImageType": ["ORIGINAL", "PRIMARY", "M"]},
+    )
+    storescu(service.port, late.paths)
+    seg = pydicom.dcmread(pacs.wait_for_seg(missing["T1"].series_uid, timeout=30), stop_before_pixels=True)
+    assert late.series_uid in {str(s.SeriesInstanceUID) for s in seg.ReferencedSeriesSequence}
 
     # T2 grows by a slice: the study is segmented again, with the other channels' series as before, as a new SEG
     shape, spacing = GRIDS["T2"]
@@ -260,7 +276,7 @@ def test_four_series_one_seg(service: ServiceProcess, pacs: StoreSCP, tmp_path: 
     segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.segs()[good["T1"].series_uid]]
     assert len({str(s.SOPInstanceUID) for s in segs}) == 2
     assert sorted(len(s.SourceImageSequence) for s in segs) == [len(sources), len(sources) + 1]
-    assert len(list(service.output.glob("*/seg.dcm"))) == 2  # each result in its own folder
+    assert len(list(service.output.glob("*/seg.dcm"))) == 3  # each result in its own folder
 
 
 def test_other_frame_of_reference_refused(service: ServiceProcess, pacs: StoreSCP, tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ from edge_runtime.spool.studies import StudyJobs, StudyRow, StudyState
 
 #: series states in which a series of the study may still become a candidate
 _ARRIVING = (SeriesState.RECEIVING, SeriesState.QUEUED, SeriesState.PROCESSING)
+#: series states in which a series of the study is a candidate input
+_SETTLED = (SeriesState.HELD, SeriesState.DONE, SeriesState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,9 @@ class StudyGate:
         are not on one Frame of Reference (more series would not change that)."""
         members = self.jobs.members(study)
         # a done series is one an earlier result of the study was made from (or one no channel takes): it is
-        # still its channel's series when another channel's series grows and the study is segmented again
-        candidates = {m.id: m for m in members if m.state in (SeriesState.HELD, SeriesState.DONE)}
+        # still its channel's series when another channel's series grows and the study is segmented again; a
+        # failed one was refused with its study, which a late channel series may now complete
+        candidates = {m.id: m for m in members if m.state in _SETTLED}
         arriving = any(m.state in _ARRIVING for m in members)
         choice = self.channels.choose([self.facts(m) for m in candidates.values()])
         if not choice.complete or (arriving and not final):
@@ -68,7 +71,7 @@ class StudyGate:
         self.channels.check_frame_of_reference(choice)
         names = self.channels.names
         series = tuple(candidates[choice.chosen[n].series_id] for n in names)
-        if all(s.state is SeriesState.DONE for s in series):  # a late series no channel takes: nothing new
+        if all(s.state is not SeriesState.HELD for s in series):  # a late series no channel takes: nothing new
             self.jobs.end(study, StudyState.DONE, "no new channel series since the study's result")
             return None
         return StudyInputs(study, names, series)

@@ -40,6 +40,8 @@ class StudyRow:
 
 
 _COLUMNS = "id, called_ae, study_uid, key_hash, state, updated, reason"
+#: held, or settled as an input of an earlier result or of a refused study, which a late series may complete
+_CLAIMABLE = (SeriesState.HELD.value, SeriesState.DONE.value, SeriesState.FAILED.value)
 
 
 class StudyJobs:
@@ -98,14 +100,14 @@ class StudyJobs:
         return [_study(r) for r in rows]
 
     def claim(self, study: StudyRow, series: Sequence[SeriesRow]) -> list[SeriesRow] | None:
-        """Take the study for processing with ``series`` (held, or done as inputs of an earlier result, at the
+        """Take the study for processing with ``series`` (held, or settled before: see ``_CLAIMABLE``; at the
         generations given), all or none: None when one of them was reopened by a new instance meanwhile (the study
         is looked at again once it is held again)."""
         now = time.time()
         with self.spool._tx() as db:
             for s in series:
                 current = db.execute("SELECT generation, state FROM series WHERE id=?", (s.id,)).fetchone()
-                if current[0] != s.generation or current[1] not in (SeriesState.HELD.value, SeriesState.DONE.value):
+                if current[0] != s.generation or current[1] not in _CLAIMABLE:
                     return None
             for s in series:
                 db.execute("UPDATE series SET state=?, updated=? WHERE id=?", (SeriesState.PROCESSING.value, now, s.id))
