@@ -5,8 +5,9 @@ it brings no weights) runs a task as one or several nnU-Net models: ``total`` is
 segmenting a part of the 117 classes, merged into one label map; ``total --fast`` is one model at 3 mm. This
 command reads TotalSegmentator's own tables to find the task's models in the weights folder
 (``Dataset291_.../nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth`` ...), puts every
-part's network into one ONNX graph (:class:`PartsModel`), and writes the manifest's ``"nnunet"`` section (the
-pipeline the parts share, one normalisation per part) and ``"totalsegmentator"`` section (TotalSegmentator's
+part's network into one ONNX graph (:class:`export.totalsegmentator_model.PartsModel`), and writes the manifest's
+``"nnunet"`` section (the pipeline the parts share, one normalisation per part) and ``"totalsegmentator"``
+section (TotalSegmentator's
 steps around nnU-Net and each part's class mapping: :mod:`edge_runtime.inference.totalsegmentator.settings`).
 Segments are named by TotalSegmentator's class names and coded from its SNOMED CT mapping.
 
@@ -28,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from edge_runtime.errors import StartupError
 from edge_runtime.inference.nnunet.settings import NnunetSettings
@@ -139,24 +138,13 @@ def plan_task(name: str) -> TaskPlan:
     )
 
 
-class PartsModel(nn.Module):
-    """Every part's network in one graph: channel ``p`` of the input goes to part ``p``; the output is the parts'
-    logits one after the other (each with its own background channel)."""
-
-    def __init__(self, parts: Sequence[nn.Module]):
-        super().__init__()
-        self.parts = nn.ModuleList(parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net(x[:, i:i + 1]) for i, net in enumerate(self.parts)], dim=1)
-
-
 @dataclass
 class TotalSegmentatorSource:
     plan: TaskPlan
     #: one ``export.nnunet_source.NnunetSource`` per part
     parts: list[Any]
-    module: nn.Module
+    #: every part in one torch module (:class:`export.totalsegmentator_model.PartsModel`)
+    module: Any
     settings: NnunetSettings
     ts: TotalSegmentatorSettings
     #: package label value -> (TotalSegmentator class value, class name)
@@ -213,6 +201,8 @@ def load_totalsegmentator(weights: Path, task: str, *, allow_pickle: bool = Fals
         for i, (tid, s, lut) in enumerate(zip(plan.task_ids, sources, luts, strict=True))
     )
     ts = TotalSegmentatorSettings(task=task, parts=parts, resample_mm=plan.resample_mm)
+    from export.totalsegmentator_model import PartsModel  # torch only once a package is made
+
     module = PartsModel([s.module for s in sources]).eval()
     labels = {renumber[v]: (v, plan.class_map[v]) for v in used}
     return TotalSegmentatorSource(plan, sources, module, settings, ts, labels)
