@@ -51,6 +51,8 @@ def unsupported(package: ModelPackage) -> str | None:
     """Why this package's pipeline cannot be streamed; None when it can."""
     if "nnunet" in package.manifest:
         return "the package's nnU-Net pipeline takes the whole volume"
+    if package.input_channels > 1:
+        return "the model takes several series (channels) as one input"
     if package.normalization.kind == "zscore":
         return "per-image z-score normalisation needs the whole volume"
     if pad_value(package.normalization) is None:

@@ -134,7 +134,7 @@ def test_uneven_spacing_stops_the_run_and_completion_does_the_rest(package: Mode
     steps = [2.0] * 79 + [2.5, 3.5] * 12
     positions = np.concatenate([[0.0], np.cumsum(steps)])
     hu = make_phantom((len(positions), 32, 32), (2.0, 3.0, 3.0), rng=4).hu
-    info = write_series(hu, (2.0, 3.0, 3.0), tmp_path, slice_positions=positions)
+    info = write_series(hu, (2.0, 3.0, 3.0), tmp_path, slice_positions=list(positions))
     runner = WindowMeanRunner(package)
     expected = segment(load_volume(info.paths, POLICY), package, runner)
     result, timeline = stream(info.paths, package, runner)
@@ -154,6 +154,7 @@ def test_a_second_stack_breaks_the_evidence(series: SeriesInfo, package: ModelPa
 def test_packages_that_need_the_whole_volume_are_not_streamed(package: ModelPackage) -> None:
     zscore = dataclasses.replace(package, normalization=Normalization("zscore"))
     assert "z-score" in (Streams(zscore, POLICY).reason or "")
+    assert "channels" in (Streams(dataclasses.replace(package, input_channels=2), POLICY).reason or "")
     assert Streams(package, POLICY).reason is None
 
 
