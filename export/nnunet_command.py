@@ -36,6 +36,10 @@ def add_nnunet_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-step-size", type=float, default=0.5, help="nnU-Net's tile step (default 0.5)")
     g.add_argument("--parity-series", type=Path, action="append", default=[], metavar="DIR",
                    help="a DICOM series folder for the nnU-Net gate (repeatable), beside the phantom CTs")
+    g.add_argument("--postprocessing", type=Path, metavar="PKL", help="nnU-Net's postprocessing.pkl (default: "
+                   "crossval_results_folds_<folds>/postprocessing.pkl or postprocessing.pkl in the model folder)")
+    g.add_argument("--no-postprocessing", action="store_true", help="record nnU-Net's post-processing switched "
+                   "off (the gate then compares with nnU-Net without it)")
     g.add_argument("--max-probability-error", type=float, default=0.02,
                    help="largest softmax difference to nnU-Net allowed at any voxel (default 0.02)")
 
@@ -48,7 +52,8 @@ def run_nnunet_package(args: argparse.Namespace) -> int:
         source = load_nnunet_source(
             args.nnunet, [str(f) for f in args.folds], configuration=args.configuration,
             checkpoint=args.checkpoint_name, allow_pickle=args.allow_pickle, use_mirroring=not args.no_mirroring,
-            tile_step_size=args.tile_step_size,
+            tile_step_size=args.tile_step_size, postprocessing=args.postprocessing,
+            use_postprocessing=not args.no_postprocessing,
         )
         volumes = gate_volumes(source, args)
         manifest = nnunet_manifest(source, args)
@@ -72,8 +77,9 @@ def nnunet_manifest(source: Any, args: argparse.Namespace) -> dict[str, Any]:
         "version": version,
         "description": args.description or f"nnU-Net v2 {source.configuration}, folds {folds}, exported by edge-export "
         "with nnU-Net's predictor pipeline.",
+        # a region model's sigmoid is the nnunet section's (regions); "activation" is the generic pipeline's
         "model": {"input": "image", "output": "logits", "input_channels": source.input_channels,
-                  "activation": "softmax"},
+                  **({} if source.settings.regions else {"activation": "softmax"})},
         "series_filter": {"modalities": args.modality or hints["modalities"]},
         "preprocessing": {"target_spacing": hints["target_spacing"], "normalization": hints["normalization"]},
         "inference": {"patch_size": hints["patch_size"], "overlap": hints["overlap"], "blending": "gaussian",

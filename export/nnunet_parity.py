@@ -14,13 +14,14 @@ authors run it (mirroring on, step 0.5) and the report lists what the switch cos
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edge_runtime.inference.nnunet.pipeline import predict_case
+from edge_runtime.inference.nnunet.postprocessing import KeepLargestComponent
 from edge_runtime.inference.package import ModelPackage
 from export.nnunet_source import NnunetSource
 from export.parity import LabelAgreement, label_dice
@@ -117,7 +118,8 @@ class NnunetParityReport:
             f"Reference: {self.reference}; candidate: {self.candidate}.",
             f"Settings: configuration {s.get('configuration')}, folds {', '.join(s.get('folds', []))}, mirroring "
             f"{_mirroring(s)}, tile step {s.get('tile_step_size')}, logits accumulated in {s.get('accumulate')}.",
-            f"Gate: Dice >= {self.options.min_dice:g} per label and volume; softmax probabilities within "
+            f"Gate: Dice >= {self.options.min_dice:g} per label and volume; "
+            f"{'region sigmoid' if s.get('regions') else 'softmax'} probabilities within "
             f"{self.options.max_probability_error:g} at every voxel.",
             f"Needed: min Dice {self.needed_min_dice if self.needed_min_dice is not None else float('nan'):.4f}, "
             f"probability error {self.needed_probability_error:.4g}.",
@@ -154,7 +156,7 @@ class NnunetReference:
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
         network = nnUNetTrainer.build_network_architecture(
-            plans, config, source.input_channels, source.num_classes, enable_deep_supervision=False
+            plans, config, source.input_channels, source.output_channels, enable_deep_supervision=False
         )
         parameters = [
             _checkpoint_weights(_read_checkpoint(source.root / f"fold_{f}" / "checkpoint_final.pth", True))
@@ -164,8 +166,11 @@ class NnunetReference:
                                          use_mirroring=use_mirroring, device=torch.device("cpu"), allow_tqdm=False)
         self.predictor.manual_initialization(network, plans, config, parameters, source.dataset, "nnUNetTrainer",
                                              source.settings.mirror_axes or None)
+        #: nnU-Net's own post-processing functions with the package's steps (nnUNetv2_apply_postprocessing)
+        self.postprocessing = postprocessing_functions(source.settings.active_postprocessing)
+        pp = f", then {len(self.postprocessing[0])} post-processing step(s)" if self.postprocessing[0] else ""
         self.describe = (f"nnunetv2 {_version('nnunetv2')} nnUNetPredictor (torch {torch.__version__}, cpu, "
-                         f"mirroring {'on' if use_mirroring else 'off'}, tile step {tile_step_size})")
+                         f"mirroring {'on' if use_mirroring else 'off'}, tile step {tile_step_size}{pp})")
 
     def predict(self, image: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Label map and ``(K, ...)`` probabilities for a ``(C, Z, Y, X)`` image with its ``(z, y, x)`` spacing."""
@@ -174,7 +179,22 @@ class NnunetReference:
             seg, probs = self.predictor.predict_single_npy_array(
                 image.astype(np.float32), {"spacing": [float(s) for s in spacing]}, None, None, True
             )
+            if self.postprocessing[0]:
+                from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
+
+                seg = apply_postprocessing(np.asarray(seg), *self.postprocessing)
         return np.asarray(seg), np.asarray(probs, dtype=np.float32)
+
+
+def postprocessing_functions(steps: Sequence[KeepLargestComponent]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The steps as nnU-Net's ``(pp_fns, pp_fn_kwargs)``: its own function, regions as tuples."""
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation as keep_largest,
+    )
+
+    kwargs = [{"labels_or_regions": list(step.labels_or_regions), "background_label": step.background_label}
+              for step in steps]
+    return [keep_largest] * len(steps), kwargs
 
 
 def _version(dist: str) -> str:
@@ -206,6 +226,7 @@ def run_nnunet_gate(
     close = runner is None
     runner = runner or OnnxRuntimeRunner(package)
     names = {lab.value: lab.name for lab in package.labels}
+    classes = len(package.labels) + 1  # of the label map (a region model outputs one channel per region)
     dice: list[LabelAgreement] = []
     cost: list[LabelAgreement] = []
     probs: list[ProbabilityAgreement] = []
@@ -219,13 +240,13 @@ def run_nnunet_gate(
             ours = predict_case(image, spacing, settings, runner, package.num_classes, package.batch_size,
                                 probabilities=True)
             timings["runtime_s"] += time.perf_counter() - t0
-            dice += label_dice(name, ref_labels, ours.labels, names, package.num_classes)
+            dice += label_dice(name, ref_labels, ours.labels, names, classes)
             assert ours.probabilities is not None
             error = np.abs(ours.probabilities - ref_probs)
             probs.append(ProbabilityAgreement(name, float(error.max()), float(error.mean()),
                                               float(np.mean(ref_labels != ours.labels))))
             if defaults is not None:
-                cost += label_dice(name, defaults.predict(image, spacing)[0], ours.labels, names, package.num_classes)
+                cost += label_dice(name, defaults.predict(image, spacing)[0], ours.labels, names, classes)
     finally:
         if close:
             runner.close()

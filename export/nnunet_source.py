@@ -11,7 +11,7 @@ nnU-Net's preprocessor does, so no axis adapter is needed. A 2D configuration's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,13 @@ class NnunetSource:
 
     @property
     def num_classes(self) -> int:
+        """Labels of the label map, background included."""
         return len(self.label_names) + 1
+
+    @property
+    def output_channels(self) -> int:
+        """The network's outputs: one per class, or one sigmoid per region for a region-based model."""
+        return len(self.settings.regions) or self.num_classes
 
     @property
     def window(self) -> tuple[int, int, int]:
@@ -93,7 +99,12 @@ def load_nnunet_source(
     allow_pickle: bool = False,
     use_mirroring: bool = True,
     tile_step_size: float = 0.5,
+    postprocessing: Path | None = None,
+    use_postprocessing: bool = True,
 ) -> NnunetSource:
+    """``postprocessing``: nnU-Net's postprocessing.pkl for these folds (None: looked for beside the folds,
+    :func:`export.nnunet_postprocessing.find_postprocessing`); ``use_postprocessing`` False records it switched
+    off."""
     from edge_runtime.extras import MissingDependencyError, require
 
     root = Path(root)
@@ -103,7 +114,7 @@ def load_nnunet_source(
     plans = parse_json((root / "plans.json").read_text(encoding="utf-8"), "plans.json")
     dataset = parse_json((root / "dataset.json").read_text(encoding="utf-8"), "dataset.json")
     config = _nnunet_configuration(plans, configuration, allow_2d=True)
-    label_names = _softmax_labels(dataset)
+    label_names, regions, class_order = _labels(dataset)
     channels = dataset.get("channel_names", dataset.get("modality", {}))
     if not channels:
         raise LoaderError("dataset.json has no 'channel_names'")
@@ -125,29 +136,60 @@ def load_nnunet_source(
         if mirror_axes is None:  # nnUNetPredictor takes the first fold's
             axes = ckpt.get("inference_allowed_mirroring_axes")
             mirror_axes = tuple(int(a) for a in axes) if axes is not None else ()
-        network = _nnunet_network(config, len(channels), len(label_names) + 1)
+        network = _nnunet_network(config, len(channels), len(regions) or len(label_names) + 1)
         load_weights(network, _checkpoint_weights(ckpt), f"fold_{fold}/{checkpoint}")
         networks.append(ready_module(network, f"the nnU-Net network of fold {fold}"))
     module: nn.Module = FoldEnsemble(networks)
     if len(config["patch_size"]) == 2:
         module = Slices2d(module)
-    settings = nnunet_settings(plans, config, configuration, folds, mirror_axes or (), use_mirroring,
-                               tile_step_size, len(channels))
+    from export.nnunet_postprocessing import find_postprocessing, read_postprocessing
+
+    pkl = postprocessing or find_postprocessing(root, folds)
+    steps = read_postprocessing(pkl) if pkl is not None else ()
+    settings = replace(
+        nnunet_settings(plans, config, configuration, folds, mirror_axes or (), use_mirroring, tile_step_size,
+                        len(channels)),
+        regions=regions, regions_class_order=class_order, postprocessing=steps, use_postprocessing=use_postprocessing,
+    )
     return NnunetSource(root, plans, dataset, configuration, tuple(str(f) for f in folds), networks,
                         ready_module(module, "the fold ensemble"), settings, label_names, len(channels))
 
 
-def _softmax_labels(dataset: dict[str, Any]) -> dict[int, str]:
+def _labels(dataset: dict[str, Any]) -> tuple[dict[int, str], tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Label names (1..L), and for a region-based model its regions and ``regions_class_order``
+    (``LabelManager``: regions are the non-background entries of ``labels`` in order, lists or single labels)."""
     labels = dataset.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise LoaderError("dataset.json has no 'labels'")
-    if any(isinstance(v, (list, tuple)) for v in labels.values()) or "regions_class_order" in dataset:
-        raise LoaderError("dataset.json defines region-based labels (sigmoid outputs with regions_class_order); "
-                          "the runtime's nnU-Net pipeline reproduces softmax label maps only")
-    names = {int(v): str(k) for k, v in labels.items()}
+    if "ignore" in labels:
+        labels = {k: v for k, v in labels.items() if k != "ignore"}  # never predicted
+    if any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values()):
+        return _region_labels(labels, dataset.get("regions_class_order"))
+    names = {int(v[0] if isinstance(v, (list, tuple)) else v): str(k) for k, v in labels.items()}
     if sorted(names) != list(range(len(names))):
         raise LoaderError(f"dataset.json label values must be 0..{len(names) - 1}, got {sorted(names)}")
-    return {v: n for v, n in names.items() if v > 0}
+    return {v: n for v, n in names.items() if v > 0}, (), ()
+
+
+def _region_labels(labels: dict[str, Any], order: Any) -> tuple[dict[int, str], tuple[tuple[int, ...], ...],
+                                                                  tuple[int, ...]]:
+    regions: list[tuple[int, ...]] = []
+    region_names: list[str] = []
+    for name, value in labels.items():
+        members = tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        if set(members) == {0}:
+            continue  # background
+        regions.append(members)
+        region_names.append(str(name))
+    if not isinstance(order, list) or len(order) != len(regions):
+        raise LoaderError(f"dataset.json defines {len(regions)} regions but regions_class_order is {order!r} "
+                          "(one label per region needed)")
+    class_order = tuple(int(v) for v in order)
+    if sorted(set(class_order)) != list(range(1, len(set(class_order)) + 1)):
+        raise LoaderError(f"regions_class_order {list(class_order)} must paint the labels 1..L")
+    # label c is named after the last region that paints it (painting goes in order, later regions win)
+    names = {value: region_names[i] for i, value in enumerate(class_order)}
+    return dict(sorted(names.items())), tuple(regions), class_order
 
 
 def nnunet_settings(

@@ -124,6 +124,8 @@ class ModelPackage:
         part's classes, background included)."""
         if self.totalsegmentator is not None:
             return self.totalsegmentator.output_channels
+        if self.nnunet is not None and self.nnunet.regions:  # a region-based nnU-Net model: one sigmoid per region
+            return len(self.nnunet.regions)
         return len(self.labels) + 1
 
     @property

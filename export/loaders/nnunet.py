@@ -54,7 +54,8 @@ def load_nnunet(
         raise LoaderError("dataset.json has no 'labels'")
     if any(isinstance(v, (list, tuple)) for v in labels.values()) or "regions_class_order" in dataset:
         raise LoaderError(
-            "dataset.json defines region-based labels (sigmoid outputs); the runtime supports softmax label maps only"
+            "dataset.json defines region-based labels (sigmoid outputs); the generic pipeline takes softmax label "
+            "maps only: package it with --folds (nnU-Net's own pipeline, which paints regions as nnU-Net does)"
         )
     names = {int(v): str(k) for k, v in labels.items()}
     num_classes = len(names)

@@ -2,9 +2,11 @@
 
 preprocess (transpose, crop to non-zero, normalise, resample: :mod:`.preprocessing`) -> Gaussian sliding window
 with test-time mirroring over the package's ensembled folds (:mod:`.prediction`) -> logits resampled back to the
-cropped shape with nnU-Net's probability resampling -> softmax and argmax -> the crop put back into the full
-shape -> transpose back. The volume's ``(slice, row, column)`` array and spacing are what nnU-Net's SimpleITK
-reader gives for the same series, so the model sees what it was trained on.
+cropped shape with nnU-Net's probability resampling -> softmax and argmax (a region-based model: sigmoid and
+nnU-Net's painting in ``regions_class_order``, :mod:`.regions`) -> the crop put back into the full shape ->
+transpose back -> nnU-Net's postprocessing.pkl steps when the package carries them (:mod:`.postprocessing`).
+The volume's ``(slice, row, column)`` array and spacing are what nnU-Net's SimpleITK reader gives for the same
+series, so the model sees what it was trained on.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.nnunet.postprocessing import apply_postprocessing
 from edge_runtime.inference.nnunet.prediction import predict_logits
 from edge_runtime.inference.nnunet.preprocessing import preprocess, target_spacing
+from edge_runtime.inference.nnunet.regions import label_probabilities, paint_regions, sigmoid
 from edge_runtime.inference.nnunet.resampling import resample
 from edge_runtime.inference.nnunet.settings import NnunetSettings
 from edge_runtime.inference.package import ModelPackage
@@ -35,7 +39,8 @@ class CaseResult:
     labels: np.ndarray
     #: softmax probability of the chosen label, float32
     confidence: np.ndarray
-    #: ``(K, Z, Y, X)`` float32 softmax per class when asked for
+    #: ``(K, Z, Y, X)`` float32 softmax per class when asked for (a region model: ``(R, Z, Y, X)`` sigmoid per
+    #: region, as nnU-Net returns them)
     probabilities: np.ndarray | None
     timings: dict[str, float]
     windows: int
@@ -54,7 +59,10 @@ def segment_nnunet(volume: Volume, package: ModelPackage, runner: Runner, *, pro
                         probabilities=probabilities)
     per_class = None
     if case.probabilities is not None:
-        per_class = np.rint(case.probabilities * 255).astype(np.uint8)
+        probs = case.probabilities
+        if settings.regions:
+            probs = label_probabilities(probs, settings.regions_class_order, len(package.labels) + 1)
+        per_class = np.rint(probs * 255).astype(np.uint8)
     return Segmentation(labels=case.labels, timings=case.timings, windows=case.windows, confidence=case.confidence,
                         probabilities=per_class)
 
@@ -69,7 +77,8 @@ def predict_case(
     *,
     probabilities: bool = False,
 ) -> CaseResult:
-    """``image`` ``(C, Z, Y, X)`` with its ``(z, y, x)`` spacing -> the case on the image's grid."""
+    """``image`` ``(C, Z, Y, X)`` with its ``(z, y, x)`` spacing -> the case on the image's grid. ``num_classes``:
+    the model's output channels (a region model's are its regions)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     data, case = preprocess(image, spacing, settings)
@@ -89,8 +98,11 @@ def predict_case(
     # their own dtype, as nnU-Net keeps its float16), argmax (the first maximum wins, as torch's), then softmax
     logits = resample(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
                       settings.resampling_probabilities, settings.anisotropy_threshold)
-    labels_crop = np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)
     where = tuple(slice(lo, hi) for lo, hi in case.bbox)
+    if settings.regions:
+        return _finish_regions(logits, case.shape_before_cropping, where, settings, timings, windows, t0,
+                               probabilities=probabilities)
+    labels_crop = np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)
     backward = list(settings.transpose_backward)
     labels = np.zeros(case.shape_before_cropping, dtype=labels_crop.dtype)
     labels[where] = labels_crop
@@ -108,7 +120,36 @@ def predict_case(
     else:
         confidence[where] = chosen_probability(logits)
     del logits
-    labels = np.ascontiguousarray(labels.transpose(backward))
+    labels = apply_postprocessing(np.ascontiguousarray(labels.transpose(backward)), settings.active_postprocessing)
+    confidence = np.ascontiguousarray(confidence.transpose(backward))
+    timings["postprocess"] = time.perf_counter() - t0
+    return CaseResult(labels, confidence, probs, timings, windows)
+
+
+def _finish_regions(logits: np.ndarray, full_shape: Sequence[int], where: tuple[slice, ...],
+                    settings: NnunetSettings, timings: dict[str, float], windows: int, t0: float, *,
+                    probabilities: bool) -> CaseResult:
+    """A region model's resampled logits -> sigmoid, painted labels, confidence (the painted region's probability;
+    background: one minus the largest), probabilities 0 outside the crop as ``revert_cropping_on_probabilities``
+    leaves them for regions."""
+    region_probs = sigmoid(logits)
+    del logits
+    order = settings.regions_class_order
+    labels_crop = paint_regions(region_probs, order, np.uint8 if max(order) < 256 else np.uint16)
+    per_label = label_probabilities(region_probs, order, max(order) + 1)
+    labels = np.zeros(tuple(full_shape), dtype=labels_crop.dtype)
+    labels[where] = labels_crop
+    confidence = np.ones(tuple(full_shape), dtype=np.float32)
+    confidence[where] = np.take_along_axis(per_label, labels_crop[None].astype(np.intp), axis=0)[0]
+    del per_label
+    backward = list(settings.transpose_backward)
+    probs = None
+    if probabilities:
+        probs = np.zeros((region_probs.shape[0], *full_shape), dtype=np.float32)
+        every_region = (slice(None), *where)
+        probs[every_region] = region_probs
+        probs = np.ascontiguousarray(probs.transpose([0, *[a + 1 for a in backward]]))
+    labels = apply_postprocessing(np.ascontiguousarray(labels.transpose(backward)), settings.active_postprocessing)
     confidence = np.ascontiguousarray(confidence.transpose(backward))
     timings["postprocess"] = time.perf_counter() - t0
     return CaseResult(labels, confidence, probs, timings, windows)

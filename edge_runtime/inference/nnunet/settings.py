@@ -17,8 +17,16 @@ section is segmented by :mod:`edge_runtime.inference.nnunet.pipeline` instead of
       "tile_step_size": 0.5, "use_gaussian": true,
       "mirror_axes": [0, 1, 2], "use_mirroring": true,
       "accumulate": "float16",                   # nnU-Net's blended-logits dtype; "float32" is more precise
-      "ensemble": "mean of the folds' logits in the model graph"
+      "ensemble": "mean of the folds' logits in the model graph",
+      "regions": [[1, 2, 3], [2, 3], [3]], "regions_class_order": [1, 2, 3],   # region-based models only
+      "postprocessing": [{"function": "remove_all_but_largest_component_from_segmentation",
+                          "labels_or_regions": [1, [2, 3]], "background_label": 0}],   # from postprocessing.pkl
+      "use_postprocessing": true
     }
+
+A region-based model (:mod:`.regions`) outputs one sigmoid per region, painted into labels in
+``regions_class_order``; ``postprocessing`` (:mod:`.postprocessing`) is nnU-Net's postprocessing.pkl as data,
+applied to the label map when ``use_postprocessing`` is true.
 
 Options for speed (``use_mirroring`` false, a larger ``tile_step_size``) are changed by re-exporting; the parity
 gate then reports what they cost in Dice against nnU-Net run as its authors run it.
@@ -29,6 +37,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from edge_runtime.inference.nnunet.postprocessing import KeepLargestComponent, parse_postprocessing
 
 #: normalisation schemes reproduced (nnunetv2.preprocessing.normalization.default_normalization_schemes)
 SCHEMES = ("CTNormalization", "ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
@@ -76,10 +86,21 @@ class NnunetSettings:
     mirror_axes: tuple[int, ...] = ()
     use_mirroring: bool = True
     accumulate: str = "float16"
+    #: region-based models: the labels of each region (one sigmoid output per region); () for softmax models
+    regions: tuple[tuple[int, ...], ...] = ()
+    #: the label each region paints, in painting order (dataset.json ``regions_class_order``)
+    regions_class_order: tuple[int, ...] = ()
+    #: nnU-Net's postprocessing.pkl as steps; applied to the label map when ``use_postprocessing``
+    postprocessing: tuple[KeepLargestComponent, ...] = ()
+    use_postprocessing: bool = True
 
     @property
     def active_mirror_axes(self) -> tuple[int, ...]:
         return self.mirror_axes if self.use_mirroring else ()
+
+    @property
+    def active_postprocessing(self) -> tuple[KeepLargestComponent, ...]:
+        return self.postprocessing if self.use_postprocessing else ()
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest section (what :func:`parse_nnunet` reads back)."""
@@ -110,6 +131,10 @@ class NnunetSettings:
             "use_mirroring": self.use_mirroring,
             "accumulate": self.accumulate,
             "ensemble": "mean of the folds' logits in the model graph",
+            **({"regions": [list(r) for r in self.regions], "regions_class_order": list(self.regions_class_order)}
+               if self.regions else {}),
+            "postprocessing": [step.to_dict() for step in self.postprocessing],
+            "use_postprocessing": self.use_postprocessing,
         }
 
 
@@ -155,6 +180,9 @@ def parse_nnunet(node: Any, problems: list[str]) -> NnunetSettings | None:
     mirror_axes = want("mirror_axes", ints, "a list of axis indices", [])
     mirroring = want("use_mirroring", lambda v: isinstance(v, bool), "true or false", True)
     accumulate = want("accumulate", lambda v: v in ("float16", "float32"), "float16 or float32", "float16")
+    regions, class_order = _regions(node.get("regions"), node.get("regions_class_order"), problems)
+    postprocessing = parse_postprocessing(node.get("postprocessing"), problems)
+    use_postprocessing = want("use_postprocessing", lambda v: isinstance(v, bool), "true or false", True)
 
     if forward is not None and backward is not None:
         if sorted(forward) != list(range(len(forward))) or [forward[i] for i in backward] != list(range(len(forward))):
@@ -175,8 +203,31 @@ def parse_nnunet(node: Any, problems: list[str]) -> NnunetSettings | None:
         normalization=tuple(c for c in channels if c is not None), resampling_data=data,  # type: ignore[arg-type]
         resampling_probabilities=probs,  # type: ignore[arg-type]
         anisotropy_threshold=float(threshold), tile_step_size=float(step), use_gaussian=gaussian,
-        mirror_axes=tuple(mirror_axes), use_mirroring=mirroring, accumulate=accumulate,
+        mirror_axes=tuple(mirror_axes), use_mirroring=mirroring, accumulate=accumulate, regions=regions,
+        regions_class_order=class_order, postprocessing=postprocessing, use_postprocessing=use_postprocessing,
     )
+
+
+def _regions(regions: Any, order: Any, problems: list[str]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """``regions`` and ``regions_class_order``: both or neither; one painted label per region, the labels 1..L."""
+    if regions is None and order is None:
+        return (), ()
+
+    def positive(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not (isinstance(regions, list) and regions and all(isinstance(r, list) and r and all(positive(i) for i in r)
+                                                          for r in regions)):
+        problems.append(f"'nnunet.regions' must be a non-empty list of non-empty label lists, got {regions!r}")
+        return (), ()
+    if not (isinstance(order, list) and len(order) == len(regions) and all(positive(i) for i in order)):
+        problems.append(f"'nnunet.regions_class_order' must list one label > 0 per region ({len(regions)}), "
+                        f"got {order!r}")
+        return (), ()
+    if sorted(set(order)) != list(range(1, len(set(order)) + 1)):
+        problems.append(f"'nnunet.regions_class_order' must paint the labels 1..L, got {order}")
+        return (), ()
+    return tuple(tuple(r) for r in regions), tuple(order)
 
 
 def _resampling(node: Any, key: str, problems: list[str]) -> Resampling | None:
