@@ -53,7 +53,11 @@ def test_a_series_leaves_a_verifiable_trail_without_patient_data(tmp_path: Path)
         storescu(service.port, list(info.paths))
         pacs.wait_for_seg(info.series_uid, timeout=120)
         deliveries = _wait_for(audit, "delivery")
-        code, metrics = service.http_get("/metrics")
+        window = 'edge_drift_window_series{model="phantom-ct-unet 1.1.0"} 1.0'
+        end = time.monotonic() + 30  # the drift features are taken after the result is sent on its way
+        while window not in (metrics := service.http_get("/metrics")[1]) and time.monotonic() < end:
+            time.sleep(0.2)
+        code = service.http_get("/metrics")[0]
     finally:
         assert service.stop() == 0, service.log()
         pacs.stop()
@@ -82,6 +86,9 @@ def test_a_series_leaves_a_verifiable_trail_without_patient_data(tmp_path: Path)
     )
     assert done.returncode == 0 and "chain intact" in done.stdout, done.stdout + done.stderr
     assert code == 200 and "edge_spool_free_bytes" in metrics
+    # the bundled package carries a drift reference: the series joined the window, its PSI went to /metrics
+    assert window in metrics
+    assert 'edge_drift_psi{feature="intensity_p50",model="phantom-ct-unet 1.1.0"}' in metrics
     # DICOM audit messages: application start and stop, the rejected association, the series, each delivery
     sent = b"".join(syslog.messages)
     for code_value in (b'"110100"', b'"110113"', b'"110104"', b'"110121"'):
