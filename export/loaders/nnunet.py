@@ -135,7 +135,12 @@ def _nnunet_configuration(plans: dict[str, Any], name: str, *, allow_2d: bool = 
         config = {**node, **config}
         chain = node.get("inherits_from")
     if "previous_stage" in config:
-        raise LoaderError(f"configuration {name!r} is a cascade stage (needs {config['previous_stage']!r} first)")
+        previous = config["previous_stage"]
+        raise LoaderError(
+            f"configuration {name!r} is a cascade stage: it takes the segmentation of {previous!r} as extra input "
+            f"channels, and the runtime does not chain two nnU-Net stages yet; package {previous!r} or 3d_fullres "
+            "on its own instead"
+        )
     for key in ("spacing", "patch_size"):
         if key not in config:
             raise LoaderError(f"plans.json configuration {name!r} has no {key!r}")
