@@ -112,7 +112,7 @@ def test_a_region_model_with_postprocessing_packaged_by_edge_export_passes_the_g
     from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
     from export.cli import main
     from export.models.default_package import PHANTOM_LABELS
-    from export.nnunet_parity import NnunetReference
+    from export.nnunet_parity import NnunetReference, run_nnunet_gate
     from export.nnunet_source import load_nnunet_source
     from export.parity import label_dice
     from phantom import make_phantom, write_series
@@ -160,3 +160,10 @@ def test_a_region_model_with_postprocessing_packaged_by_edge_export_passes_the_g
         if use_postprocessing:
             processed = result.labels
     assert raw is not None and int((raw != processed).sum()) > 0  # post-processing removed something here
+
+    # the painting order is checked: the same package painting the regions the other way round is refused
+    manifest["nnunet"]["regions_class_order"] = [3, 2, 1]
+    (tmp_path / "pkg" / "manifest.json").write_text(json.dumps(manifest))
+    report = run_nnunet_gate(load_nnunet_source(root, ["0"], use_postprocessing=False),
+                             ModelPackage.load(tmp_path / "pkg"), phantom_volumes())
+    assert not report.passed and any("Dice" in f for f in report.failures())
