@@ -119,8 +119,23 @@ def outbox(service: ServiceProcess) -> list[tuple[str, str, str, int, str | None
         con.close()
 
 
+def complete_results(service: ServiceProcess) -> int:
+    """How many results have both their steps' outbox rows (the SEG's, then the other objects')."""
+    try:
+        con = sqlite3.connect(f"file:{service.spool / 'index.sqlite3'}?mode=ro", uri=True, timeout=10)
+    except sqlite3.OperationalError:
+        return 0
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM results WHERE stage = 'complete'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
 def wait_until_sent(service: ServiceProcess, live: set[str], count: int, timeout: float = 90.0) -> list[tuple]:
-    """The outbox once it holds ``count`` results' rows and those of the ``live`` destinations are all sent."""
+    """The outbox once ``count`` results are complete (both publishing steps: the SEG goes out first) and the rows
+    of the ``live`` destinations are all sent."""
     end = time.monotonic() + timeout
     rows: list[tuple] = []
     while time.monotonic() < end:
@@ -129,8 +144,7 @@ def wait_until_sent(service: ServiceProcess, live: set[str], count: int, timeout
         except sqlite3.OperationalError:
             rows = []
         mine = [r for r in rows if r[1] in live]
-        results = {Path(r[0]).parent for r in rows}
-        if len(results) >= count and mine and all(r[2] == "sent" for r in mine):
+        if complete_results(service) >= count and mine and all(r[2] == "sent" for r in mine):
             return rows
         time.sleep(0.2)
     raise TimeoutError(f"live destinations not delivered after {timeout} s: {rows}\n{service.log()[-3000:]}")

@@ -4,6 +4,7 @@ and says in its timeline when it fell back to the whole series."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from edge_runtime.inference.tiling import window_starts
 from phantom import SeriesInfo, make_phantom, write_series
 
 POLICY = GeometryPolicy()
-#: the decode-ahead cache of each Streams under test
-CACHES: dict[int, SliceCache] = {}
+#: the decode-ahead cache of each Streams under test (weak keys: an id() could be reused by the next Streams,
+#: which would then find every slice already decoded and see none arrive)
+CACHES: weakref.WeakKeyDictionary[Streams, SliceCache] = weakref.WeakKeyDictionary()
 
 
 class WindowMeanRunner(Runner):
@@ -58,7 +60,7 @@ def stream(
     """Decode the slices in ``paths`` order (those already seen are not sent again), running every slab as soon
     as it is ready, then complete the series."""
     streams = streams or Streams(package, POLICY)
-    cache = CACHES.setdefault(id(streams), SliceCache())
+    cache = CACHES.setdefault(streams, SliceCache())
     for path in paths:
         if cache.get(path) is None:
             cache.add(path)
