@@ -13,6 +13,14 @@ import pytest
 from tests.peers import StoreSCP
 
 
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
+    """DCMTK storescp as the PACS that a module's service sends its results to."""
+    scp = StoreSCP(tmp_path_factory.mktemp("pacs"))
+    yield scp
+    scp.stop()
+
+
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp = StoreSCP(tmp_path / "pacs")

@@ -397,6 +397,12 @@ class ServiceProcess:
         self._log.close()
         return self.proc.returncode
 
+    def stop_cleanly(self) -> None:
+        """Stop with SIGTERM and check the service ended as it should: exit status 0 and no traceback logged."""
+        code = self.stop()
+        assert code == 0, self.log()
+        assert "Traceback" not in self.log()
+
 
 def spool_record(spool: Path, series_uid: str, timeout: float = 60.0) -> dict[str, Any]:
     """The spool index's rows for one series once its result is published and every result file is sent.

@@ -167,13 +167,6 @@ def refusal(service: ServiceProcess, series_uid: str, timeout: float = 30.0) -> 
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
-    scp = StoreSCP(tmp_path_factory.mktemp("pacs"))
-    yield scp
-    scp.stop()
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
     package = make_package(tmp_path_factory.mktemp("pkg") / "four-channels")
     svc = ServiceProcess(
@@ -188,9 +181,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterato
         "3",
     )
     yield svc
-    code = svc.stop()
-    assert code == 0, svc.log()
-    assert "Traceback" not in svc.log()
+    svc.stop_cleanly()
 
 
 def seg_masks(path: Path, source: dict) -> dict[int, np.ndarray]:

@@ -29,19 +29,10 @@ SHAPE, SPACING = (105, 32, 32), (2.0, 3.0, 3.0)
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
-    scp = StoreSCP(tmp_path_factory.mktemp("pacs"))
-    yield scp
-    scp.stop()
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[ServiceProcess]:
     svc = ServiceProcess(tmp_path_factory.mktemp("svc"), "--destination", pacs.address, "--quiet-seconds", "2")
     yield svc
-    code = svc.stop()
-    assert code == 0, svc.log()
-    assert "Traceback" not in svc.log()
+    svc.stop_cleanly()
 
 
 @pytest.fixture(scope="module")

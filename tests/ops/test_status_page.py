@@ -36,6 +36,7 @@ from edge_runtime.ops.web.server import HttpServer, Request, Response
 from edge_runtime.results.thumbnails import LARGE_SIZE, THUMB_SIZE
 from edge_runtime.spool import Spool
 from phantom import make_phantom, write_reference_seg, write_series
+from tests.egress.test_sender import publish
 from tests.peers import ServiceProcess, StoreSCP, free_port, storescu
 
 TOKEN = "s3cret-token-for-the-status-page"
@@ -371,22 +372,8 @@ def test_failing_destinations_name_retries_and_objects_refused_for_good(tmp_path
     class it does not store) are both listed with their last error; a destination that took everything is not."""
     spool = Spool(tmp_path / "spool")
     try:
-        spool.store(
-            b"x",
-            called_ae="EDGE",
-            calling_ae="CT",
-            study_uid="1.2",
-            series_uid="1.2.1",
-            sop_class="1.2",
-            sop_uid="1.2.1.1",
-            transfer_syntax="1.2.840.10008.1.2.1",
-            modality="CT",
-        )
-        spool.queue_quiet_series(0.0)
-        job = spool.claim_job()
-        assert job is not None
         files = [tmp_path / "seg.dcm", tmp_path / "labelmap.dcm"]
-        spool.publish(job.id, job.generation, "m", tmp_path, {"down": files, "old-pacs": files, "pacs": files})
+        publish(spool, {"down": files, "old-pacs": files, "pacs": files})
         for item in spool.due_outbox():
             if item.destination == "down":
                 spool.mark_failed_attempt(item.id, "association not established", time.time() + 60)

@@ -34,13 +34,6 @@ def head_slab() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
-    scp = StoreSCP(tmp_path_factory.mktemp("pacs"))
-    yield scp
-    scp.stop()
-
-
-@pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory, pacs: StoreSCP) -> Iterator[dict[str, ServiceProcess]]:
     """Both policies at once (two processes, the slab sent to each)."""
     started = {
