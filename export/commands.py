@@ -26,7 +26,8 @@ import logging
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -402,6 +403,16 @@ class _Staging:
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    @contextmanager
+    def building(self) -> Iterator[Path]:
+        """The build folder, removed when building it raises (the exception goes on to the command, which
+        names it: a :class:`CommandError` is a one-line message and exit 2)."""
+        try:
+            yield self.dir
+        except BaseException:
+            self.discard()
+            raise
+
     def settle(self, report: Any, failed: str) -> Path | None:
         """After the gate: print its table, then publish (returns ``out``) on a pass, or set the build aside and
         print ``failed`` (``{where}``: the folder it went to) with each failure (returns None)."""
@@ -424,7 +435,7 @@ def _package(args: argparse.Namespace, loaded: Any) -> int:
     stage = _Staging(args.out, args.overwrite)
     patch = manifest["inference"]["patch_size"]
     channels = manifest["model"]["input_channels"]
-    try:
+    with stage.building():
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 info = export_onnx_with_info(
@@ -447,9 +458,6 @@ def _package(args: argparse.Namespace, loaded: Any) -> int:
         )
         report = run_gate(loaded.module, package, options)
         write_report(report, stage.dir, title=f"PyTorch against ONNX Runtime: {package.identity}")
-    except BaseException:
-        stage.discard()
-        raise
     out = stage.settle(
         report, "edge-export package: parity gate failed; package set aside in {where} (see parity.md there):"
     )
@@ -515,14 +523,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         volume_shape=tuple(args.parity_shape) if args.parity_shape else None,
     )
     try:
-        package, report = quantize_package(args.package, stage.dir, options)
+        with stage.building():
+            package, report = quantize_package(args.package, stage.dir, options)
     except PackageError as exc:
-        stage.discard()
         print(f"edge-export quantize: {exc}", file=sys.stderr)
         return 2
-    except BaseException:
-        stage.discard()
-        raise
     out = stage.settle(report, "edge-export quantize: INT8 gate failed; package set aside in {where}:")
     if out is None:
         return 1

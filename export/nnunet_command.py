@@ -136,7 +136,7 @@ def _build(args: argparse.Namespace, source: Any, manifest: dict[str, Any], volu
     from export.package import write_package
     from export.parity import write_report
 
-    try:
+    with stage.building():
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 info = export_onnx_with_info(
@@ -154,13 +154,6 @@ def _build(args: argparse.Namespace, source: Any, manifest: dict[str, Any], volu
         options = NnunetGateOptions(min_dice=args.min_dice, max_probability_error=args.max_probability_error)
         report = run_nnunet_gate(source, package, volumes, options)
         write_report(report, stage.dir, title=f"nnUNetPredictor against the runtime: {package.identity}")  # type: ignore[arg-type]
-    except CommandError as exc:
-        stage.discard()
-        print(f"edge-export package: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        stage.discard()
-        raise
     out = stage.settle(report, "edge-export package: nnU-Net parity gate failed; package set aside in {where} "
                                "(see parity.md there):")
     if out is None:

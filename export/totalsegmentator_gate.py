@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.commands import CommandError, _Staging
+from export.commands import _Staging
 
 
 def build_and_gate(args: argparse.Namespace, source: Any, manifest: dict[str, Any], volumes: dict,
@@ -28,7 +27,7 @@ def build_and_gate(args: argparse.Namespace, source: Any, manifest: dict[str, An
     from export.parity import TorchRunner, check_parity, label_dice, write_report
     from export.totalsegmentator import build_onnx, segment_array
 
-    try:
+    with stage.building():
         with tempfile.TemporaryDirectory() as tmp:
             info = build_onnx(source, Path(tmp), args)
             manifest["export"] = {"opset": info.opset, "exporter": info.exporter, "simplified": info.simplified,
@@ -49,13 +48,6 @@ def build_and_gate(args: argparse.Namespace, source: Any, manifest: dict[str, An
         report = dataclasses.replace(report, segmentation=dice, min_dice=args.min_dice)
         write_report(report, stage.dir, title=f"TotalSegmentator package, PyTorch against ONNX Runtime: "
                                               f"{package.identity}")
-    except CommandError as exc:
-        stage.discard()
-        print(f"edge-export package: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        stage.discard()
-        raise
     out = stage.settle(report, "edge-export package: the TotalSegmentator package's gate failed; set aside in "
                                "{where} (see parity.md there):")
     if out is None:
