@@ -28,6 +28,7 @@ from edge_runtime.dicom import derive_uid
 from edge_runtime.extras import require
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import Label, ModelPackage
+from edge_runtime.results.display import grey_levels
 from edge_runtime.results.formats import OVERLAY
 from edge_runtime.results.seg import MANUFACTURER, seg_series_number
 
@@ -38,7 +39,6 @@ SERIES_OFFSET = 4
 NOT_FOR_DIAGNOSIS = "derived, not for primary diagnosis"
 LEGEND_WIDTH = 260
 LINE = 18
-CT_WINDOW = (40.0, 400.0)  # level, width
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,7 @@ def choose_slices(labels: np.ndarray, values: list[int], share: float = 0.5) -> 
 
 def _grey(volume: Volume, z: int) -> np.ndarray:
     """The slice as 8-bit grey (see the module notes for the window)."""
-    plane = volume.array[z].astype(np.float32)
-    if volume.modality == "CT":
-        level, width = CT_WINDOW
-        lo, hi = level - width / 2, level + width / 2
-    else:
-        lo, hi = (float(v) for v in np.percentile(plane, (1, 99)))
-    scaled = (plane - lo) / max(hi - lo, 1e-6)
-    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return (grey_levels(volume.array[z], volume.modality) * 255.0 + 0.5).astype(np.uint8)
 
 
 def _render(volume: Volume, labels: np.ndarray, z: int, shown: list[Label], package: ModelPackage) -> np.ndarray:

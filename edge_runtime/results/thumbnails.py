@@ -24,6 +24,7 @@ from PIL import Image
 from edge_runtime.dicom import write_atomic
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage
+from edge_runtime.results.display import grey_levels
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ PLANES = ("axial", "coronal", "sagittal")
 THUMB_SIZE = 256
 LARGE_SIZE = 768
 FILL_ALPHA = 0.35
-#: CT display window (level, width) in HU: soft tissue, where most segmented organs are told apart
-CT_WINDOW = (40.0, 400.0)
 THUMBS_DIR = "thumbs"
 
 
@@ -48,7 +47,7 @@ def render_thumbnails(directory: Path, volume: Volume, labels: np.ndarray, packa
     palette = _palette(package, int(labels.max(initial=0)))
     written = []
     for plane, image, label_map, height_mm, width_mm in _planes(volume, labels):
-        grey = _window(image, volume.modality)
+        grey = grey_levels(image, volume.modality)
         for large, size in ((False, THUMB_SIZE), (True, LARGE_SIZE)):
             canvas = _compose(grey, label_map, palette, (height_mm, width_mm), size)
             buffer = io.BytesIO()
@@ -106,17 +105,6 @@ def _palette(package: ModelPackage, max_value: int) -> np.ndarray:
     for label in package.labels:
         palette[label.value] = label.color
     return palette
-
-
-def _window(image: np.ndarray, modality: str) -> np.ndarray:
-    """Grey levels 0..1: the CT soft-tissue window, or the 1st-99th percentile of the plane otherwise."""
-    pixels = image.astype(np.float32)
-    if modality.upper() == "CT":
-        level, width = CT_WINDOW
-        lo, hi = level - width / 2, level + width / 2
-    else:
-        lo, hi = (float(v) for v in np.percentile(pixels, (1, 99)))
-    return np.clip((pixels - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
 
 def _fit(height_mm: float, width_mm: float, size: int) -> tuple[int, int]:
