@@ -3,7 +3,8 @@
 ::
 
     scanner --C-STORE--> ingest.Listener --> spool.Spool --> ingest.SeriesTracker (complete?)
-        --> worker: imaging.load_volume --> inference.segment --> results.write_results --> spool outbox
+        --> worker: imaging.load_volume --> inference.segment
+        --> results.write_segs --> spool outbox (the SEG first) --> results.write_rest --> spool outbox
         --> egress.Sender --C-STORE or STOW-RS--> PACS / viewer / archive (each destination its formats)
 
 Threads and what each owns:
