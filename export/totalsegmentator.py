@@ -222,12 +222,24 @@ def _shared_settings(sources: Sequence[Any]) -> NnunetSettings:
     return dataclasses.replace(first, normalization=tuple(s.settings.normalization[0] for s in sources))
 
 
+#: the columns of TotalSegmentator's SNOMED CT mapping, by the manifest's name for each label code (the
+#: Segment Description Macro's sequences; a modifier mostly says which side: SCT 7771000 Left, 24028007 Right)
+MAPPING_COLUMNS = {
+    "category": "SegmentedPropertyCategoryCodeSequence",
+    "type": "SegmentedPropertyTypeCodeSequence",
+    "type_modifier": "SegmentedPropertyTypeModifierCodeSequence",
+    "anatomic_region": "AnatomicRegionSequence",
+    "anatomic_region_modifier": "AnatomicRegionModifierSequence",
+}
+
+
 def snomed_labels(labels: dict[int, tuple[int, str]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Manifest labels coded from TotalSegmentator's SNOMED CT mapping, and the names it has no codes for."""
+    """Manifest labels coded from TotalSegmentator's SNOMED CT mapping (category, type, and where the mapping
+    has them, the type's modifier and the anatomic region with its modifier), and the names it has no codes
+    for."""
     table = importlib.resources.files("totalsegmentator") / "resources" / "totalsegmentator_snomed_mapping.csv"
     with table.open(encoding="utf-8") as f:
         rows = {row["Structure"]: row for row in csv.DictReader(f)}
-    prefix = "SegmentedProperty{}CodeSequence."
     out, missing = [], []
     for value, (ts_value, name) in sorted(labels.items()):
         row = rows.get(name)
@@ -237,15 +249,11 @@ def snomed_labels(labels: dict[int, tuple[int, str]]) -> tuple[list[dict[str, An
             entry.update(category=GENERIC_CATEGORY, type=GENERIC_TYPE, color=[255, 0, 0],
                          codes="generic: TotalSegmentator's SNOMED CT mapping has no row for this class")
         else:
-            def code(kind: str, r: dict[str, str] = row) -> dict[str, str]:
-                p = prefix.format(kind)
-                return {"value": r[p + "CodeValue"], "scheme": r[p + "CodingSchemeDesignator"],
-                        "meaning": r[p + "CodeMeaning"]}
-
-            entry.update(category=code("Category"), type=code("Type"),
-                         color=[int(c) for c in row["DicomRGBColor"].split(",")])
-            if row.get(prefix.format("TypeModifier") + "CodeValue"):
-                entry["type_modifier"] = code("TypeModifier")
+            for key, column in MAPPING_COLUMNS.items():
+                if row.get(f"{column}.CodeValue"):
+                    entry[key] = {"value": row[f"{column}.CodeValue"], "meaning": row[f"{column}.CodeMeaning"],
+                                  "scheme": row[f"{column}.CodingSchemeDesignator"]}
+            entry["color"] = [int(c) for c in row["DicomRGBColor"].split(",")]
         out.append(entry)
     return out, missing
 

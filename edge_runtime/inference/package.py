@@ -16,7 +16,9 @@ The manifest carries everything a runtime needs and nothing it must guess. Its s
       "labels": [{"value": 1, "name": "Lung",
                   "category": {"value": "91772007", "scheme": "SCT", "meaning": "Organ"},
                   "type": {"value": "39607008", "scheme": "SCT", "meaning": "Lung"},
-                  "color": [128, 174, 128]}],
+                  "color": [128, 174, 128]}],   # optional codes per label: "type_modifier" (SCT 7771000
+                                                # "Left" for a left kidney), "anatomic_region" and
+                                                # "anatomic_region_modifier" (a left kidney's cyst)
       "algorithm": {"name": "...", "version": "...", "family": "artificial-intelligence"}
     }
 
@@ -45,6 +47,8 @@ FORMAT_VERSION = 1
 NORMALIZATION_KINDS = ("ct_window", "zscore", "none")
 BLENDING_KINDS = ("gaussian", "constant")
 ACTIVATIONS = ("softmax",)
+#: a label's codes beyond its category and type, each optional (:class:`Label`)
+OPTIONAL_LABEL_CODES = ("type_modifier", "anatomic_region", "anatomic_region_modifier")
 
 DEFAULT_PACKAGE = Path(__file__).resolve().parent.parent / "models" / "default"
 
@@ -60,11 +64,23 @@ class Code:
 
 @dataclass(frozen=True)
 class Label:
+    """One segment of the model's output, coded as DICOM's Segment Description Macro codes it (PS3.3 Table 10-25).
+
+    A paired structure is one type with a laterality modifier (TotalSegmentator's kidney_left: Kidney + Left),
+    not a type of its own, so that a reader can find every kidney; a finding inside an organ (a kidney cyst) is a
+    type in an anatomic region, the region carrying the laterality.
+    """
+
     value: int
     name: str
     category: Code
     type: Code
     color: tuple[int, int, int]
+    #: Segmented Property Type Modifier (laterality, mostly); None: the type alone
+    type_modifier: Code | None = None
+    #: the Anatomic Region the segment lies in, and that region's modifier; None: not stated
+    anatomic_region: Code | None = None
+    anatomic_region_modifier: Code | None = None
 
 
 @dataclass(frozen=True)
@@ -307,14 +323,10 @@ class _Parser:
                 continue
             value = self.get("value", int, where=item)
             name = self.get("name", str, where=item)
-            codes: list[Code | None] = []
-            for key in ("category", "type"):
-                c = item.get(key)
-                if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ("value", "scheme", "meaning"))):
-                    self.problems.append(f"'{where}.{key}' must be a code object with value, scheme and meaning")
-                    codes.append(None)
-                else:
-                    codes.append(Code(c["value"], c["scheme"], c["meaning"]))
+            codes = [self._code(item, key, where) for key in ("category", "type")]
+            optional = {key: self._code(item, key, where) for key in OPTIONAL_LABEL_CODES if key in item}
+            if "anatomic_region_modifier" in item and "anatomic_region" not in item:
+                self.problems.append(f"'{where}.anatomic_region_modifier' needs an 'anatomic_region' to modify")
             color = item.get("color", [255, 0, 0])
             if not (
                 isinstance(color, list) and len(color) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in color)
@@ -323,13 +335,21 @@ class _Parser:
                 color = [255, 0, 0]
             category, kind = codes
             if value is not None and name is not None and category is not None and kind is not None:
-                labels.append(Label(value, name, category, kind, (color[0], color[1], color[2])))
+                labels.append(Label(value, name, category, kind, (color[0], color[1], color[2]), **optional))
         values = [lab.value for lab in labels]
         if len(labels) == len(items) and sorted(values) != list(range(1, len(values) + 1)):
             self.problems.append(
                 f"label values must be 1..{len(values)} (the model's output channels after background), got {values}"
             )
         return labels
+
+    def _code(self, item: dict[str, Any], key: str, where: str) -> Code | None:
+        """``item[key]`` as a Code, or None with the problem recorded."""
+        c = item.get(key)
+        if not (isinstance(c, dict) and all(isinstance(c.get(k), str) for k in ("value", "scheme", "meaning"))):
+            self.problems.append(f"'{where}.{key}' must be a code object with value, scheme and meaning")
+            return None
+        return Code(c["value"], c["scheme"], c["meaning"])
 
     def _check_files(self, model_file: str | None) -> str | None:
         files = self.get("files", dict)

@@ -24,7 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from edge_runtime import __version__
 from edge_runtime.dicom import derive_uid
 from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.package import Code, ModelPackage
+from edge_runtime.inference.package import Code, Label, ModelPackage
 
 #: Manufacturer of the SEG, and its Device Serial Number unless the device has its own
 MANUFACTURER = "edge-runtime"
@@ -99,26 +99,45 @@ def _keyword(parameter: str) -> str:
 
 
 def segment_descriptions(package: ModelPackage, uid_seed: str) -> list[hd.seg.SegmentDescription]:
-    """One highdicom SegmentDescription per label: SNOMED CT codes, algorithm identification, tracking UID."""
+    """One highdicom SegmentDescription per label: SNOMED CT codes (with the label's modifiers and anatomic
+    region), algorithm identification, tracking UID."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=package.algorithm_name,
         family=codes.cid7162.ArtificialIntelligence,
         version=package.algorithm_version,
     )
     return [
-        hd.seg.SegmentDescription(
-            segment_number=i,
-            segment_label=label.name,
-            segmented_property_category=_coded(label.category),
-            segmented_property_type=_coded(label.type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=derive_uid(uid_seed, "segment", str(i)),
-            tracking_id=label.name,
-            display_color=_lab_color(label.color),
+        _with_modifiers(
+            hd.seg.SegmentDescription(
+                segment_number=i,
+                segment_label=label.name,
+                segmented_property_category=_coded(label.category),
+                segmented_property_type=_coded(label.type),
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                tracking_uid=derive_uid(uid_seed, "segment", str(i)),
+                tracking_id=label.name,
+                anatomic_regions=None if label.anatomic_region is None else [_coded(label.anatomic_region)],
+                display_color=_lab_color(label.color),
+            ),
+            label,
         )
         for i, label in enumerate(package.labels, start=1)
     ]
+
+
+def _with_modifiers(description: hd.seg.SegmentDescription, label: Label) -> hd.seg.SegmentDescription:
+    """The label's modifiers nested in the codes they modify, as the Segment Description Macro nests them
+    (PS3.3 Table 10-25): the Segmented Property Type Modifier Code Sequence inside the Segmented Property Type
+    item, the Anatomic Region Modifier Sequence inside the Anatomic Region item. highdicom 0.28 takes neither
+    as a parameter (and reads both back, as nested elements of the code items)."""
+    if label.type_modifier is not None:
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _coded(label.type_modifier)
+        ]
+    if label.anatomic_region_modifier is not None:
+        description.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = [_coded(label.anatomic_region_modifier)]
+    return description
 
 
 def on_source_frames(volume: Volume, array: np.ndarray) -> np.ndarray:

@@ -11,6 +11,11 @@ the SEG, in segment number order, each holding:
   segment, as in dcmqi's TID 1500 examples; no per-frame or per-slice lists).
 - Finding = the segment's Segmented Property Type, Finding Category = its Segmented Property Category,
   Algorithm Identification = the model package.
+- Finding Site, with its Laterality (CID 244), where the SEG says where the segment is or which side: its
+  Anatomic Region with the region's laterality modifier (a left kidney's cyst: Kidney, Left), or, for an
+  anatomical structure whose type carries a laterality modifier (TotalSegmentator's kidney_left: Kidney +
+  Left), that structure on that side. A segment that says neither gets no Finding Site (its Finding is
+  where it is).
 - Measurements (TID 300):
 
   ========================================  =====================================  ================
@@ -56,6 +61,8 @@ awaiting review).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
@@ -95,12 +102,41 @@ DOMAIN_CHECKS = {
 }
 
 
+#: CID 244 Laterality: the modifiers that name a side
+LATERALITY = frozenset((codes.cid244.Left.value, codes.cid244.Right.value, codes.cid244.Bilateral.value,
+                        codes.cid244.Unilateral.value))
+#: Segmented Property Categories whose Type is itself a place (Anatomical Structure; Organ)
+ANATOMY_CATEGORIES = frozenset(("123037004", "91772007"))
+
+
 def _concept(value: str, scheme: str, meaning: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
 
 
 def _coded(item: Dataset) -> hd.sr.CodedConcept:
     return _concept(str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning))
+
+
+def _laterality(modifiers: Sequence[Dataset]) -> hd.sr.CodedConcept | None:
+    """The first modifier that names a side (CID 244), or None."""
+    sides = [m for m in modifiers if str(m.CodeValue) in LATERALITY and m.CodingSchemeDesignator == "SCT"]
+    return _coded(sides[0]) if sides else None
+
+
+def finding_sites(desc: Dataset) -> list[hd.sr.FindingSite] | None:
+    """The segment's Finding Site with its Laterality, from a SEG's Segment Sequence item (see the module
+    docstring); None where the segment says neither where nor which side."""
+    regions = desc.get("AnatomicRegionSequence") or []
+    if regions:
+        region = regions[0]
+        side = _laterality(region.get("AnatomicRegionModifierSequence") or [])
+        return [hd.sr.FindingSite(anatomic_location=_coded(region), laterality=side)]
+    kind = desc.SegmentedPropertyTypeCodeSequence[0]
+    side = _laterality(kind.get("SegmentedPropertyTypeModifierCodeSequence") or [])
+    category = desc.SegmentedPropertyCategoryCodeSequence[0]
+    if side is None or str(category.CodeValue) not in ANATOMY_CATEGORIES:
+        return None
+    return [hd.sr.FindingSite(anatomic_location=_coded(kind), laterality=side)]
 
 
 def _intensity_concept(modality: str) -> tuple[Code, hd.sr.CodedConcept] | None:
@@ -209,6 +245,7 @@ def build_sr(
                 ),
                 finding_type=_coded(finding),
                 finding_category=_coded(category),
+                finding_sites=finding_sites(desc),
                 algorithm_id=algorithm,
                 measurements=items,
                 qualitative_evaluations=evaluations or None,

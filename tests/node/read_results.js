@@ -52,6 +52,19 @@ function metadataProvider(sources) {
   };
 }
 
+// A segment's type and anatomic region codes with their modifiers (laterality), as code values.
+function segmentCodes(segment) {
+  const type = asArray(segment && segment.SegmentedPropertyTypeCodeSequence)[0] || {};
+  const region = asArray(segment && segment.AnatomicRegionSequence)[0] || {};
+  const values = (sequence) => asArray(sequence).map((c) => c.CodeValue);
+  return {
+    type: type.CodeValue,
+    typeModifiers: values(type.SegmentedPropertyTypeModifierCodeSequence),
+    region: region.CodeValue,
+    regionModifiers: values(region.AnatomicRegionModifierSequence),
+  };
+}
+
 function readSeg(path, imageIds, provider, rows, columns) {
   const { arrayBuffer, dataset } = read(path);
   const out = {
@@ -60,6 +73,7 @@ function readSeg(path, imageIds, provider, rows, columns) {
     segmentationType: dataset.SegmentationType,
     frames: Number(dataset.NumberOfFrames),
     segmentLabels: asArray(dataset.SegmentSequence).map((s) => s.SegmentLabel),
+    segmentCodes: asArray(dataset.SegmentSequence).map(segmentCodes),
     normalized: false,
   };
   try {
@@ -86,7 +100,12 @@ function readSeg(path, imageIds, provider, rows, columns) {
         }
       }
     }
-    out.toolState = { counts, segments: Object.keys(state.segMetadata.data).length - 1 };
+    out.toolState = {
+      counts,
+      segments: Object.keys(state.segMetadata.data).length - 1,
+      // the segment metadata the adapter hands the viewer
+      segmentCodes: state.segMetadata.data.filter(Boolean).map(segmentCodes),
+    };
   } catch (error) {
     out.toolStateError = String(error && error.message ? error.message : error);
   }
