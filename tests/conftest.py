@@ -1,6 +1,6 @@
-"""Shared fixtures: the real DICOM peers of ``tests/peers.py`` (DCMTK, the service as a subprocess) as pytest fixtures.
+"""Shared fixtures: the real DICOM peers of ``tests/peers/`` (DCMTK, the service as a subprocess) as pytest fixtures.
 
-The helpers themselves live in ``tests/peers.py``, where the benchmarks import them too.
+The helpers themselves live in ``tests/peers/``, where the benchmarks import them too.
 """
 
 from __future__ import annotations
