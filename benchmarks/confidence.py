@@ -22,7 +22,8 @@ import numpy as np
 from benchmarks.report import command, fmt, machine, median, table_head, write_results
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
-from edge_runtime.inference.pipeline import ModelGrid, _argmax_and_max, chosen_probability, softmax_uint8
+from edge_runtime.inference.pipeline import ModelGrid, chosen_probability, softmax_uint8
+from edge_runtime.inference.postprocess import argmax_and_max
 
 MiB = 1024 * 1024
 
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = ModelGrid.for_volume(volume, package)
     logits = np.random.default_rng(0).normal(size=(package.num_classes, *grid.shape)).astype(np.float32)
 
-    t_argmax, (labels_model, best) = timed(lambda: _argmax_and_max(logits), args.repeats)
+    t_argmax, (labels_model, best) = timed(lambda: argmax_and_max(logits), args.repeats)
     t_labels, labels = timed(lambda: grid.back_to_source(labels_model), args.repeats)
     t_conf_model, conf_model = timed(lambda: chosen_probability(logits, best), args.repeats)
     t_conf_back, confidence = timed(lambda: grid.back_to_source(conf_model), args.repeats)

@@ -91,4 +91,4 @@ def test_seg_is_the_batch_seg_whatever_the_arrival_order(
     if order == "in order":
         assert timeline["mode"] == "streaming" and timeline["slabs_streamed"] >= 1, timeline
     else:
-        assert timeline["mode"] == "whole-series" and "not ascending" in timeline["reason"], timeline
+        assert timeline["mode"] == "whole-series" and "not in acquisition order" in timeline["reason"], timeline

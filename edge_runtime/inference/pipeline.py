@@ -9,39 +9,34 @@ Confidence comes from the blended logits the sliding window already holds: the s
 chosen label is ``1 / sum_k exp(l_k - l_max)``, computed one class at a time on the model grid (one float32
 volume of scratch, never a K-volume of probabilities), then mapped back like the labels, so each source voxel
 carries the confidence of exactly the model voxel whose label it took.
+
+The logits never exist for the whole volume: each row of model slices is reduced as soon as the sliding window
+has finished it, and mapped back to the source slices that take it (:class:`Finishing`, over
+:mod:`edge_runtime.inference.postprocess`), the same way streaming inference does while a series arrives. The
+grid is anchored where the acquisition starts (:func:`acquisition_order`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataset import Dataset
 
+from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage, Normalization
+from edge_runtime.inference.postprocess import Segmentation as Segmentation
+from edge_runtime.inference.postprocess import SourceMaps, argmax_and_max, probabilities_uint8
+from edge_runtime.inference.postprocess import chosen_probability as chosen_probability
 from edge_runtime.inference.runner import Runner
-from edge_runtime.inference.tiling import Blender, pad_value, window_starts
+from edge_runtime.inference.tiling import Blender, acquired_downwards, pad_value, stride, window_starts
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Segmentation:
-    """A label map on the source grid (values are the package's label values; 0 is background).
-
-    ``confidence`` is the softmax probability of the chosen label at each source voxel (float32, 0..1);
-    ``probabilities`` (only when asked for) holds every class's softmax probability as uint8 0..255,
-    indexed by class (0 = background), for a FRACTIONAL SEG. Pipelines that cannot compute them leave None.
-    """
-
-    labels: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
-    windows: int = 0
-    confidence: np.ndarray | None = None
-    probabilities: np.ndarray | None = None
 
 
 def segment(
@@ -53,7 +48,7 @@ def segment(
     channels: np.ndarray | None = None,
 ) -> Segmentation:
     """``volume``'s label map; ``channels`` ``(C, Z, Y, X)`` on ``volume``'s grid are the model's input channels
-    when they come from several series (:mod:`edge_runtime.imaging.multichannel`), each normalised on its own."""
+    when they come from several series (:mod:`edge_runtime.inference.channels`), each normalised on its own."""
     if package.totalsegmentator is not None:  # TotalSegmentator's parts, each through nnU-Net's pipeline
         from edge_runtime.inference.totalsegmentator.pipeline import segment_totalsegmentator
 
@@ -64,86 +59,108 @@ def segment(
         return segment_nnunet(volume, package, runner, probabilities=probabilities, channels=channels)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    grid = ModelGrid.for_volume(volume, package)
+    oriented, down = acquisition_order(volume)
+    grid = ModelGrid.for_volume(oriented, package)
     if channels is None:
-        image = normalize(grid.resample(volume.array), package.normalization)
+        image = normalize(grid.resample(oriented.array), package.normalization)
     else:
-        image = np.stack([normalize(grid.resample(c), package.normalization) for c in channels])
+        image = np.stack([normalize(grid.resample(c[::-1] if down else c), package.normalization) for c in channels])
     timings["preprocess"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    logits, windows = sliding_window(image, package, runner)
+    patch = package.patch_size
+    fill = pad_value(package.normalization)
+    blender = Blender(
+        package,
+        runner,
+        grid.shape[1:],
+        blending_weights(package),
+        float(image.min()) if fill is None else fill,
+        depth=patch[0] + stride(patch[0], package.overlap),
+    )
+    maps = SourceMaps(
+        (grid.back[1], grid.back[2]), probabilities=probabilities, reverse=down, capacity=grid.source_shape[0]
+    )
+    finishing = Finishing(blender, maps, timings)
+    for z in window_starts(grid.shape[0], patch[0], package.overlap):
+        finishing.timed("inference", blender.add_slab, z, image[..., z : z + patch[0], :, :])
+        finishing.rows()
     del image
-    timings["inference"] = time.perf_counter() - t0
-    return from_logits(logits, grid, timings, windows, probabilities=probabilities)
+    return finishing.close(grid)
 
 
-def from_logits(
-    logits: np.ndarray, grid: ModelGrid, timings: dict[str, float], windows: int, *, probabilities: bool = False
-) -> Segmentation:
-    """Labels, confidence and (on request) probabilities from blended logits, on the source grid: the tail that
-    whole-volume and streaming inference (:mod:`edge_runtime.inference.streaming`) share."""
-    t0 = time.perf_counter()
-    labels_model, best = _argmax_and_max(logits)
-    labels = grid.back_to_source(labels_model)
-    del labels_model
-    per_class = softmax_uint8(logits, best, grid) if probabilities else None
-    confidence = grid.back_to_source(chosen_probability(logits, best))
-    del logits, best
-    timings["postprocess"] = time.perf_counter() - t0
-    return Segmentation(labels=labels, timings=timings, windows=windows, confidence=confidence, probabilities=per_class)
+class Finishing:
+    """The tail that batch and streaming inference share: finished rows of the blender reduced and mapped to the
+    source grid as they come (:mod:`edge_runtime.inference.postprocess`), and the stages' seconds."""
+
+    def __init__(self, blender: Blender, maps: SourceMaps, timings: dict[str, float]):
+        self.blender, self.maps, self.timings = blender, maps, timings
+
+    def timed(self, stage: str, work: Callable[..., object], *args: object) -> None:
+        t0 = time.perf_counter()
+        work(*args)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def rows(self, back: np.ndarray | None = None) -> None:
+        """Reduce the rows the blender has finished; with ``back`` (each source slice's model row, as far as
+        known), map the source slices that take them."""
+        t0 = time.perf_counter()
+        self.maps.add(*self.blender.take())
+        if back is not None:
+            self.maps.map(back)
+        self.timings["postprocess"] = self.timings.get("postprocess", 0.0) + time.perf_counter() - t0
+
+    def close(self, grid: ModelGrid) -> Segmentation:
+        """Run the windows left, reduce the last rows and map every source slice: the segmentation."""
+        self.timed("inference", self.blender.drain)
+        t0 = time.perf_counter()
+        self.maps.add(*self.blender.close(grid.shape[0]))
+        self.maps.map(grid.back[0])
+        self.timings["postprocess"] = self.timings.get("postprocess", 0.0) + time.perf_counter() - t0
+        return self.maps.segmentation(self.timings, self.blender.windows)
+
+
+def acquisition_order(volume: Volume) -> tuple[Volume, bool]:
+    """``volume`` as the model grid runs over it, and whether that is downwards: a series whose instance numbers
+    count down along the slice normal is turned over (a view; array, positions and instances only), so the grid
+    is anchored where the acquisition starts (:func:`tiling.acquired_downwards`). Its positions are measured
+    from the top slice as streaming measures them (:func:`position_along`), so both give the same grid."""
+    if volume.multiframe or len(volume.datasets) < 2:
+        return volume, False
+    if not acquired_downwards([ds.get("InstanceNumber") for ds in (volume.datasets[0], volume.datasets[-1])]):
+        return volume, False
+    top = SliceGeometry.from_dataset(volume.datasets[-1])
+    if top is None:
+        return volume, False
+    normal = unit_normal(top.iop)
+    u = np.array([-position_along(_ipp(ds), normal) for ds in volume.datasets[::-1]])
+    turned = dataclasses.replace(volume, array=volume.array[::-1], positions=u - u[0], datasets=volume.datasets[::-1])
+    return turned, True
+
+
+def unit_normal(iop: Sequence[float]) -> np.ndarray:
+    """The slice normal (row x column direction) of ImageOrientationPatient, of unit length."""
+    v = np.asarray(iop, dtype=np.float64)
+    normal = np.cross(v[:3], v[3:])
+    return normal / max(float(np.linalg.norm(normal)), 1e-12)
+
+
+def position_along(ipp: Sequence[float], normal: np.ndarray) -> float:
+    """ImagePositionPatient projected on the slice normal (mm), computed alike wherever it is needed."""
+    return float((np.array([ipp], dtype=np.float64) @ normal)[0])
+
+
+def _ipp(ds: Dataset) -> tuple[float, ...]:
+    return tuple(float(v) for v in ds.ImagePositionPatient)
 
 
 def argmax_labels(logits: np.ndarray) -> np.ndarray:
     """Argmax over the class axis as uint8/uint16, a few times faster than np.argmax's int64 for few classes."""
-    return _argmax_and_max(logits)[0]
-
-
-def _argmax_and_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The argmax over the class axis (uint8/uint16) and the maximum logit itself (float32)."""
-    dtype = np.uint8 if logits.shape[0] < 256 else np.uint16
-    best = logits[0].copy()
-    labels = np.zeros(best.shape, dtype=dtype)
-    for k in range(1, logits.shape[0]):
-        better = logits[k] > best
-        labels[better] = k
-        np.maximum(best, logits[k], out=best)
-    return labels, best
-
-
-def _exp_sum(logits: np.ndarray, best: np.ndarray) -> np.ndarray:
-    """``sum_k exp(l_k - best)`` (>= 1 where ``best`` is the maximum), with one volume of scratch."""
-    total = np.zeros(best.shape, dtype=np.float32)
-    scratch = np.empty(best.shape, dtype=np.float32)
-    for k in range(logits.shape[0]):
-        np.subtract(logits[k], best, out=scratch)
-        np.exp(scratch, out=scratch)
-        total += scratch
-    return total
-
-
-def chosen_probability(logits: np.ndarray, best: np.ndarray) -> np.ndarray:
-    """Softmax probability of the argmax class: ``1 / sum_k exp(l_k - l_max)``, float32 in (0, 1]."""
-    total = _exp_sum(logits, best)
-    np.reciprocal(total, out=total)
-    return total
+    return argmax_and_max(logits)[0]
 
 
 def softmax_uint8(logits: np.ndarray, best: np.ndarray, grid: ModelGrid) -> np.ndarray:
-    """Every class's softmax probability on the source grid as uint8 0..255 (``(K, Z, Y, X)``), one class at
-    a time: the float32 work stays on the model grid, one volume at a time."""
-    scale = _exp_sum(logits, best)
-    np.reciprocal(scale, out=scale)
-    scale *= 255.0
-    out = np.empty((logits.shape[0], *grid.source_shape), dtype=np.uint8)
-    scratch = np.empty(best.shape, dtype=np.float32)
-    for k in range(logits.shape[0]):
-        np.subtract(logits[k], best, out=scratch)
-        np.exp(scratch, out=scratch)
-        scratch *= scale
-        np.rint(scratch, out=scratch)
-        out[k] = grid.back_to_source(scratch.astype(np.uint8))
-    return out
+    """Every class's softmax probability on the source grid as uint8 0..255 (``(K, Z, Y, X)``)."""
+    on_model = probabilities_uint8(logits, best)
+    return np.stack([grid.back_to_source(k) for k in on_model])
 
 
 @dataclass(frozen=True)

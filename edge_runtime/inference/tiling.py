@@ -6,11 +6,19 @@ to the end once the end is known (:func:`window_starts`). Whole-volume inference
 same :class:`Blender`, which adds the windows' logits slab by slab along z, in y then x order within a slab, and
 sends the runner the same batches (a batch may span two slabs). Float sums depend on their order, so this is what
 makes a streamed label map the same, voxel for voxel, as the one batch inference gives from the same input.
+
+The grid starts where the acquisition starts (:func:`acquired_downwards`): a series whose instance numbers count
+down along the slice normal (a scanner going head first from the top) is tiled from its highest slice, so that
+the windows streamed while it arrives are those of the final placement.
+
+Rows of model slices are finished as soon as no window still to come touches them (:meth:`Blender.take`): the
+post-processing works on them while later windows run, and the accumulator holds only the rows in flight.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -37,6 +45,17 @@ def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     return starts
 
 
+def acquired_downwards(instance_numbers: Sequence[object]) -> bool:
+    """Whether the acquisition went down the slice normal: the InstanceNumber of the first slice (in spatial
+    order, lowest first) above that of the last. Missing or unreadable numbers say nothing: upwards, the
+    default. Batch and streaming inference decide the grid's anchor with this one rule."""
+    try:
+        first, last = int(str(instance_numbers[0])), int(str(instance_numbers[-1]))
+    except (IndexError, TypeError, ValueError):
+        return False
+    return first > last
+
+
 def pad_value(norm: Normalization) -> float | None:
     """What padding holds: the lowest value the intensity window can give (air), known before any pixel is seen.
 
@@ -47,12 +66,14 @@ def pad_value(norm: Normalization) -> float | None:
 
 
 class Blender:
-    """Blended logits ``(K, Z, Y, X)`` on the model grid, growing along z as slabs are added.
+    """Blended logits ``(K, Z, Y, X)`` on the model grid, slab by slab along z.
 
     ``add_slab`` takes the normalised model slices of one z-window (a short last slab is padded with ``fill``),
     runs its windows in y-then-x order and adds their weighted logits (``begin_slab`` and ``run`` do the same a
-    batch at a time); ``logits`` divides by the summed weights and crops to the image. Memory: the accumulator,
-    one slab and one batch of windows.
+    batch at a time). ``take`` hands out the rows no window still to come can touch, divided by their summed
+    weights, and forgets them; ``close`` hands out the rest. ``logits`` gives the whole grid at once instead
+    (when nothing was taken). Memory: the rows in flight (at most a stride and a patch deep), one slab and one
+    batch of windows.
     """
 
     def __init__(
@@ -70,13 +91,16 @@ class Blender:
         self.plane = plane
         self.padded_plane = (max(plane[0], self.patch[1]), max(plane[1], self.patch[2]))
         self.windows = 0
+        #: the model slice held in row 0 of the accumulator (rows below it were taken)
+        self.base = 0
         self._sums = np.zeros((package.num_classes, max(depth, self.patch[0]), *self.padded_plane), np.float32)
         self._norm = np.zeros(self._sums.shape[1:], dtype=np.float32)
         self._batch = np.empty((package.batch_size, package.input_channels, *self.patch), dtype=np.float32)
-        self._pending: list[tuple[slice, ...]] = []
-        #: the slab whose windows are running, where it starts, and its windows (y, x) still to run
+        #: windows in the batch being filled: their (z, y, x) starts
+        self._pending: list[tuple[int, int, int]] = []
+        #: the slab whose windows are running, where it starts (-1: none yet), and its windows (y, x) still to run
         self._slab = np.empty((0, 0, 0), dtype=np.float32)
-        self._z0 = 0
+        self._z0 = -1
         self._queue: deque[tuple[int, int]] = deque()
 
     def add_slab(self, z0: int, slab: np.ndarray) -> None:
@@ -85,18 +109,20 @@ class Blender:
         self.run()
 
     def begin_slab(self, z0: int, slab: np.ndarray) -> None:
-        """Queue the windows of the z-window at ``z0`` (after the previous slab's have all run); a slab of
-        several input channels is ``(C, Z, Y, X)``."""
+        """Queue the windows of the z-window at ``z0`` (after the previous slab's have all run, and above its
+        start); a slab of several input channels is ``(C, Z, Y, X)``."""
         pz, py, px = self.patch
         if self._queue:
             raise RuntimeError("the previous slab still has windows to run")
+        if z0 <= self._z0 or z0 < self.base:
+            raise ValueError(f"slab at {z0}: slabs go up the grid (last at {self._z0}, rows below {self.base} taken)")
         if slab.shape[-2:] != self.plane or slab.shape[-3] > pz:
             raise ValueError(f"slab of shape {slab.shape}; expected at most {pz} slices of {self.plane}")
         padded = slab
         if slab.shape[-3:] != (pz, *self.padded_plane):
             padded = np.full((*slab.shape[:-3], pz, *self.padded_plane), self.fill, dtype=np.float32)
             padded[..., : slab.shape[-3], : self.plane[0], : self.plane[1]] = slab
-        self._grow(z0 + pz)
+        self._grow(z0 + pz - self.base)
         self._slab, self._z0 = padded, z0
         ys = window_starts(self.padded_plane[0], py, self.package.overlap)
         xs = window_starts(self.padded_plane[1], px, self.package.overlap)
@@ -110,12 +136,11 @@ class Blender:
     def run(self, calls: int | None = None) -> None:
         """Run the current slab's windows in order; with ``calls``, stop after that many runner calls, so a
         caller with other work waits for at most one batch."""
-        (pz, py, px), z0 = self.patch, self._z0
         made = 0
         while self._queue and (calls is None or made < calls):
             y, x = self._queue.popleft()
-            self._batch[len(self._pending)] = self._slab[..., y : y + py, x : x + px]
-            self._pending.append((slice(z0, z0 + pz), slice(y, y + py), slice(x, x + px)))
+            self._batch[len(self._pending)] = self._slab[..., y : y + self.patch[1], x : x + self.patch[2]]
+            self._pending.append((self._z0, y, x))
             self.windows += 1
             if len(self._pending) == self.package.batch_size:
                 self._flush()
@@ -123,10 +148,47 @@ class Blender:
         if not self._queue:
             self._slab = np.empty((0, 0, 0), dtype=np.float32)
 
-    def logits(self, depth: int) -> np.ndarray:
-        """The blended logits of a grid ``depth`` model slices deep (after every slab has been added)."""
+    @property
+    def finished(self) -> int:
+        """The model slices below this one are final: every window that touches them has been added (windows
+        still to come start at the current slab or above it)."""
+        if self._z0 < 0:
+            return 0
+        return min([self._z0] + [z for z, _, _ in self._pending])
+
+    def take(self, upto: int | None = None) -> tuple[int, np.ndarray]:
+        """``(first, logits)``: the blended logits of model slices ``first`` .. ``upto`` (default: those
+        :attr:`finished`), which the accumulator then forgets; an empty block when there are none."""
+        upto = self.finished if upto is None else upto
+        if upto > self.finished:
+            raise ValueError(f"rows up to {upto} asked for; only those below {self.finished} are finished")
+        first, n = self.base, max(0, upto - self.base)
+        out = self._sums[:, :n, : self.plane[0], : self.plane[1]] / self._norm[:n, : self.plane[0], : self.plane[1]]
+        if n:
+            keep = self._sums.shape[1] - n
+            self._sums[:, :keep] = self._sums[:, n:]
+            self._norm[:keep] = self._norm[n:]
+            self._sums[:, keep:] = 0
+            self._norm[keep:] = 0
+            self.base += n
+        return first, out
+
+    def drain(self) -> None:
+        """Run every window added so far, the last batch however short."""
         self.run()
         self._flush()
+
+    def close(self, depth: int) -> tuple[int, np.ndarray]:
+        """Run what is left and hand out the rest of a grid ``depth`` model slices deep."""
+        self.drain()
+        self._z0 = max(self._z0, depth)
+        return self.take(depth)
+
+    def logits(self, depth: int) -> np.ndarray:
+        """The blended logits of a grid ``depth`` model slices deep (after every slab has been added)."""
+        if self.base:
+            raise RuntimeError("rows were taken already")
+        self.drain()
         full = self._sums[:, : max(depth, self.patch[0])]
         full /= self._norm[: full.shape[1]]
         return full[:, :depth, : self.plane[0], : self.plane[1]]
@@ -135,24 +197,20 @@ class Blender:
         if not self._pending:
             return
         out = self.runner.infer(self._batch[: len(self._pending)])
-        for i, where in enumerate(self._pending):
+        pz, py, px = self.patch
+        for i, (z, y, x) in enumerate(self._pending):
+            where = (slice(z - self.base, z - self.base + pz), slice(y, y + py), slice(x, x + px))
             every_class = (slice(None), *where)
             self._sums[every_class] += out[i] * self.weights
             self._norm[where] += self.weights
         self._pending.clear()
 
-    def reserve(self, depth: int) -> None:
-        """Room for exactly ``depth`` model slices (the grid's depth, once known), so no later slab grows it."""
-        self._grow(max(depth, self.patch[0]), exact=True)
-
-    def _grow(self, depth: int, *, exact: bool = False) -> None:
-        """Room for ``depth`` model slices; unless ``exact``, grows by half again at least, so a series of
-        unknown length copies little."""
+    def _grow(self, rows: int) -> None:
+        """Room for ``rows`` model slices from :attr:`base` on (the rows in flight)."""
         have = self._sums.shape[1]
-        if depth <= have:
+        if rows <= have:
             return
-        new = depth if exact else max(depth, have + have // 2)
-        sums = np.zeros((self._sums.shape[0], new, *self.padded_plane), dtype=np.float32)
+        sums = np.zeros((self._sums.shape[0], rows, *self.padded_plane), dtype=np.float32)
         sums[:, :have] = self._sums
         norm = np.zeros(sums.shape[1:], dtype=np.float32)
         norm[:have] = self._norm

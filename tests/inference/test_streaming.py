@@ -102,7 +102,7 @@ def test_streamed_labels_are_the_batch_labels_voxel_for_voxel(
         assert timeline.mode == "streaming" and timeline.slabs_streamed == 2 and timeline.slabs_at_completion == 1
     else:
         assert timeline.mode == "whole-series" and timeline.slabs_streamed == 0
-        assert "arrival not ascending" in timeline.reason
+        assert "not in acquisition order" in timeline.reason
 
 
 def test_a_slice_below_the_streamed_part_falls_back_to_the_whole_series(
@@ -113,7 +113,7 @@ def test_a_slice_below_the_streamed_part_falls_back_to_the_whole_series(
     expected = segment(load_volume(series.paths, POLICY), package, runner)
     result, timeline = stream(series.paths[5:] + series.paths[:5], package, runner)
     assert timeline.mode == "whole-series" and timeline.slabs_streamed >= 1
-    assert "below the part already segmented" in timeline.reason
+    assert "beyond the end it was anchored at" in timeline.reason
     np.testing.assert_array_equal(result.labels, expected.labels)
 
 
@@ -165,3 +165,51 @@ def test_every_window_start_but_the_last_is_independent_of_the_length() -> None:
         starts = window_starts(size, 64, 0.25)
         assert starts[:-1] == list(range(0, 48 * (len(starts) - 1), 48))
         assert starts[-1] == size - 64 and all(b - a <= 48 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_a_series_acquired_top_down_streams_anchored_at_its_top(package: ModelPackage, tmp_path: Path) -> None:
+    """Instance numbers counting down the slice normal: batch inference tiles from the top slice (the labels
+    are those of the mirrored series tiled from its bottom, mirrored back), and the same series pushed top
+    first streams its first z-windows, with batch's labels voxel for voxel."""
+    hu = make_phantom((105, 32, 32), (2.0, 3.0, 3.0), rng=6).hu
+    info = write_series(hu, (2.0, 3.0, 3.0), tmp_path / "down", instance_number_order="reversed")
+    mirrored = write_series(hu[::-1], (2.0, 3.0, 3.0), tmp_path / "mirrored")
+    runner = WindowMeanRunner(package)
+    expected = segment(load_volume(info.paths, POLICY), package, runner)
+    np.testing.assert_array_equal(
+        expected.labels, segment(load_volume(mirrored.paths, POLICY), package, runner).labels[::-1]
+    )
+    from_bottom = write_series(hu, (2.0, 3.0, 3.0), tmp_path / "up")
+    assert not np.array_equal(expected.labels, segment(load_volume(from_bottom.paths, POLICY), package, runner).labels)
+    result, timeline = stream(info.paths[::-1], package, runner)
+    assert timeline.mode == "streaming" and timeline.slabs_streamed == 2 and timeline.slabs_at_completion == 1
+    np.testing.assert_array_equal(result.labels, expected.labels)
+    np.testing.assert_array_equal(result.confidence, expected.confidence)
+    bottom_up, timeline = stream(info.paths, package, runner)
+    assert timeline.mode == "whole-series" and "not in acquisition order" in timeline.reason
+    np.testing.assert_array_equal(bottom_up.labels, expected.labels)
+
+
+def test_rows_are_reduced_and_their_logits_dropped_while_the_series_arrives(
+    series: SeriesInfo, package: ModelPackage
+) -> None:
+    """Before completion, the rows below the second z-window are labelled on the source grid and the
+    accumulator holds only the rows in flight (a stride and a patch at most, whatever the series' length)."""
+    runner = WindowMeanRunner(package)
+    streams = Streams(package, POLICY, probabilities=True)
+    stream(series.paths, package, runner, streams=streams, complete=False)
+    session = streams._sessions[7]
+    finishing = session._finishing
+    assert finishing is not None
+    pz = package.patch_size[0]
+    assert finishing.blender.base == 48 and finishing.maps.rows_done == 48
+    # 2 mm slices on a 1.5 mm grid: source slices up to 70.5 mm take model rows below 48
+    assert len(finishing.maps.mapped) == 36
+    assert finishing.blender._sums.shape[1] <= pz + 48
+    assert not finishing.maps._rows  # every source slice up to the run's top is in: no row below 48 is needed
+    expected = segment(load_volume(series.paths, POLICY), package, runner, probabilities=True)
+    result, timeline = stream(series.paths, package, runner, streams=streams)
+    assert timeline.mode == "streaming"
+    np.testing.assert_array_equal(result.labels, expected.labels)
+    assert result.probabilities is not None and expected.probabilities is not None
+    np.testing.assert_array_equal(result.probabilities, expected.probabilities)
