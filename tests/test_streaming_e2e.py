@@ -1,5 +1,6 @@
 """Streaming inference in the service: the same series pushed in order (pynetdicom, paced like a scanner), in
-reverse and shuffled (DCMTK storescu) gives, at a real PACS, the SEG of batch inference voxel for voxel; the
+reverse and shuffled (DCMTK storescu) gives, at a real PACS, the SEG of batch inference voxel for voxel; so does
+a series acquired top down (instance numbers counting down the normal) pushed top first, which streams too. The
 results' ``measurements.json`` says how each was segmented."""
 
 from __future__ import annotations
@@ -41,11 +42,16 @@ def hu() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def expected(hu: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
-    """Batch inference on the same pixels and geometry (the UIDs do not matter to it)."""
-    info = write_series(hu, SPACING, tmp_path_factory.mktemp("reference"))
+def expected(hu: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """Batch inference on the same pixels and geometry (the UIDs do not matter to it), acquired upwards and
+    downwards (the grid is anchored at the first slice acquired)."""
     package = ModelPackage.load(DEFAULT_PACKAGE)
-    return segment(load_volume(info.paths), package, load_runner(package)).labels
+    runner = load_runner(package)
+    labels = {}
+    for numbers in ("spatial", "reversed"):
+        info = write_series(hu, SPACING, tmp_path_factory.mktemp("reference"), instance_number_order=numbers)
+        labels[numbers] = segment(load_volume(info.paths), package, runner).labels
+    return labels
 
 
 def paced_store(port: int, paths: list[Path], rate: float) -> None:
@@ -70,13 +76,21 @@ def streaming_record(service: ServiceProcess, seg: Path) -> dict:
     raise AssertionError("no measurements.json for the SEG")
 
 
-@pytest.mark.parametrize("order", ["in order", "reverse", "shuffled"])
+@pytest.mark.parametrize("order", ["in order", "reverse", "shuffled", "top down"])
 def test_seg_is_the_batch_seg_whatever_the_arrival_order(
-    order: str, service: ServiceProcess, pacs: StoreSCP, hu: np.ndarray, expected: np.ndarray, tmp_path: Path
+    order: str,
+    service: ServiceProcess,
+    pacs: StoreSCP,
+    hu: np.ndarray,
+    expected: dict[str, np.ndarray],
+    tmp_path: Path,
 ) -> None:
-    info: SeriesInfo = write_series(hu, SPACING, tmp_path)
+    numbers = "reversed" if order == "top down" else "spatial"
+    info: SeriesInfo = write_series(hu, SPACING, tmp_path, instance_number_order=numbers)
     if order == "in order":
         paced_store(service.port, info.paths, rate=40)
+    elif order == "top down":
+        paced_store(service.port, info.paths[::-1], rate=40)
     else:
         rng = np.random.default_rng(2)
         paths = info.paths[::-1] if order == "reverse" else [info.paths[i] for i in rng.permutation(len(info.paths))]
@@ -85,10 +99,10 @@ def test_seg_is_the_batch_seg_whatever_the_arrival_order(
     got = hd.seg.segread(seg).get_pixels_by_source_instance(
         source_sop_instance_uids=list(info.sop_instance_uids), combine_segments=True, skip_overlap_checks=True
     )
-    assert expected.any()
-    np.testing.assert_array_equal(got, expected)
+    assert expected[numbers].any()
+    np.testing.assert_array_equal(got, expected[numbers])
     timeline = streaming_record(service, seg)
-    if order == "in order":
+    if order in ("in order", "top down"):
         assert timeline["mode"] == "streaming" and timeline["slabs_streamed"] >= 1, timeline
     else:
         assert timeline["mode"] == "whole-series" and "not in acquisition order" in timeline["reason"], timeline
