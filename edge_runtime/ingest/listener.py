@@ -23,7 +23,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -47,6 +47,7 @@ from edge_runtime.dicom import (
 )
 from edge_runtime.imaging.geometry import SliceGeometry
 from edge_runtime.ingest.guard import ConnectionGuard, GuardedAssociationServer, tls_context
+from edge_runtime.ingest.part10 import received_parts
 from edge_runtime.spool import Spool, SpoolFull, StoredInstance
 
 if TYPE_CHECKING:
@@ -314,9 +315,13 @@ class Listener:
             return checked.status
         called = event.assoc.acceptor.ae_title.strip()
         calling = event.assoc.requestor.ae_title.strip()
-        stored = self.store_instance(
-            event.encoded_dataset(), checked, called=called, calling=calling, syntax=str(event.context.transfer_syntax)
-        )
+        head, body = received_parts(event)  # the file as received: no copy, no re-encoding
+        try:
+            stored = self.store_instance(
+                (head, body), checked, called=called, calling=calling, syntax=str(event.context.transfer_syntax)
+            )
+        finally:
+            body.release()
         if stored is None:
             return STATUS_OUT_OF_RESOURCES
         log.debug(
@@ -332,11 +337,17 @@ class Listener:
         return STATUS_SUCCESS
 
     def store_instance(
-        self, encoded: bytes, checked: InstanceInfo, *, called: str, calling: str, syntax: str
+        self,
+        encoded: bytes | Sequence[bytes | memoryview],
+        checked: InstanceInfo,
+        *,
+        called: str,
+        calling: str,
+        syntax: str,
     ) -> StoredInstance | None:
-        """Make one checked instance (a Part 10 encoding) durable in the spool and announce it (``on_stored``);
-        None when the spool refused it (out of resources: the 0xA700 the caller answers). The one way in for
-        C-STORE and for STOW-RS (:mod:`edge_runtime.ingest.stow`)."""
+        """Make one checked instance (a Part 10 encoding, whole or in parts) durable in the spool and announce it
+        (``on_stored``); None when the spool refused it (out of resources: the 0xA700 the caller answers). The one
+        way in for C-STORE and for STOW-RS (:mod:`edge_runtime.ingest.stow`)."""
         try:
             stored = self.spool.store(
                 encoded,

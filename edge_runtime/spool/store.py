@@ -1,8 +1,12 @@
 """The spool: received instances as files, and the SQLite index that every other stage works from.
 
-Every hand-over survives a crash. An instance is written to a temporary file, fsynced, renamed into place
-(and its directory fsynced), then indexed in one committed transaction, before the listener answers success.
-File names are random; nothing a peer sent ever becomes part of a path.
+Every hand-over survives a crash. An instance is written under a new random name, fsynced (and its directory
+fsynced), then indexed in one committed transaction, before the listener answers success. A file exists for the
+rest of the runtime only once its row is committed: a crash before that leaves a file the index does not know,
+which :meth:`Spool.remove_orphans` deletes at the next start (its sender never got a success status, so it sends
+it again). No rename is needed for that, and without one the file's ``fsync`` already commits its directory entry
+on journalling file systems, so the directory's ``fsync`` that follows is nearly free. File names are random;
+nothing a peer sent ever becomes part of a path.
 
 Series move through :class:`SeriesState`. A new instance (re)opens its series (``receiving``) and bumps its
 ``generation``; the tracker queues it after the quiet period; the worker publishes a result only if the
@@ -195,7 +199,7 @@ class Spool:
 
     def store(
         self,
-        data: bytes,
+        data: bytes | Sequence[bytes | memoryview],
         *,
         called_ae: str,
         calling_ae: str,
@@ -207,12 +211,15 @@ class Spool:
         modality: str,
         geometry: SliceGeometry | None = None,
     ) -> StoredInstance:
-        """Make one instance durable and index it. A re-sent SOP Instance UID is acknowledged, not stored twice."""
+        """Make one instance durable and index it. A re-sent SOP Instance UID is acknowledged, not stored twice.
+
+        ``data`` is the file's bytes, or its parts in order (written with one ``writev``, never joined)."""
+        parts = [data] if isinstance(data, bytes) else list(data)
         key = self.key_hash(called_ae, study_uid, series_uid)
         if self.has_instance(called_ae, study_uid, series_uid, sop_uid):
             return StoredInstance(self._series_id(called_ae, study_uid, series_uid), key, duplicate=True)
         self.check_space()
-        path = self._write_durably(data)
+        path, size = self._write_durably(parts)
         now = time.time()
         try:
             with self._tx() as db:
@@ -245,7 +252,7 @@ class Spool:
                         sop_class,
                         transfer_syntax,
                         str(path.relative_to(self.root)),
-                        len(data),
+                        size,
                         calling_ae,
                         now,
                         geometry.to_json() if geometry is not None else None,
@@ -265,30 +272,34 @@ class Spool:
             path.unlink(missing_ok=True)
         return StoredInstance(series_id, key, duplicate, None if duplicate else path)
 
-    def _write_durably(self, data: bytes) -> Path:
+    def _write_durably(self, parts: Sequence[bytes | memoryview]) -> tuple[Path, int]:
+        """Write ``parts`` to a new file under its final name and make it and its name durable; (path, size)."""
         name = uuid.uuid4().hex
         day = time.strftime("%Y%m%d")
         final_dir = self.instances_dir / day
         if not final_dir.is_dir():
             final_dir.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.instances_dir)
-        tmp = self.tmp_dir / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        final = final_dir / f"{name}.dcm"
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            views = [memoryview(p).cast("B") for p in parts]
+            size = sum(len(v) for v in views)
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views:
+                    views[0] = views[0][written:]
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
             raise
         os.close(fd)
-        final = final_dir / f"{name}.dcm"
-        os.replace(tmp, final)
         fsync_dir(final_dir)
-        return final
+        return final, size
 
     def _series_id(self, called_ae: str, study_uid: str, series_uid: str) -> int:
         with self._lock:
