@@ -133,6 +133,8 @@ class ModelPackage:
     totalsegmentator: TotalSegmentatorSettings | None = field(default=None, compare=False)
     #: which series of a study gives each input channel (manifest "channels"); None: one series in, as always
     channels: Channels | None = field(default=None, compare=False)
+    #: an nnU-Net cascade stage's previous stage, a package inside this one (manifest "nnunet.previous_stage")
+    previous_stage: ModelPackage | None = field(default=None, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -143,6 +145,13 @@ class ModelPackage:
         if self.nnunet is not None and self.nnunet.regions:  # a region-based nnU-Net model: one sigmoid per region
             return len(self.nnunet.regions)
         return len(self.labels) + 1
+
+    @property
+    def image_channels(self) -> int:
+        """The model's input channels that come from images (series); a cascade stage's others are the one-hot
+        label map of its previous stage."""
+        stage = self.nnunet.previous_stage if self.nnunet is not None else None
+        return self.input_channels - (len(stage.one_hot_labels) if stage is not None else 0)
 
     @property
     def identity(self) -> str:
@@ -252,7 +261,10 @@ class _Parser:
         drift_reference = parse_drift_reference(self.m.get("drift_reference"), self.problems)
         nnunet = parse_nnunet(self.m.get("nnunet"), self.problems)
         totalsegmentator = parse_totalsegmentator(self.m.get("totalsegmentator"), self.problems)
-        inputs = parse_channels(self.m.get("channels"), channels, [m.upper() for m in modalities], self.problems)
+        stage = nnunet.previous_stage if nnunet is not None else None
+        previous = self._previous_stage(stage.package) if stage is not None else None
+        images = channels - (len(stage.one_hot_labels) if stage is not None else 0)
+        inputs = parse_channels(self.m.get("channels"), images, [m.upper() for m in modalities], self.problems)
         if self.problems or norm is None:
             raise PackageError(self.root, self.problems)
         return ModelPackage(
@@ -283,7 +295,17 @@ class _Parser:
             nnunet=nnunet,
             totalsegmentator=totalsegmentator,
             channels=inputs,
+            previous_stage=previous,
         )
+
+    def _previous_stage(self, folder: str) -> ModelPackage | None:
+        """A cascade's previous stage, loaded as a package; its problems are this package's."""
+        try:
+            return ModelPackage.load(self.root / folder, verify_hashes=self.verify_hashes)
+        except PackageError as exc:
+            self.problems.append(f"the cascade's previous stage ('nnunet.previous_stage.package' {folder!r}) "
+                                 f"cannot be loaded: {'; '.join(exc.problems)}")
+            return None
 
     def _normalization(self) -> Normalization | None:
         node = self.get("preprocessing.normalization", dict)

@@ -34,7 +34,7 @@ from edge_runtime.inference.postprocess import Segmentation as Segmentation
 from edge_runtime.inference.postprocess import SourceMaps, argmax_and_max, probabilities_uint8
 from edge_runtime.inference.postprocess import chosen_probability as chosen_probability
 from edge_runtime.inference.runner import Runner
-from edge_runtime.inference.tiling import Blender, acquired_downwards, pad_value, stride, window_starts
+from edge_runtime.inference.tiling import Blender, acquired_downwards, pad_value, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ def segment(
         grid.shape[1:],
         blending_weights(package),
         float(image.min()) if fill is None else fill,
-        depth=patch[0] + stride(patch[0], package.overlap),
     )
     maps = SourceMaps(
         (grid.back[1], grid.back[2]), probabilities=probabilities, reverse=down, capacity=grid.source_shape[0]

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 CHUNK = 16
 #: model slices made in one step of the worker while the series arrives (about a tenth of a second's work)
 PREPARE = 8
+#: source slices of room kept ahead of those arrived in the outputs, so the last ones are not a copy of them all
+RESERVE = 64
 
 
 def unsupported(package: ModelPackage) -> str | None:
@@ -308,6 +310,11 @@ class StreamingSession:
             todo = 0 if plan is None else plan.grid.shape[0] - self._ready
         if plan is not None and (todo >= PREPARE or (todo > 0 and not busy)):
             self._prepare(plan, min(todo, PREPARE))
+            if self._finishing is not None and not busy:  # the slab in hand is done: rows below the last
+                t0 = time.perf_counter()  # window's lowest possible start are final now
+                self._finish_rows(self._finishing)
+                with self._lock:
+                    self.timeline.streamed_s += time.perf_counter() - t0
             return True
         if busy:
             self._run_batch()
@@ -321,12 +328,8 @@ class StreamingSession:
         finishing = self._finishing_for(runner, self._plane, self._plane_back, down=bool(self._down))
         finishing.blender.begin_slab(start, np.stack([self._prepared[j] for j in range(start, start + pz)]))
         with self._lock:
-            # the next window starts a stride up, or (the last) a patch below the top of the grid, which is at
-            # least as deep as the model slices made so far
-            keep = min(start + stride_z, self._ready - pz)
-            for j in [j for j in self._prepared if j < keep]:
-                del self._prepared[j]
             self.timeline.slabs_streamed += 1
+            self._prune()
             self.timeline.streamed_s += time.perf_counter() - t0
         self._run_batch()
         return True
@@ -364,14 +367,35 @@ class StreamingSession:
         assert finishing is not None
         t0, before = time.perf_counter(), finishing.blender.windows
         finishing.blender.run(calls=1)
+        self._finish_rows(finishing)
         with self._lock:
-            back = self._back
+            self.timeline.windows_streamed += finishing.blender.windows - before
+            self.timeline.streamed_s += time.perf_counter() - t0
+
+    def _lowest_start(self) -> int:
+        """Where the next window can start at the lowest: a stride above the last one begun, or (the last
+        window) a patch below the grid's top, which is at least as high as the model slices made so far
+        (finish() checks both)."""
+        pz = self.package.patch_size[0]
+        return min(self.timeline.slabs_streamed * stride(pz, self.package.overlap), self._ready - pz)
+
+    def _prune(self) -> None:
+        """Let go of the model slices no window still to come takes (under the lock)."""
+        low = self._lowest_start()
+        for j in [j for j in self._prepared if j < low]:
+            del self._prepared[j]
+
+    def _finish_rows(self, finishing: Finishing) -> None:
+        """Reduce the rows no window still to come can touch, and map the source slices that take them."""
+        with self._lock:
+            back, arrived = self._back, len(self.slices)
+            finishing.blender.promise(self._lowest_start())
+            self._prune()
         finishing.rows(back)
+        finishing.maps.reserve(arrived + RESERVE)
         with self._lock:
             if finishing.maps.mapped:
                 self._note_used(self.slices, len(finishing.maps.mapped) - 1)
-            self.timeline.windows_streamed += finishing.blender.windows - before
-            self.timeline.streamed_s += time.perf_counter() - t0
 
     # -- at completion (worker thread) ----------------------------------------------------------------------
 
@@ -399,6 +423,8 @@ class StreamingSession:
         done = self.timeline.slabs_streamed
         if starts[:done] != [k * stride(pz, overlap) for k in range(done)]:
             return "the streamed windows are not those of the final grid"
+        if self._finishing is not None and starts[done:] and starts[done] < self._finishing.blender.base:
+            return "a window of the final grid starts below rows already finished"
         plane = (grid.coords[1], grid.coords[2])
         finishing = self._finishing_for(runner, plane, (grid.back[1], grid.back[2]), down=down)
         finishing.timings = timings = {}

@@ -4,7 +4,8 @@ A series segmented while it arrives is cut into windows before its length is kno
 depend only on where the grid starts: windows at a fixed stride from the first model slice, and one more aligned
 to the end once the end is known (:func:`window_starts`). Whole-volume inference uses the same placement and the
 same :class:`Blender`, which adds the windows' logits slab by slab along z, in y then x order within a slab, and
-sends the runner the same batches (a batch may span two slabs). Float sums depend on their order, so this is what
+sends the runner the same batches (a slab's last batch may be short: no batch spans two slabs, so a slab is
+finished as soon as its own windows have run). Float sums depend on their order, so this is what
 makes a streamed label map the same, voxel for voxel, as the one batch inference gives from the same input.
 
 The grid starts where the acquisition starts (:func:`acquired_downwards`): a series whose instance numbers count
@@ -72,8 +73,9 @@ class Blender:
     runs its windows in y-then-x order and adds their weighted logits (``begin_slab`` and ``run`` do the same a
     batch at a time). ``take`` hands out the rows no window still to come can touch, divided by their summed
     weights, and forgets them; ``close`` hands out the rest. ``logits`` gives the whole grid at once instead
-    (when nothing was taken). Memory: the rows in flight (at most a stride and a patch deep), one slab and one
-    batch of windows.
+    (when nothing was taken, and ``depth`` made room for it). Memory: a ring of rows a stride and a patch deep
+    (model slice ``j`` in row ``j % capacity``; a window that wraps around is added in two parts, which changes
+    no sum), one slab and one batch of windows.
     """
 
     def __init__(
@@ -93,7 +95,8 @@ class Blender:
         self.windows = 0
         #: the model slice held in row 0 of the accumulator (rows below it were taken)
         self.base = 0
-        self._sums = np.zeros((package.num_classes, max(depth, self.patch[0]), *self.padded_plane), np.float32)
+        capacity = max(depth, self.patch[0] + stride(self.patch[0], package.overlap))
+        self._sums = np.zeros((package.num_classes, capacity, *self.padded_plane), np.float32)
         self._norm = np.zeros(self._sums.shape[1:], dtype=np.float32)
         self._batch = np.empty((package.batch_size, package.input_channels, *self.patch), dtype=np.float32)
         #: windows in the batch being filled: their (z, y, x) starts
@@ -102,6 +105,8 @@ class Blender:
         self._slab = np.empty((0, 0, 0), dtype=np.float32)
         self._z0 = -1
         self._queue: deque[tuple[int, int]] = deque()
+        #: no slab will begin below this model slice (the caller's word: :meth:`promise`)
+        self._floor = 0
 
     def add_slab(self, z0: int, slab: np.ndarray) -> None:
         """Run the windows of the z-window starting at model slice ``z0``; ``slab`` holds its model slices."""
@@ -122,7 +127,8 @@ class Blender:
         if slab.shape[-3:] != (pz, *self.padded_plane):
             padded = np.full((*slab.shape[:-3], pz, *self.padded_plane), self.fill, dtype=np.float32)
             padded[..., : slab.shape[-3], : self.plane[0], : self.plane[1]] = slab
-        self._grow(z0 + pz - self.base)
+        if z0 + pz - self.base > self._sums.shape[1]:
+            raise RuntimeError(f"slab at {z0} while rows from {self.base} are held: take the finished rows first")
         self._slab, self._z0 = padded, z0
         ys = window_starts(self.padded_plane[0], py, self.package.overlap)
         xs = window_starts(self.padded_plane[1], px, self.package.overlap)
@@ -146,31 +152,39 @@ class Blender:
                 self._flush()
                 made += 1
         if not self._queue:
+            if calls is None or made < calls:
+                self._flush()  # the slab's last batch, however short
             self._slab = np.empty((0, 0, 0), dtype=np.float32)
+
+    def promise(self, z: int) -> None:
+        """No slab will begin below model slice ``z``: once the slab in hand has been added, the rows below
+        ``z`` are final (a series still arriving knows this of its last window before it knows where it is)."""
+        self._floor = max(self._floor, z)
 
     @property
     def finished(self) -> int:
         """The model slices below this one are final: every window that touches them has been added (windows
-        still to come start at the current slab or above it)."""
+        still to come start at the current slab, or above it and at the promised floor)."""
         if self._z0 < 0:
             return 0
-        return min([self._z0] + [z for z, _, _ in self._pending])
+        if self._queue or self._pending:
+            return min([self._z0] + [z for z, _, _ in self._pending])
+        return max(self._z0, min(self._floor, self._z0 + self.patch[0]))
 
-    def take(self, upto: int | None = None) -> tuple[int, np.ndarray]:
+    def take(self, upto: int | None = None, *, last: bool = False) -> tuple[int, np.ndarray]:
         """``(first, logits)``: the blended logits of model slices ``first`` .. ``upto`` (default: those
         :attr:`finished`), which the accumulator then forgets; an empty block when there are none."""
         upto = self.finished if upto is None else upto
         if upto > self.finished:
             raise ValueError(f"rows up to {upto} asked for; only those below {self.finished} are finished")
         first, n = self.base, max(0, upto - self.base)
-        out = self._sums[:, :n, : self.plane[0], : self.plane[1]] / self._norm[:n, : self.plane[0], : self.plane[1]]
-        if n:
-            keep = self._sums.shape[1] - n
-            self._sums[:, :keep] = self._sums[:, n:]
-            self._norm[:keep] = self._norm[n:]
-            self._sums[:, keep:] = 0
-            self._norm[keep:] = 0
-            self.base += n
+        rows, cols = self.plane
+        parts = [self._sums[:, ring, :rows, :cols] / self._norm[ring, :rows, :cols] for ring, _ in self._ring(first, n)]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        for ring, _ in [] if last else self._ring(first, n):  # the last rows need no clean ring after them
+            self._sums[:, ring] = 0
+            self._norm[ring] = 0
+        self.base += n
         return first, out
 
     def drain(self) -> None:
@@ -182,12 +196,12 @@ class Blender:
         """Run what is left and hand out the rest of a grid ``depth`` model slices deep."""
         self.drain()
         self._z0 = max(self._z0, depth)
-        return self.take(depth)
+        return self.take(depth, last=True)
 
     def logits(self, depth: int) -> np.ndarray:
         """The blended logits of a grid ``depth`` model slices deep (after every slab has been added)."""
-        if self.base:
-            raise RuntimeError("rows were taken already")
+        if self.base or max(depth, self.patch[0]) > self._sums.shape[1]:
+            raise RuntimeError(f"the whole grid ({depth} rows) is not held: rows were taken, or no room was made")
         self.drain()
         full = self._sums[:, : max(depth, self.patch[0])]
         full /= self._norm[: full.shape[1]]
@@ -199,19 +213,19 @@ class Blender:
         out = self.runner.infer(self._batch[: len(self._pending)])
         pz, py, px = self.patch
         for i, (z, y, x) in enumerate(self._pending):
-            where = (slice(z - self.base, z - self.base + pz), slice(y, y + py), slice(x, x + px))
-            every_class = (slice(None), *where)
-            self._sums[every_class] += out[i] * self.weights
-            self._norm[where] += self.weights
+            weighted = out[i] * self.weights
+            for ring, part in self._ring(z, pz):
+                self._sums[:, ring, y : y + py, x : x + px] += weighted[:, part]
+                self._norm[ring, y : y + py, x : x + px] += self.weights[part]
         self._pending.clear()
 
-    def _grow(self, rows: int) -> None:
-        """Room for ``rows`` model slices from :attr:`base` on (the rows in flight)."""
-        have = self._sums.shape[1]
-        if rows <= have:
-            return
-        sums = np.zeros((self._sums.shape[0], rows, *self.padded_plane), dtype=np.float32)
-        sums[:, :have] = self._sums
-        norm = np.zeros(sums.shape[1:], dtype=np.float32)
-        norm[:have] = self._norm
-        self._sums, self._norm = sums, norm
+    def _ring(self, first: int, n: int) -> list[tuple[slice, slice]]:
+        """Where model slices ``first`` .. ``first + n`` sit in the ring: (ring rows, rows of the block), one
+        part or two."""
+        cap = self._sums.shape[1]
+        if n > cap:
+            raise RuntimeError(f"{n} rows asked for; the accumulator holds {cap}")
+        p = first % cap
+        if p + n <= cap:
+            return [(slice(p, p + n), slice(0, n))]
+        return [(slice(p, cap), slice(0, cap - p)), (slice(0, p + n - cap), slice(cap - p, n))]

@@ -193,8 +193,9 @@ def test_a_series_acquired_top_down_streams_anchored_at_its_top(package: ModelPa
 def test_rows_are_reduced_and_their_logits_dropped_while_the_series_arrives(
     series: SeriesInfo, package: ModelPackage
 ) -> None:
-    """Before completion, the rows below the second z-window are labelled on the source grid and the
-    accumulator holds only the rows in flight (a stride and a patch at most, whatever the series' length)."""
+    """Before completion, the rows below the last z-window (75 of 139 model slices: every slice is in, so the
+    grid is at least that deep) are labelled on the source grid and the accumulator holds only the rows in
+    flight (a stride and a patch at most, whatever the series' length)."""
     runner = WindowMeanRunner(package)
     streams = Streams(package, POLICY, probabilities=True)
     stream(series.paths, package, runner, streams=streams, complete=False)
@@ -202,11 +203,12 @@ def test_rows_are_reduced_and_their_logits_dropped_while_the_series_arrives(
     finishing = session._finishing
     assert finishing is not None
     pz = package.patch_size[0]
-    assert finishing.blender.base == 48 and finishing.maps.rows_done == 48
-    # 2 mm slices on a 1.5 mm grid: source slices up to 70.5 mm take model rows below 48
-    assert len(finishing.maps.mapped) == 36
+    assert window_starts(139, pz, package.overlap)[-1] == 75
+    assert finishing.blender.base == 75 and finishing.maps.rows_done == 75
+    # 2 mm slices on a 1.5 mm grid: source slices up to 110 mm (the 56th) take model rows below 75
+    assert len(finishing.maps.mapped) == 56
     assert finishing.blender._sums.shape[1] <= pz + 48
-    assert not finishing.maps._rows  # every source slice up to the run's top is in: no row below 48 is needed
+    assert not finishing.maps._rows  # every source slice is in: no row below 75 is needed any more
     expected = segment(load_volume(series.paths, POLICY), package, runner, probabilities=True)
     result, timeline = stream(series.paths, package, runner, streams=streams)
     assert timeline.mode == "streaming"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.imaging.volume import Volume
+from edge_runtime.inference.nnunet.labelmap import labels_and_confidence
 from edge_runtime.inference.nnunet.postprocessing import apply_postprocessing
 from edge_runtime.inference.nnunet.prediction import predict_logits
 from edge_runtime.inference.nnunet.preprocessing import preprocess, target_spacing
@@ -54,9 +55,8 @@ def segment_nnunet(volume: Volume, package: ModelPackage, runner: Runner, *, pro
     settings = package.nnunet
     if settings is None:
         raise ValueError(f"{package.identity} has no 'nnunet' section")
-    image = np.repeat(volume.array[None], package.input_channels, axis=0) if channels is None else channels
-    case = predict_case(image, volume.spacing, settings, runner, package.num_classes, package.batch_size,
-                        probabilities=probabilities)
+    image = np.repeat(volume.array[None], package.image_channels, axis=0) if channels is None else channels
+    case = predict_package_case(image, volume.spacing, package, runner, probabilities=probabilities)
     per_class = None
     if case.probabilities is not None:
         probs = case.probabilities
@@ -65,6 +65,29 @@ def segment_nnunet(volume: Volume, package: ModelPackage, runner: Runner, *, pro
         per_class = np.rint(probs * 255).astype(np.uint8)
     return Segmentation(labels=case.labels, timings=case.timings, windows=case.windows, confidence=case.confidence,
                         probabilities=per_class)
+
+
+def predict_package_case(image: np.ndarray, spacing: Sequence[float], package: ModelPackage, runner: Runner, *,
+                         probabilities: bool = False) -> CaseResult:
+    """The package's case; a cascade stage runs its previous stage first (on ``runner``'s previous-stage runner,
+    without post-processing, as ``nnUNetv2_predict`` writes the label map the next stage reads) and takes its
+    label map as input. Timings of the previous stage are prefixed with its configuration."""
+    settings = package.nnunet
+    if settings is None:
+        raise ValueError(f"{package.identity} has no 'nnunet' section")
+    first = package.previous_stage
+    if settings.previous_stage is None or first is None or first.nnunet is None:
+        return predict_case(image, spacing, settings, runner, package.num_classes, package.batch_size,
+                            probabilities=probabilities)
+    from edge_runtime.inference.nnunet.cascade import previous_runner
+
+    earlier = predict_case(image, spacing, first.nnunet, previous_runner(runner), first.num_classes,
+                           first.batch_size)
+    case = predict_case(image, spacing, settings, runner, package.num_classes, package.batch_size,
+                        probabilities=probabilities, previous=earlier.labels)
+    case.timings = {**{f"{first.nnunet.configuration}_{k}": v for k, v in earlier.timings.items()}, **case.timings}
+    case.windows += earlier.windows
+    return case
 
 
 def predict_case(
@@ -76,12 +99,14 @@ def predict_case(
     batch_size: int = 1,
     *,
     probabilities: bool = False,
+    previous: np.ndarray | None = None,
 ) -> CaseResult:
     """``image`` ``(C, Z, Y, X)`` with its ``(z, y, x)`` spacing -> the case on the image's grid. ``num_classes``:
-    the model's output channels (a region model's are its regions)."""
+    the model's output channels (a region model's are its regions). ``previous``: a cascade stage's previous
+    label map on the image's grid."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    data, case = preprocess(image, spacing, settings)
+    data, case = preprocess(image, spacing, settings, previous)
     timings["preprocess"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -94,6 +119,13 @@ def predict_case(
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if not settings.regions and not probabilities:  # the common case: resampled, reduced and uncropped per slab
+        labels, confidence = labels_and_confidence(logits, case, settings,
+                                                   np.uint8 if num_classes < 256 else np.uint16)
+        del logits
+        labels = apply_postprocessing(labels, settings.active_postprocessing)
+        timings["postprocess"] = time.perf_counter() - t0
+        return CaseResult(labels, confidence, None, timings, windows)
     # convert_predicted_logits_to_segmentation_with_correct_shape: logits back to the cropped shape first (in
     # their own dtype, as nnU-Net keeps its float16), argmax (the first maximum wins, as torch's), then softmax
     logits = resample(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,

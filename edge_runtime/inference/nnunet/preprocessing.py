@@ -28,9 +28,11 @@ class Case:
     shape_after_cropping: tuple[int, ...]
 
 
-def preprocess(image: np.ndarray, spacing: Sequence[float], settings: NnunetSettings) -> tuple[np.ndarray, Case]:
+def preprocess(image: np.ndarray, spacing: Sequence[float], settings: NnunetSettings,
+               previous: np.ndarray | None = None) -> tuple[np.ndarray, Case]:
     """The network's input and the way back. ``image`` is ``(C, *spatial)`` in the axis order nnU-Net's image
-    reader gives (SimpleITK: z, y, x), with ``spacing`` in that order."""
+    reader gives (SimpleITK: z, y, x), with ``spacing`` in that order. ``previous``: a cascade stage's input, the
+    previous stage's label map on the image's grid, appended as one-hot channels (:mod:`.cascade`)."""
     forward = settings.transpose_forward
     data = image.astype(np.float32).transpose([0, *[i + 1 for i in forward]])
     spacing_t = tuple(float(spacing[i]) for i in forward)
@@ -46,6 +48,14 @@ def preprocess(image: np.ndarray, spacing: Sequence[float], settings: NnunetSett
     for c in range(data.shape[0]):
         data[c] = normalize(data[c], settings.normalization[c], mask)
     data = resample(data, new_shape, spacing_t, target, settings.resampling_data, settings.anisotropy_threshold)
+    if settings.previous_stage is not None:
+        if previous is None:
+            raise ValueError(f"a {settings.configuration} stage needs the label map of its previous stage")
+        from edge_runtime.inference.nnunet.cascade import previous_stage_channels
+
+        one_hot = previous_stage_channels(previous, forward, where, mask, new_shape, spacing_t, target,
+                                          settings.previous_stage, settings.anisotropy_threshold)
+        data = np.concatenate([data, one_hot])
     return data, Case(spacing_t, shape_before, bbox, tuple(mask.shape))
 
 

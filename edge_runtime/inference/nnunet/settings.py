@@ -21,12 +21,17 @@ section is segmented by :mod:`edge_runtime.inference.nnunet.pipeline` instead of
       "regions": [[1, 2, 3], [2, 3], [3]], "regions_class_order": [1, 2, 3],   # region-based models only
       "postprocessing": [{"function": "remove_all_but_largest_component_from_segmentation",
                           "labels_or_regions": [1, [2, 3]], "background_label": 0}],   # from postprocessing.pkl
-      "use_postprocessing": true
+      "use_postprocessing": true,
+      "previous_stage": {"configuration": "3d_lowres", "package": "previous_stage",   # a cascade stage only
+                         "one_hot_labels": [1, 2, 3], "resampling_seg": {"order": 1, "order_z": 0,
+                                                                         "force_separate_z": null}}
     }
 
 A region-based model (:mod:`.regions`) outputs one sigmoid per region, painted into labels in
 ``regions_class_order``; ``postprocessing`` (:mod:`.postprocessing`) is nnU-Net's postprocessing.pkl as data,
-applied to the label map when ``use_postprocessing`` is true.
+applied to the label map when ``use_postprocessing`` is true. A cascade stage (``3d_cascade_fullres``) names its
+``previous_stage``: a package of its own inside this one, whose label map becomes one input channel per
+``one_hot_labels`` entry (:mod:`.cascade`); the section's ``normalization`` then lists the image channels only.
 
 Options for speed (``use_mirroring`` false, a larger ``tile_step_size``) are changed by re-exporting; the parity
 gate then reports what they cost in Dice against nnU-Net run as its authors run it.
@@ -70,6 +75,22 @@ class Resampling:
 
 
 @dataclass(frozen=True)
+class PreviousStage:
+    """A cascade's first stage: its package (a folder inside this package), and how its label map becomes input
+    channels of this stage (nnU-Net's ``resampling_fn_seg`` arguments; one channel per foreground label, in
+    ``LabelManager.foreground_labels`` order)."""
+
+    configuration: str
+    package: str
+    one_hot_labels: tuple[int, ...]
+    resampling: Resampling
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"configuration": self.configuration, "package": self.package,
+                "one_hot_labels": list(self.one_hot_labels), "resampling_seg": _resampling_dict(self.resampling)}
+
+
+@dataclass(frozen=True)
 class NnunetSettings:
     configuration: str
     folds: tuple[str, ...]
@@ -93,6 +114,8 @@ class NnunetSettings:
     #: nnU-Net's postprocessing.pkl as steps; applied to the label map when ``use_postprocessing``
     postprocessing: tuple[KeepLargestComponent, ...] = ()
     use_postprocessing: bool = True
+    #: a cascade stage: the stage before it; None for a model that takes the image alone
+    previous_stage: PreviousStage | None = None
 
     @property
     def active_mirror_axes(self) -> tuple[int, ...]:
@@ -104,10 +127,7 @@ class NnunetSettings:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest section (what :func:`parse_nnunet` reads back)."""
-
-        def resampling(r: Resampling) -> dict[str, Any]:
-            return {"order": r.order, "order_z": r.order_z, "force_separate_z": r.force_separate_z}
-
+        resampling = _resampling_dict
         norms = []
         for n in self.normalization:
             entry: dict[str, Any] = {"scheme": n.scheme, "use_mask": n.use_mask}
@@ -135,7 +155,12 @@ class NnunetSettings:
                if self.regions else {}),
             "postprocessing": [step.to_dict() for step in self.postprocessing],
             "use_postprocessing": self.use_postprocessing,
+            **({"previous_stage": self.previous_stage.to_dict()} if self.previous_stage else {}),
         }
+
+
+def _resampling_dict(r: Resampling) -> dict[str, Any]:
+    return {"order": r.order, "order_z": r.order_z, "force_separate_z": r.force_separate_z}
 
 
 def parse_nnunet(node: Any, problems: list[str]) -> NnunetSettings | None:
@@ -183,6 +208,7 @@ def parse_nnunet(node: Any, problems: list[str]) -> NnunetSettings | None:
     regions, class_order = _regions(node.get("regions"), node.get("regions_class_order"), problems)
     postprocessing = parse_postprocessing(node.get("postprocessing"), problems)
     use_postprocessing = want("use_postprocessing", lambda v: isinstance(v, bool), "true or false", True)
+    previous = _previous_stage(node.get("previous_stage"), problems)
 
     if forward is not None and backward is not None:
         if sorted(forward) != list(range(len(forward))) or [forward[i] for i in backward] != list(range(len(forward))):
@@ -205,7 +231,32 @@ def parse_nnunet(node: Any, problems: list[str]) -> NnunetSettings | None:
         anisotropy_threshold=float(threshold), tile_step_size=float(step), use_gaussian=gaussian,
         mirror_axes=tuple(mirror_axes), use_mirroring=mirroring, accumulate=accumulate, regions=regions,
         regions_class_order=class_order, postprocessing=postprocessing, use_postprocessing=use_postprocessing,
+        previous_stage=previous,
     )
+
+
+def _previous_stage(node: Any, problems: list[str]) -> PreviousStage | None:
+    """``previous_stage``: the stage's configuration, its package folder (relative, inside this package), the
+    labels one-hot encoded (distinct, > 0) and ``resampling_seg``."""
+    if node is None:
+        return None
+    where = "'nnunet.previous_stage'"
+    if not isinstance(node, dict):
+        problems.append(f"{where} must be an object, got {type(node).__name__}")
+        return None
+    configuration, package, labels = node.get("configuration"), node.get("package"), node.get("one_hot_labels")
+    before = len(problems)
+    if not isinstance(configuration, str) or not configuration:
+        problems.append(f"{where}.configuration must name the previous configuration, got {configuration!r}")
+    if not isinstance(package, str) or not package or package.startswith(("/", "\\")) or ".." in package.split("/"):
+        problems.append(f"{where}.package must be a folder inside this package, got {package!r}")
+    if not (isinstance(labels, list) and labels and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                        for v in labels) and len(set(labels)) == len(labels)):
+        problems.append(f"{where}.one_hot_labels must list distinct labels > 0, got {labels!r}")
+    how = _resampling(node.get("resampling_seg"), "previous_stage.resampling_seg", problems)
+    if len(problems) > before or how is None:
+        return None
+    return PreviousStage(str(configuration), str(package), tuple(int(v) for v in labels), how)  # type: ignore[union-attr]
 
 
 def _regions(regions: Any, order: Any, problems: list[str]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:

@@ -10,7 +10,7 @@ loudly.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.errors import BackendUnavailable, EdgeRuntimeError, RunnerError
@@ -33,8 +33,22 @@ def load_runner(package: ModelPackage, backend: str = "onnxruntime", device: str
     Options go to the backend: ``threads`` for ONNX Runtime; ``url``, ``model_name``, ``timeout_s``,
     ``shared_memory`` ... for Triton (where the server's instance groups decide the device); ``precision``,
     ``engine``, ``rebuild`` for native TensorRT (pycuda, first GPU), whose engine is keyed by model, TensorRT
-    version, GPU and precision. ``device`` applies to ONNX Runtime only.
+    version, GPU and precision. ``device`` applies to ONNX Runtime only. An nnU-Net cascade stage's runner carries
+    its previous stage's, on the same backend and device.
     """
+    if package.previous_stage is not None:
+        from edge_runtime.inference.nnunet.cascade import CascadeRunner
+
+        if backend == "triton":
+            raise BackendUnavailable("an nnU-Net cascade package runs on onnxruntime or tensorrt; serving its two "
+                                     "stages from Triton is not built")
+        previous = load_runner(package.previous_stage, backend, device, **options)
+        try:
+            final = load_runner(replace(package, previous_stage=None), backend, device, **options)
+            return CascadeRunner(package, final, previous)
+        except BaseException:
+            previous.close()
+            raise
     if backend == "onnxruntime":
         from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +23,68 @@ PROVIDERS = {
 }
 
 
+#: ``SessionTuning.optimization`` names of ONNX Runtime's graph optimisation levels
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class SessionTuning:
+    """The session options that decide speed on the CPU. The defaults are what ``benchmarks.ort_ceiling``
+    measured fastest for the bundled model on a 2-core machine; the other values are there to be measured
+    against them.
+
+    ``threads``: intra-op threads (0: one per core). ``optimization``: the graph optimisation level; ``"all"``
+    adds the CPU provider's layout transforms (NCHWc blocked convolutions) to the fusions of ``"extended"``.
+    ``spinning``: whether idle intra-op threads spin (``session.intra_op.allow_spinning``) before sleeping.
+    ``parallel``: ``ORT_PARALLEL`` execution mode (independent branches at once) instead of sequential.
+    ``entries``: further session configuration entries (ONNX Runtime's ``session.*`` keys) as (key, value).
+    """
+
+    threads: int = 0
+    optimization: str = "all"
+    spinning: bool = True
+    parallel: bool = False
+    entries: tuple[tuple[str, str], ...] = ()
+
+    def session_options(self) -> Any:
+        """These settings as an ``onnxruntime.SessionOptions``."""
+        import onnxruntime as ort
+
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimization is {self.optimization!r}; allowed: {', '.join(OPTIMIZATION_LEVELS)}")
+        level = ort.GraphOptimizationLevel
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disabled": level.ORT_DISABLE_ALL,
+            "basic": level.ORT_ENABLE_BASIC,
+            "extended": level.ORT_ENABLE_EXTENDED,
+            "all": level.ORT_ENABLE_ALL,
+        }[self.optimization]
+        options.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if self.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        for key, value in self.entries:
+            options.add_session_config_entry(key, value)
+        options.log_severity_level = 3
+        return options
+
+
 class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
-    def __init__(self, package: ModelPackage, *, device: str = "cpu", threads: int = 0):
+    def __init__(
+        self,
+        package: ModelPackage,
+        *,
+        device: str = "cpu",
+        threads: int = 0,
+        tuning: SessionTuning | None = None,
+        model_path: os.PathLike[str] | str | None = None,
+    ):
+        """``tuning`` overrides the default session options (``threads`` overrides its thread count when given);
+        ``model_path`` runs another graph with the package's contract (e.g. a quantised copy, for benchmarks)."""
         super().__init__(package)
         import onnxruntime as ort
 
@@ -37,15 +98,16 @@ class OnnxRuntimeRunner(Runner):
             raise BackendUnavailable(
                 f"Requested provider was: {wanted}, but available providers are: {', '.join(available)}"
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        options.log_severity_level = 3
+        tuning = tuning or SessionTuning()
+        if threads:
+            tuning = replace(tuning, threads=threads)
+        self.tuning = tuning
         providers = self._providers(wanted, available)
+        path = Path(model_path) if model_path is not None else package.model_path
         try:
-            self.session = ort.InferenceSession(str(package.model_path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), tuning.session_options(), providers=providers)
         except Exception as exc:  # onnxruntime raises its own C++ exception types
-            raise RunnerError(f"ONNX Runtime could not load {package.model_path.name}: {exc}") from exc
+            raise RunnerError(f"ONNX Runtime could not load {path.name}: {exc}") from exc
         got = self.session.get_providers()
         if got[0] != wanted:
             # ORT logs an error and quietly falls back to CPU when a GPU provider fails to initialise.
@@ -101,4 +163,9 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self) -> str:
         opts = self.session.get_session_options()
-        return f"onnxruntime {self.session.get_providers()[0]} threads={opts.intra_op_num_threads}"
+        t = self.tuning
+        return (
+            f"onnxruntime {self.session.get_providers()[0]} threads={opts.intra_op_num_threads} "
+            f"optimization={t.optimization} spinning={'on' if t.spinning else 'off'} "
+            f"{'parallel' if t.parallel else 'sequential'}"
+        )
