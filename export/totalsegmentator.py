@@ -11,9 +11,10 @@ section (TotalSegmentator's
 steps around nnU-Net and each part's class mapping: :mod:`edge_runtime.inference.totalsegmentator.settings`).
 Segments are named by TotalSegmentator's class names and coded from its SNOMED CT mapping.
 
-The gate runs the package through the runtime's TotalSegmentator pipeline twice, with the PyTorch networks and
-with ONNX Runtime, on phantom CTs (and ``--parity-series``), and publishes the package when the merged label
-maps agree (Dice per label >= ``--min-dice``) and the logits agree on windows.
+The gate (:mod:`export.totalsegmentator_gate`) runs the package in the runtime and TotalSegmentator's own steps
+with nnunetv2's ``nnUNetPredictor`` per part on phantom CTs (and ``--parity-series``), and publishes the package
+when every part's label map and the merged one agree (Dice per class >= ``--min-dice``) and the ONNX graph's
+logits agree with the PyTorch parts' on windows.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edge_runtime.errors import StartupError
 from edge_runtime.inference.nnunet.settings import NnunetSettings
@@ -49,9 +48,9 @@ FAST_TILING = ("total", "total_v3", "total_mr")
 GENERIC_CATEGORY = {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 GENERIC_TYPE = {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical structure"}
 NOT_REPRODUCED = [
-    "TotalSegmentator splits an image of more than 256x256x900 voxels (on its grid) into three z-slabs with a "
-    "20-voxel margin and predicts them one by one (a memory measure); the runtime predicts it whole, so labels "
-    "can differ near those seams",
+    "TotalSegmentator (2.18) splits an image of more than 512x512x900 voxels on its grid, with more than 200 "
+    "slices, into three z-slabs with a 20-voxel margin and predicts them one by one (a memory measure); the "
+    "runtime predicts it whole, so labels can differ near those seams",
     "the options of the TotalSegmentator command that are off by default (--roi_subset, --crop, --body_seg, "
     "--remove_small_blobs, --higher_order_resampling, statistics)",
     "TotalSegmentator reads its resampled image back from NIfTI, whose header stores the spacing as float32; "
@@ -310,19 +309,6 @@ def totalsegmentator_manifest(source: TotalSegmentatorSource, args: argparse.Nam
         "totalsegmentator": section,
         "domain": export_domain(args, args.modality or hints["modalities"]),
     }
-
-
-def segment_array(image: np.ndarray, spacing: Sequence[float], package: Any, runner: Any) -> np.ndarray:
-    """The runtime's TotalSegmentator pipeline on a bare ``(Z, Y, X)`` array on an axis-aligned grid (the gate's
-    phantoms): the merged label map."""
-    from edge_runtime.imaging.volume import Volume
-    from edge_runtime.inference.totalsegmentator.pipeline import segment_totalsegmentator
-
-    z, y, x = (float(s) for s in spacing)
-    volume = Volume(array=image, spacing=(z, y, x), positions=np.arange(image.shape[0]) * z,
-                    origin=np.zeros(3), row_direction=np.array([1.0, 0.0, 0.0]),
-                    column_direction=np.array([0.0, 1.0, 0.0]), datasets=[], regular=True)
-    return segment_totalsegmentator(volume, package, runner).labels
 
 
 def build_onnx(source: TotalSegmentatorSource, tmp: Path, args: argparse.Namespace) -> Any:

@@ -145,10 +145,49 @@ def test_the_package_carries_totalsegmentators_classes_and_snomed_codes(package:
     for part in ts.parts:
         assert [names[v] for v in part.labels[1:]] == [class_map_5_parts[part.name][k] for k in
                                                        range(1, part.classes)]
+        # a paired structure's side is its type's modifier, as the mapping has it (kidney_left: Kidney + Left)
+        modifier = row["SegmentedPropertyTypeModifierCodeSequence.CodeValue"]
+        assert (lab.type_modifier.value if lab.type_modifier else "") == modifier
+    assert {lab.name: lab.type_modifier.meaning for lab in pkg.labels if lab.type_modifier} == {
+        "kidney_right": "Right", "kidney_left": "Left", "humerus_left": "Left", "humerus_right": "Right",
+        "rib_left_1": "Left", "rib_left_2": "Left"}
     section = manifest["totalsegmentator"]
     assert (section["resample_mm"], section["tile_step_size"], section["test_time_mirroring"]) == (1.5, 0.8, False)
     assert [n["mean"] for n in manifest["nnunet"]["normalization"]] == [m for m, _ in FINGERPRINTS]
-    assert json.loads((package / "parity.json").read_text())["passed"] is True
+    # the gate compared every part with nnUNetPredictor and the merge with TotalSegmentator's, class by class
+    gate = json.loads((package / "parity.json").read_text())
+    assert gate["passed"] is True and "nnUNetPredictor" in gate["reference"]
+    parts = {d["volume"].rsplit("part ", 1)[1] for d in gate["parts"]}
+    assert parts == {map_taskid_to_partname_ct[t] for t in CLASSES_PER_PART}
+    assert len(gate["parts"]) == sum(CLASSES_PER_PART.values())
+    assert sorted(d["label"] for d in gate["merged"]) == [v for v, _ in expected]
+    assert min(d["dice"] for d in gate["parts"] + gate["merged"]) >= 0.99
+    assert sum(d["reference_voxels"] > 0 for d in gate["merged"]) >= 8  # the classes were there to be compared
+
+
+def test_the_gate_refuses_a_part_whose_normalisation_is_not_its_own(package: Path, tmp_path: Path) -> None:
+    """The vertebrae part normalised with the organs part's CT fingerprint: that part's classes, named, fail against
+    nnUNetPredictor on its own model folder; the other parts do not."""
+    import shutil
+
+    from export.totalsegmentator import load_totalsegmentator
+    from export.totalsegmentator_gate import gate_against_totalsegmentator
+    from phantom import make_phantom
+
+    wrong = tmp_path / "package"
+    shutil.copytree(package, wrong)
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    manifest["nnunet"]["normalization"][1] = manifest["nnunet"]["normalization"][0]
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    phantom = make_phantom((12, 20, 20), (1.2,) * 3, rng=5)  # one window per part on the 1.5 mm grid
+    report = gate_against_totalsegmentator(load_totalsegmentator(package.parent / "weights", "total"),
+                                           ModelPackage.load(wrong), {"phantom": (phantom.hu[None], (1.2,) * 3)})
+    assert not report.passed
+    failed = {d.volume.rsplit("part ", 1)[1] for d in report.parts if not d.passed(report.min_dice)}
+    assert failed == {"class_map_part_vertebrae"}
+    assert any("part class_map_part_vertebrae: class 1 sacrum" in f and "against nnUNetPredictor" in f
+               for f in report.failures())
+    assert "FAILED" in report.markdown() and report.needed_min_dice is not None and report.needed_min_dice < 0.99
 
 
 def _totalsegmentator_merge(per_part: dict[int, np.ndarray]) -> np.ndarray:
@@ -281,6 +320,7 @@ def test_the_runtime_agrees_with_totalsegmentator_run_on_the_same_weights(packag
 @pytest.mark.e2e
 def test_a_series_pushed_to_the_service_comes_back_as_one_seg_with_totalsegmentators_segments(
         package: Path, tmp_path: Path) -> None:
+    import highdicom as hd
     import pydicom
 
     from phantom import make_phantom, write_series
@@ -300,6 +340,12 @@ def test_a_series_pushed_to_the_service_comes_back_as_one_seg_with_totalsegmenta
         assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in pkg.labels]
         assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == [
             lab.type.value for lab in pkg.labels]
+        # the sides, read back by highdicom where the Segment Description Macro nests them
+        back = hd.seg.segread(seg_path)
+        descriptions = [back.get_segment_description(n) for n in range(1, len(pkg.labels) + 1)]
+        sides = {d.segment_label: [str(c.CodeMeaning) for c in d.SegmentedPropertyTypeCodeSequence[0].get(
+            "SegmentedPropertyTypeModifierCodeSequence", [])] for d in descriptions}
+        assert (sides["kidney_left"], sides["kidney_right"], sides["spleen"]) == (["Left"], ["Right"], [])
         assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid
         assert service.alive()
     finally:
