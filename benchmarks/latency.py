@@ -134,6 +134,7 @@ def one_run(
         derived["last_ack_to_seg_stored"] - durations["inference"] - durations["completion_wait"]
     )
     derived["budget_inference_plus_1_5"] = durations["inference"] + 1.5
+    derived["load_avg_1min"] = os.getloadavg()[0]
     data = result_record(service.output, seg_path)
     windows, streamed = data.get("windows"), data.get("streaming")
     return {
@@ -265,6 +266,7 @@ def side_by_side(meta: dict, summary: dict[str, dict], runs: list[dict]) -> str:
         ("first instance sent → SEG stored at PACS", "first_sent_to_seg_stored", 2),
         ("peak RSS of the service, MiB", "peak_rss_mib", 0),
         ("noise: cores busy with other processes", "foreign_cores", 2),
+        ("noise: load average (1 min) at the end of the run", "load_avg_1min", 1),
     ]
     for label, key, digits in rows:
         a, b = off.get(key, {}), on.get(key, {})
