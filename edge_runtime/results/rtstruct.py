@@ -8,6 +8,9 @@ the RT Referenced Study/Series/Contour Image sequences list every source instanc
 ROI: an ROI without contours is valid DICOM, but readers such as rt-utils fail on it (the SEG and SR still list
 it).
 
+Each ROI's observation is identified by the label's type code, with the label's side (its type modifier) and
+anatomic region where the package has them, as the SEG's segments are.
+
 Outlines: marching squares (contourpy, matplotlib's C++ contour generator, small and numpy-only) on each
 slice's mask, inside the label's bounding box; vertices in the middle of straight runs are dropped. Each vertex
 lies between a pixel inside and one outside, 0.45 pixel from the inside one (level 0.55, not 0.5), so that both
@@ -36,7 +39,7 @@ from scipy import ndimage
 from edge_runtime import __version__
 from edge_runtime.dicom import derive_uid
 from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.package import ModelPackage
+from edge_runtime.inference.package import Code, ModelPackage
 from edge_runtime.results._elements import implicit_element, implicit_sequence, item, raw_implicit_sequence
 from edge_runtime.results.formats import RTSTRUCT
 from edge_runtime.results.seg import MANUFACTURER, seg_series_number
@@ -199,21 +202,31 @@ def _structure_set_rois(package: ModelPackage, numbers: Collection[int], frame_o
     return rois
 
 
+def _code(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code.value, code.scheme, code.meaning[:64]
+    return item
+
+
 def _observations(package: ModelPackage, numbers: Collection[int]) -> list[Dataset]:
-    """RT ROI Observations: each ROI an organ, identified by the label's SNOMED CT type code."""
+    """RT ROI Observations: each ROI an organ, identified by the label's SNOMED CT type code, with the label's
+    side as that code's Segmented Property Type Modifier (CID 244) and its anatomic region (with the region's
+    modifier) where the label has them, as the RT ROI Observations Module nests them (PS3.3 C.8.8.8)."""
     observations = []
     for number, label in enumerate(package.labels, start=1):
         if number not in numbers:
             continue
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = (
-            label.type.value,
-            label.type.scheme,
-            label.type.meaning[:64],
-        )
+        code = _code(label.type)
+        if label.type_modifier is not None:
+            code.SegmentedPropertyTypeModifierCodeSequence = [_code(label.type_modifier)]
         observation = Dataset()
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
+        if label.anatomic_region is not None:
+            region = _code(label.anatomic_region)
+            if label.anatomic_region_modifier is not None:
+                region.AnatomicRegionModifierSequence = [_code(label.anatomic_region_modifier)]
+            observation.AnatomicRegionSequence = [region]
         observation.RTROIIdentificationCodeSequence = [code]
         observation.RTROIInterpretedType = "ORGAN"
         observation.ROIInterpreter = ""

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import highdicom as hd
+import pydicom
 import pytest
 
 from edge_runtime.errors import PackageError
@@ -31,8 +32,8 @@ pytest.importorskip("totalsegmentator", reason="totalsegmentator is not installe
 
 #: sides, a side on a region, and a class without either (the case's label 4 is absent from its label map)
 NAMES = ("kidney_left", "kidney_right", "kidney_cyst_left", "spleen")
-#: the Segment Description Macro's modifier sequences (PS3.3 Table 10-25), as dciodvfy names their tags
-MODIFIER_TAGS = ("(0x0062,0x0011)", "(0x0008,0x2220)")
+#: the type modifier, anatomic region and region modifier sequences, as dciodvfy names their tags
+MODIFIER_TAGS = ("(0x0062,0x0011)", "(0x0008,0x2218)", "(0x0008,0x2220)")
 
 
 def _mapping() -> dict[str, dict[str, str]]:
@@ -134,6 +135,22 @@ def test_the_sr_gives_each_side_as_the_finding_site_s_laterality(published: tupl
              for g in groups]
     assert sites == [[("Kidney", "Left")], [("Kidney", "Right")], [("Kidney", "Left")], []]
     assert [g.finding_type.meaning for g in groups] == ["Kidney", "Kidney", "Cyst", "Spleen"]
+
+
+def test_the_rt_structure_set_identifies_each_roi_with_its_side(published: tuple[Case, ResultFiles]) -> None:
+    case, files = published
+    (path,) = files.objects["rtstruct"]
+    observations = pydicom.dcmread(path).RTROIObservationsSequence
+    present = [name for value, name in enumerate(NAMES, start=1) if (case.labels == value).any()]
+    assert len(observations) == len(present) == 3  # an absent label has no ROI
+
+    def codes(o: pydicom.Dataset) -> tuple[str, list[str], str | None, list[str]]:
+        kind, regions = o.RTROIIdentificationCodeSequence[0], o.get("AnatomicRegionSequence", [])
+        return (kind.CodeValue, [c.CodeValue for c in kind.get("SegmentedPropertyTypeModifierCodeSequence", [])],
+                regions[0].CodeValue if regions else None,
+                [c.CodeValue for c in regions[0].get("AnatomicRegionModifierSequence", [])] if regions else [])
+
+    assert [codes(o) for o in observations] == [_expected(name) for name in present]
 
 
 def test_dcmjs_hands_the_sides_to_the_viewer(published: tuple[Case, ResultFiles], tmp_path: Path) -> None:
