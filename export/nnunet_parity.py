@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.inference.nnunet.pipeline import predict_case
+from edge_runtime.inference.nnunet.pipeline import predict_package_case
 from edge_runtime.inference.nnunet.postprocessing import KeepLargestComponent
 from edge_runtime.inference.package import ModelPackage
 from export.nnunet_source import NnunetSource
@@ -142,7 +142,12 @@ def _mirroring(settings: dict[str, Any]) -> str:
 class NnunetReference:
     """nnunetv2's ``nnUNetPredictor`` initialised from the trained-model folder's plans, dataset.json and the
     chosen folds' weights (``manual_initialization``: nnU-Net's trainer lookup imports every trainer module, some
-    of which need packages inference does not), on the CPU."""
+    of which need packages inference does not), on the CPU.
+
+    A cascade stage has its previous stage's predictor beside it and predicts as nnU-Net's command line chains
+    them: the previous stage's label map (``nnUNetv2_predict -c 3d_lowres``, no post-processing) is handed to
+    this stage as its ``-prev_stage_predictions`` file is read back, float32 (SimpleITK's reader), so that
+    ``crop_to_nonzero`` can mark background outside the image's non-zero mask -1 as it does there."""
 
     def __init__(self, source: NnunetSource, *, use_mirroring: bool, tile_step_size: float):
         import torch
@@ -169,15 +174,22 @@ class NnunetReference:
         #: nnU-Net's own post-processing functions with the package's steps (nnUNetv2_apply_postprocessing)
         self.postprocessing = postprocessing_functions(source.settings.active_postprocessing)
         pp = f", then {len(self.postprocessing[0])} post-processing step(s)" if self.postprocessing[0] else ""
-        self.describe = (f"nnunetv2 {_version('nnunetv2')} nnUNetPredictor (torch {torch.__version__}, cpu, "
-                         f"mirroring {'on' if use_mirroring else 'off'}, tile step {tile_step_size}{pp})")
+        self.previous = (NnunetReference(source.previous, use_mirroring=use_mirroring, tile_step_size=tile_step_size)
+                         if source.previous is not None else None)
+        cascade = f", after {source.previous.configuration}" if source.previous is not None else ""
+        self.describe = (f"nnunetv2 {_version('nnunetv2')} nnUNetPredictor {source.configuration}{cascade} (torch "
+                         f"{torch.__version__}, cpu, mirroring {'on' if use_mirroring else 'off'}, tile step "
+                         f"{tile_step_size}{pp})")
 
     def predict(self, image: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Label map and ``(K, ...)`` probabilities for a ``(C, Z, Y, X)`` image with its ``(z, y, x)`` spacing."""
+        previous = None
+        if self.previous is not None:
+            previous = self.previous.predict(image, spacing)[0][None].astype(np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nnunetv2 and its helpers warn about their own dependencies
             seg, probs = self.predictor.predict_single_npy_array(
-                image.astype(np.float32), {"spacing": [float(s) for s in spacing]}, None, None, True
+                image.astype(np.float32), {"spacing": [float(s) for s in spacing]}, previous, None, True
             )
             if self.postprocessing[0]:
                 from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing
@@ -215,7 +227,7 @@ def run_nnunet_gate(
     the package in ONNX Runtime on the CPU unless ``runner`` is given."""
     import time
 
-    from edge_runtime.inference.runner.onnxruntime import OnnxRuntimeRunner
+    from edge_runtime.inference.runner import load_runner
 
     settings = package.nnunet
     if settings is None:
@@ -224,7 +236,7 @@ def run_nnunet_gate(
     faster = not settings.use_mirroring and bool(settings.mirror_axes) or settings.tile_step_size > DEFAULT_TILE_STEP
     defaults = NnunetReference(source, use_mirroring=True, tile_step_size=DEFAULT_TILE_STEP) if faster else None
     close = runner is None
-    runner = runner or OnnxRuntimeRunner(package)
+    runner = runner or load_runner(package)
     names = {lab.value: lab.name for lab in package.labels}
     classes = len(package.labels) + 1  # of the label map (a region model outputs one channel per region)
     dice: list[LabelAgreement] = []
@@ -237,8 +249,7 @@ def run_nnunet_gate(
             ref_labels, ref_probs = reference.predict(image, spacing)
             timings["nnunet_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            ours = predict_case(image, spacing, settings, runner, package.num_classes, package.batch_size,
-                                probabilities=True)
+            ours = predict_package_case(image, spacing, package, runner, probabilities=True)
             timings["runtime_s"] += time.perf_counter() - t0
             dice += label_dice(name, ref_labels, ours.labels, names, classes)
             assert ours.probabilities is not None

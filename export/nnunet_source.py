@@ -6,6 +6,11 @@ checkpoints (``inference_allowed_mirroring_axes``).
 The networks take windows in nnU-Net's own (transposed) axis order: the runtime pipeline transposes the volume as
 nnU-Net's preprocessor does, so no axis adapter is needed. A 2D configuration's network is wrapped to take
 ``(N, C, 1, Y, X)`` windows, the runtime's 3D window shape.
+
+A cascade stage (``3d_cascade_fullres``, whose plans name a ``previous_stage``) is loaded with its previous stage:
+the trained-model folder of that configuration beside it in the results folder (nnU-Net names them
+``<trainer>__<plans>__<configuration>``), with the same folds and options; its network takes the image channels
+and one channel per foreground label of the previous stage's label map.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 from edge_runtime.inference.nnunet.settings import (
     ChannelNormalization,
     NnunetSettings,
+    PreviousStage,
     Resampling,
 )
 from export.loaders.base import LoaderError, load_weights, parse_json, ready_module
@@ -28,6 +34,8 @@ from export.loaders.nnunet import _checkpoint_weights, _nnunet_configuration, _n
 
 #: resampling functions whose arguments the runtime reproduces (nnunetv2.preprocessing.resampling.default_resampling)
 RESAMPLING_FUNCTIONS = ("resample_data_or_seg_to_shape", "resample_data_or_seg_to_spacing")
+#: where a cascade package keeps its previous stage (a package of its own)
+PREVIOUS_STAGE_FOLDER = "previous_stage"
 
 
 class FoldEnsemble(nn.Module):
@@ -71,7 +79,16 @@ class NnunetSource:
     module: nn.Module
     settings: NnunetSettings
     label_names: dict[int, str]
+    #: the network's input channels: the images', and a cascade stage's one-hot previous label map
     input_channels: int
+    #: a cascade stage's previous stage (same folds and options); None for a model that takes the image alone
+    previous: NnunetSource | None = None
+
+    @property
+    def image_channels(self) -> int:
+        """The input channels that come from images (dataset.json ``channel_names``)."""
+        stage = self.settings.previous_stage
+        return self.input_channels - (len(stage.one_hot_labels) if stage is not None else 0)
 
     @property
     def num_classes(self) -> int:
@@ -101,10 +118,12 @@ def load_nnunet_source(
     tile_step_size: float = 0.5,
     postprocessing: Path | None = None,
     use_postprocessing: bool = True,
+    previous_stage: Path | None = None,
 ) -> NnunetSource:
     """``postprocessing``: nnU-Net's postprocessing.pkl for these folds (None: looked for beside the folds,
     :func:`export.nnunet_postprocessing.find_postprocessing`); ``use_postprocessing`` False records it switched
-    off."""
+    off. ``previous_stage``: a cascade stage's previous trained-model folder (None: the sibling folder nnU-Net
+    names for it, :func:`find_previous_stage`)."""
     from edge_runtime.extras import MissingDependencyError, require
 
     root = Path(root)
@@ -113,13 +132,25 @@ def load_nnunet_source(
             raise LoaderError(f"{root} has no {name}: not an nnU-Net v2 trained-model folder")
     plans = parse_json((root / "plans.json").read_text(encoding="utf-8"), "plans.json")
     dataset = parse_json((root / "dataset.json").read_text(encoding="utf-8"), "dataset.json")
-    config = _nnunet_configuration(plans, configuration, allow_2d=True)
+    config = _nnunet_configuration(plans, configuration, allow_2d=True, allow_cascade=True)
     label_names, regions, class_order = _labels(dataset)
     channels = dataset.get("channel_names", dataset.get("modality", {}))
     if not channels:
         raise LoaderError("dataset.json has no 'channel_names'")
     if not folds:
         raise LoaderError("no folds chosen")
+    previous, stage = None, None
+    if config.get("previous_stage"):
+        name = str(config["previous_stage"])
+        folder = previous_stage or find_previous_stage(root, configuration, name)
+        # nnUNetv2_predict writes the previous stage's label map without post-processing
+        previous = load_nnunet_source(folder, folds, configuration=name, checkpoint=checkpoint,
+                                      allow_pickle=allow_pickle, use_mirroring=use_mirroring,
+                                      tile_step_size=tile_step_size, use_postprocessing=False)
+        if previous.label_names != label_names or previous.previous is not None:
+            raise LoaderError(f"the previous stage {folder} is not {configuration!r}'s: its labels are "
+                              f"{previous.label_names}, {configuration!r}'s {label_names}")
+        stage = previous_stage_settings(config, dataset, name)
     try:
         require("dynamic_network_architectures", feature="loading nnU-Net models",
                 package="dynamic_network_architectures")
@@ -136,7 +167,8 @@ def load_nnunet_source(
         if mirror_axes is None:  # nnUNetPredictor takes the first fold's
             axes = ckpt.get("inference_allowed_mirroring_axes")
             mirror_axes = tuple(int(a) for a in axes) if axes is not None else ()
-        network = _nnunet_network(config, len(channels), len(regions) or len(label_names) + 1)
+        inputs = len(channels) + (len(stage.one_hot_labels) if stage else 0)
+        network = _nnunet_network(config, inputs, len(regions) or len(label_names) + 1)
         load_weights(network, _checkpoint_weights(ckpt), f"fold_{fold}/{checkpoint}")
         networks.append(ready_module(network, f"the nnU-Net network of fold {fold}"))
     module: nn.Module = FoldEnsemble(networks)
@@ -150,9 +182,44 @@ def load_nnunet_source(
         nnunet_settings(plans, config, configuration, folds, mirror_axes or (), use_mirroring, tile_step_size,
                         len(channels)),
         regions=regions, regions_class_order=class_order, postprocessing=steps, use_postprocessing=use_postprocessing,
+        previous_stage=stage,
     )
+    inputs = len(channels) + (len(stage.one_hot_labels) if stage else 0)
     return NnunetSource(root, plans, dataset, configuration, tuple(str(f) for f in folds), networks,
-                        ready_module(module, "the fold ensemble"), settings, label_names, len(channels))
+                        ready_module(module, "the fold ensemble"), settings, label_names, inputs, previous)
+
+
+def find_previous_stage(root: Path, configuration: str, previous: str) -> Path:
+    """The previous stage's trained-model folder beside ``root``: nnU-Net's ``<trainer>__<plans>__<configuration>``
+    with the previous configuration, or :class:`LoaderError` saying what is missing and how to get it."""
+    suffix = f"__{configuration}"
+    folder = root.with_name(root.name[: -len(suffix)] + f"__{previous}") if root.name.endswith(suffix) else None
+    if folder is not None and (folder / "plans.json").is_file():
+        return folder
+    where = (f"{folder} is missing" if folder is not None else
+             f"{root.name} is not named <trainer>__<plans>__{configuration}, so its sibling cannot be found")
+    raise LoaderError(
+        f"configuration {configuration!r} is a cascade stage: it takes the segmentation of {previous!r}, whose "
+        f"trained model must come with it, and {where}; train it (nnUNetv2_train DATASET {previous} FOLD, for each "
+        "fold) or name its folder with --previous-stage DIR"
+    )
+
+
+def previous_stage_settings(config: dict[str, Any], dataset: dict[str, Any], previous: str) -> PreviousStage:
+    """How the previous stage's label map enters: ``resampling_fn_seg`` with its arguments, one channel per
+    foreground label (``LabelManager``: every label value of dataset.json, regions flattened, but background and
+    ``ignore``)."""
+    fn = config.get("resampling_fn_seg", "resample_data_or_seg_to_shape")
+    kwargs = config.get("resampling_fn_seg_kwargs", {"is_seg": True, "order": 1, "order_z": 0})
+    if fn not in RESAMPLING_FUNCTIONS or not kwargs.get("is_seg", True):
+        raise LoaderError(f"the runtime cannot reproduce this configuration:\n  - resampling_fn_seg {fn!r} with "
+                          f"{kwargs} is not nnU-Net's default segmentation resampling")
+    values: set[int] = set()
+    for name, value in dataset["labels"].items():
+        if name != "ignore":
+            values.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    how = Resampling(int(kwargs.get("order", 1)), int(kwargs.get("order_z", 0)), kwargs.get("force_separate_z"))
+    return PreviousStage(previous, PREVIOUS_STAGE_FOLDER, tuple(sorted(values - {0})), how)
 
 
 def _labels(dataset: dict[str, Any]) -> tuple[dict[int, str], tuple[tuple[int, ...], ...], tuple[int, ...]]:

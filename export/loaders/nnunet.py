@@ -116,9 +116,10 @@ def load_nnunet(
     return LoadedModel(module, input_channels, num_classes, hints)
 
 
-def _nnunet_configuration(plans: dict[str, Any], name: str, *, allow_2d: bool = False) -> dict[str, Any]:
-    """The configuration ``name`` with what it inherits; cascade stages are refused (they need the previous
-    stage's segmentation), 2D ones unless ``allow_2d``."""
+def _nnunet_configuration(plans: dict[str, Any], name: str, *, allow_2d: bool = False,
+                          allow_cascade: bool = False) -> dict[str, Any]:
+    """The configuration ``name`` with what it inherits; cascade stages are refused unless ``allow_cascade`` (they
+    need the previous stage's segmentation: nnU-Net's pipeline packages both), 2D ones unless ``allow_2d``."""
     configs = plans.get("configurations", {})
     if name not in configs:
         raise LoaderError(f"plans.json has no configuration {name!r} (it has: {', '.join(sorted(configs))})")
@@ -134,12 +135,12 @@ def _nnunet_configuration(plans: dict[str, Any], name: str, *, allow_2d: bool = 
             raise LoaderError(f"configuration {seen[-2]!r} inherits from missing {chain!r}")
         config = {**node, **config}
         chain = node.get("inherits_from")
-    if "previous_stage" in config:
+    if "previous_stage" in config and not allow_cascade:
         previous = config["previous_stage"]
         raise LoaderError(
             f"configuration {name!r} is a cascade stage: it takes the segmentation of {previous!r} as extra input "
-            f"channels, and the runtime does not chain two nnU-Net stages yet; package {previous!r} or 3d_fullres "
-            "on its own instead"
+            f"channels; package it with --folds (nnU-Net's pipeline, which runs {previous!r} first), or package "
+            f"{previous!r} or 3d_fullres on its own"
         )
     for key in ("spacing", "patch_size"):
         if key not in config:

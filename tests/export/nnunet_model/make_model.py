@@ -61,22 +61,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_raw(raw: Path) -> None:
+def _write_raw(raw: Path, shape: tuple[int, int, int] = CASE_SHAPE,
+               spacing: tuple[float, float, float] = CASE_SPACING, cases: int = CASES,
+               name: str = "PhantomCT") -> None:
+    """``cases`` phantom CTs of ``shape`` (z, y, x) at ``spacing`` mm with their labels, and dataset.json."""
     import SimpleITK as sitk
 
     from phantom import make_phantom
 
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
-    for i in range(CASES):
-        ph = make_phantom(CASE_SHAPE, CASE_SPACING, rng=100 + i)
+    for i in range(cases):
+        ph = make_phantom(shape, spacing, rng=100 + i)
         for array, path in ((ph.hu.astype(np.float32), raw / "imagesTr" / f"ph_{i:03d}_0000.nii.gz"),
                             (ph.labels.astype(np.uint8), raw / "labelsTr" / f"ph_{i:03d}.nii.gz")):
             image = sitk.GetImageFromArray(array)
-            image.SetSpacing(tuple(reversed(CASE_SPACING)))  # SimpleITK: (x, y, z)
+            image.SetSpacing(tuple(reversed(spacing)))  # SimpleITK: (x, y, z)
             sitk.WriteImage(image, str(path))
-    dataset = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": CASES, "file_ending": ".nii.gz",
-               "name": "PhantomCT", "description": "phantom CTs (test fixture, not anatomy)"}
+    dataset = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz",
+               "name": name, "description": "phantom CTs (test fixture, not anatomy)"}
     (raw / "dataset.json").write_text(json.dumps(dataset, indent=4))
 
 
@@ -87,8 +90,6 @@ def _train(tmp: Path) -> Path:
         plan_experiments,
         preprocess,
     )
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
     torch.set_num_threads(2)
     _write_raw(tmp / "nnUNet_raw" / DATASET_NAME)
@@ -102,11 +103,27 @@ def _train(tmp: Path) -> Path:
     preprocess([DATASET_ID], plans_identifier, configurations=("3d_fullres",), num_processes=(1,),
                verbose=False, show_progress_bar=False)
     dataset_json = json.loads((tmp / "nnUNet_preprocessed" / DATASET_NAME / "dataset.json").read_text())
+    BriefTrainer = brief_trainer(EPOCHS, ITERATIONS)  # noqa: N806 - a class
+    os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process (the planner above needs >= 1)
+    for fold in FOLDS:
+        torch.manual_seed(fold)
+        # as run_training's get_trainer_from_args (the trainer pops it)
+        trainer = BriefTrainer({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
+                               torch.device("cpu"))
+        trainer.run_training()
+    return Path(trainer.output_folder_base)
+
+
+def brief_trainer(epochs: int, iterations: int) -> type:
+    """nnU-Net's trainer, ``epochs`` x ``iterations`` long, without spatial and intensity augmentation (as
+    nnU-Net's nnUNetTrainerNoDA; mirroring stays allowed at inference). nnunetv2 is imported here: it reads its
+    folders from the environment at import."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
     class BriefTrainer(nnUNetTrainer):
-        """nnU-Net's trainer, a few iterations long, without spatial and intensity augmentation (as nnU-Net's
-        nnUNetTrainerNoDA; mirroring stays allowed at inference). Its __init__ reads its own signature: spelled
-        out."""
+        """Its __init__ reads its own signature: spelled out."""
 
         get_training_transforms = staticmethod(nnUNetTrainerNoDA.get_training_transforms)
 
@@ -118,16 +135,9 @@ def _train(tmp: Path) -> Path:
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cpu")):  # noqa: B008 - nnU-Net's own signature
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = EPOCHS, ITERATIONS, 2
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = epochs, iterations, 2
 
-    os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process (the planner above needs >= 1)
-    for fold in FOLDS:
-        torch.manual_seed(fold)
-        # as run_training's get_trainer_from_args (the trainer pops it)
-        trainer = BriefTrainer({**plans, "continue_training": False}, "3d_fullres", fold, dataset_json,
-                               torch.device("cpu"))
-        trainer.run_training()
-    return Path(trainer.output_folder_base)
+    return BriefTrainer
 
 
 def _slim_checkpoint(src: Path, fold_dir: Path) -> None:
