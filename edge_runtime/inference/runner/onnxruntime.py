@@ -31,7 +31,10 @@ OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 class SessionTuning:
     """The session options that decide speed on the CPU. The defaults are what ``benchmarks.ort_ceiling``
     measured fastest for the bundled model on a 2-core machine; the other values are there to be measured
-    against them.
+    against them. Spinning is off: ORT's idle threads otherwise spin between operators on cores that the
+    listener, the decoder and other processes need, and with it on every window took 1.13x as long on a shared
+    machine (4 of 4 alternating rounds); graph level ``all``, sequential mode and batch as the package says won
+    or tied every comparison.
 
     ``threads``: intra-op threads (0: one per core). ``optimization``: the graph optimisation level; ``"all"``
     adds the CPU provider's layout transforms (NCHWc blocked convolutions) to the fusions of ``"extended"``.
@@ -42,16 +45,18 @@ class SessionTuning:
 
     threads: int = 0
     optimization: str = "all"
-    spinning: bool = True
+    spinning: bool = False
     parallel: bool = False
     entries: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimization is {self.optimization!r}; allowed: {', '.join(OPTIMIZATION_LEVELS)}")
 
     def session_options(self) -> Any:
         """These settings as an ``onnxruntime.SessionOptions``."""
         import onnxruntime as ort
 
-        if self.optimization not in OPTIMIZATION_LEVELS:
-            raise ValueError(f"optimization is {self.optimization!r}; allowed: {', '.join(OPTIMIZATION_LEVELS)}")
         level = ort.GraphOptimizationLevel
         options = ort.SessionOptions()
         options.graph_optimization_level = {
