@@ -315,7 +315,7 @@ def resize(image: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     shape = tuple(int(v) for v in shape)
     if image.shape == shape:
         return image.copy()
-    steps = [_Step(a, zoom_map(image.shape[a], shape[a], order)) for a in range(image.ndim) if image.shape[a] != shape[a]]
+    steps = [_Step(a, zoom_map(n, m, order)) for a, (n, m) in enumerate(zip(image.shape, shape, strict=True)) if n != m]
     out = _run(image[None], steps, {})[0]
     if order > 0:
         np.clip(out, image.min(), image.max(), out=out)

@@ -1,0 +1,62 @@
+"""The logits' way back to the image's grid as a label map, slab by slab (``convert_predicted_logits_to_segmentation
+_with_correct_shape`` without probabilities).
+
+nnU-Net resamples every class's logits to the cropped shape (float64 arithmetic, stored in the logits' own dtype,
+float16), takes the argmax (the first maximum wins), puts the crop back into the full shape and transposes back.
+Here each slab of the resampled logits (:func:`.resampling.for_each_slab`) is rounded to the logits' dtype as
+nnU-Net stores it, reduced at once to its label and the chosen label's softmax probability, and written through a
+transposed view straight into the arrays the caller gets: no full-size array of every class, no separate argmax,
+uncrop or transpose pass, and the slabs run on every core.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_runtime.inference.nnunet.preprocessing import Case, target_spacing
+from edge_runtime.inference.nnunet.resampling import for_each_slab
+from edge_runtime.inference.nnunet.settings import NnunetSettings
+
+
+def labels_and_confidence(logits: np.ndarray, case: Case, settings: NnunetSettings, label_dtype: type,
+                          *, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The label map and the chosen label's probability (float32) on the image's grid, in the image's axis order:
+    ``(K, *spatial)`` logits on the configuration's grid in. Outside the crop: background, probability 1."""
+    full_t = case.shape_before_cropping  # nnU-Net's (transposed) axis order
+    shape = tuple(full_t[a] for a in settings.transpose_backward)
+    labels: np.ndarray = np.zeros(shape, dtype=label_dtype)
+    # every voxel of the crop is written by a slab (in parallel, first touch): only outside it needs the 1
+    confidence = np.empty(shape, dtype=np.float32)
+    if case.shape_after_cropping != tuple(full_t):
+        confidence.fill(1)
+    # views in nnU-Net's axis order, cropped: what a slab's rows are written into
+    where = tuple(slice(lo, hi) for lo, hi in case.bbox)
+    labels_crop = labels.transpose(settings.transpose_forward)[where]
+    confidence_crop = confidence.transpose(settings.transpose_forward)[where]
+
+    def reduce(rows: slice, slab: np.ndarray) -> None:
+        stored = slab.astype(logits.dtype).astype(np.float32, copy=False)  # nnU-Net's logits are stored, then read
+        labels_crop[rows], confidence_crop[rows] = argmax_and_probability(stored, label_dtype)
+
+    for_each_slab(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
+                  settings.resampling_probabilities, settings.anisotropy_threshold, reduce, threads=threads)
+    return labels, confidence
+
+
+def argmax_and_probability(logits: np.ndarray, label_dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel of ``(K, ...)`` float32 logits: the first class with the largest logit (numpy's and torch's
+    argmax), and its softmax probability ``1 / sum(exp(l - max))``. One pass per class over contiguous arrays
+    (``np.argmax`` along the first axis strides across classes, many times slower)."""
+    best = logits[0].copy()
+    label = np.zeros(best.shape, dtype=label_dtype)
+    for k in range(1, logits.shape[0]):
+        np.copyto(label, k, where=logits[k] > best)
+        np.maximum(best, logits[k], out=best)
+    total = np.zeros_like(best)
+    shifted = np.empty_like(best)
+    for k in range(logits.shape[0]):
+        np.subtract(logits[k], best, out=shifted)
+        np.exp(shifted, out=shifted)
+        total += shifted
+    np.divide(1.0, total, out=total)
+    return label, total
