@@ -162,14 +162,13 @@ def wait_for_seg(folder: Path, seen: set[str], series_uid: str, timeout: float) 
                     break
                 size = st.st_size
                 time.sleep(0.01)
-            seen.add(entry.name)
             try:
                 ds = pydicom.dcmread(entry.path, stop_before_pixels=True)
-                if str(ds.SOPClassUID) != SegmentationStorage:
-                    continue
-                ref = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID)
+                sop_class = str(ds.SOPClassUID)
+                ref = str(ds.ReferencedSeriesSequence[0].SeriesInstanceUID) if sop_class == SegmentationStorage else ""
             except Exception:
-                continue
+                continue  # still being written (storescp paused longer than the stability window): look again
+            seen.add(entry.name)
             if ref == series_uid:
                 return Path(entry.path), first_seen, os.stat(entry.path).st_mtime
         time.sleep(0.01)
