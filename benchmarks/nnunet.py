@@ -231,6 +231,7 @@ def _runtime_side(args: argparse.Namespace, clock: StageClock) -> Predict:
     runner.infer = clock.wrap(runner.infer, "network (every mirrored copy)")  # type: ignore[method-assign]
     for name in ("preprocess", "nonzero_mask", "bounding_box"):
         clock.patch(preprocessing, name, "crop and transpose")
+    clock.patch(pipeline, "preprocess", "crop and transpose")  # the name predict_case calls
     clock.patch(preprocessing, "normalize", "normalise")
     clock.patch(preprocessing, "resample", "resample in")
     clock.patch(pipeline, "predict_logits", "sliding window: tiles, flips, blending")

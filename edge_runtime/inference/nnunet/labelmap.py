@@ -7,6 +7,11 @@ Here each slab of the resampled logits (:func:`.resampling.for_each_slab`) is ro
 nnU-Net stores it, reduced at once to its label and the chosen label's softmax probability, and written through a
 transposed view straight into the arrays the caller gets: no full-size array of every class, no separate argmax,
 uncrop or transpose pass, and the slabs run on every core.
+
+Float16 logits are resampled in float32 arithmetic, 13 bits finer than what is stored, with 3-4x less memory
+traffic than float64. Measured against nnunetv2's own resampling of random float16 logits (6 classes, 24x22x24
+to 256x150x256): stored values one float16 step apart at 2.6e-4 of them (float64 sums in another order than
+scipy's: 2.6e-5), argmax different at 3 of 9.8 M voxels (float64: 2).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ def labels_and_confidence(logits: np.ndarray, case: Case, settings: NnunetSettin
         labels_crop[rows], confidence_crop[rows] = argmax_and_probability(stored, label_dtype)
 
     for_each_slab(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
-                  settings.resampling_probabilities, settings.anisotropy_threshold, reduce, threads=threads)
+                  settings.resampling_probabilities, settings.anisotropy_threshold, reduce, threads=threads,
+                  precision=np.float32 if logits.dtype == np.float16 else np.float64)
     return labels, confidence
 
 

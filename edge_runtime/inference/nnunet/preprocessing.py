@@ -34,14 +34,15 @@ def preprocess(image: np.ndarray, spacing: Sequence[float], settings: NnunetSett
     reader gives (SimpleITK: z, y, x), with ``spacing`` in that order. ``previous``: a cascade stage's input, the
     previous stage's label map on the image's grid, appended as one-hot channels (:mod:`.cascade`)."""
     forward = settings.transpose_forward
-    data = image.astype(np.float32).transpose([0, *[i + 1 for i in forward]])
+    # no copy yet: the crop below copies (once, into nnU-Net's axis order), and only that copy is written
+    data = image.astype(np.float32, copy=False).transpose([0, *[i + 1 for i in forward]])
     spacing_t = tuple(float(spacing[i]) for i in forward)
     shape_before = tuple(data.shape[1:])
     mask = nonzero_mask(data)
     bbox = bounding_box(mask)
     where = tuple(slice(lo, hi) for lo, hi in bbox)
     every_channel = (slice(None), *where)
-    data = np.ascontiguousarray(data[every_channel])
+    data = data[every_channel].copy(order="C")
     mask = mask[where]
     target = target_spacing(settings, spacing_t)
     new_shape = compute_new_shape(data.shape[1:], spacing_t, target)
@@ -71,6 +72,8 @@ def nonzero_mask(data: np.ndarray) -> np.ndarray:
     mask = data[0] != 0
     for c in range(1, data.shape[0]):
         mask |= data[c] != 0
+    if mask.all():  # nothing to fill (a CT's air is -1000, not 0); binary_fill_holes would still sweep the volume
+        return mask
     return np.asarray(binary_fill_holes(mask))
 
 

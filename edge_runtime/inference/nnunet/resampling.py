@@ -163,62 +163,63 @@ def _plan(shape: Sequence[int], new_shape: Sequence[int], axis: int | None, how:
     return steps
 
 
-def _clip_ranges(data: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _clip_ranges(data: np.ndarray, axis: int | None, work: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Per channel (and per slice along ``axis``) minimum and maximum, shaped to broadcast over ``data``."""
     over = tuple(a + 1 for a in range(data.ndim - 1) if a != axis)
-    return (data.min(axis=over, keepdims=True).astype(np.float64),
-            data.max(axis=over, keepdims=True).astype(np.float64))
+    return data.min(axis=over, keepdims=True).astype(work), data.max(axis=over, keepdims=True).astype(work)
 
 
-def _apply(data: np.ndarray, amap: AxisMap, axis: int) -> np.ndarray:
-    """``amap`` along array axis ``axis`` of ``data``, in float64: as gathers when the map has them (no BLAS: many
-    small matrix products in OpenBLAS's threads, beside the slab threads, ran 50x slower on a loaded machine), as
-    matrix products otherwise."""
+def _apply(data: np.ndarray, amap: AxisMap, axis: int, work: np.dtype) -> np.ndarray:
+    """``amap`` along array axis ``axis`` of ``data``, in ``work`` arithmetic: as gathers when the map has them (no
+    BLAS: many small matrix products in OpenBLAS's threads, beside the slab threads, ran 50x slower on a loaded
+    machine), as matrix products otherwise."""
     if amap.index is not None and amap.weight is not None:
         where = [1] * data.ndim
         where[axis] = -1
-        out = np.take(data, amap.index[0], axis=axis) * amap.weight[0].reshape(where)
-        if np.any(amap.weight[1]):
-            out += np.take(data, amap.index[1], axis=axis) * amap.weight[1].reshape(where)
+        weight = amap.weight.astype(work, copy=False)
+        out = np.multiply(np.take(data, amap.index[0], axis=axis), weight[0].reshape(where), dtype=work)
+        if np.any(weight[1]):
+            out += np.multiply(np.take(data, amap.index[1], axis=axis), weight[1].reshape(where), dtype=work)
         return out
-    return _dense(data, amap.matrix, axis)
+    return _dense(data, amap.matrix.astype(work, copy=False), axis)
 
 
 def _dense(data: np.ndarray, matrix: np.ndarray, axis: int) -> np.ndarray:
-    """``matrix`` along ``axis`` as matrix products, the input cast to float64 a block at a time."""
+    """``matrix`` along ``axis`` as matrix products in the matrix's dtype, the input cast to it a block at a time."""
     pre, n = math.prod(data.shape[:axis]), data.shape[axis]
     post = math.prod(data.shape[axis + 1:])
     x = data.reshape(pre, n, post)
-    out = np.empty((pre, matrix.shape[0], post), dtype=np.float64)
+    work = matrix.dtype
+    out = np.empty((pre, matrix.shape[0], post), dtype=work)
     if post == 1:  # the last axis: rows of x times the matrix's transpose
         step = max(1, CAST_BLOCK // n)
         for lo in range(0, pre, step):
-            np.matmul(x[lo:lo + step, :, 0].astype(np.float64), matrix.T, out=out[lo:lo + step, :, 0])
+            np.matmul(x[lo:lo + step, :, 0].astype(work), matrix.T, out=out[lo:lo + step, :, 0])
     elif pre == 1:  # the first axis: the matrix times blocks of columns
         step = max(1, CAST_BLOCK // n)
         for lo in range(0, post, step):
-            np.matmul(matrix, x[0, :, lo:lo + step].astype(np.float64), out=out[0, :, lo:lo + step])
+            np.matmul(matrix, x[0, :, lo:lo + step].astype(work), out=out[0, :, lo:lo + step])
     else:
         step = max(1, CAST_BLOCK // (n * post))
         for lo in range(0, pre, step):
-            np.matmul(matrix, x[lo:lo + step].astype(np.float64), out=out[lo:lo + step])
+            np.matmul(matrix, x[lo:lo + step].astype(work), out=out[lo:lo + step])
     return out.reshape(*data.shape[:axis], matrix.shape[0], *data.shape[axis + 1:])
 
 
 Ranges = dict[int | None, tuple[np.ndarray, np.ndarray]]
 
 
-def _run(data: np.ndarray, steps: Sequence[_Step], ranges: Ranges) -> np.ndarray:
-    """The steps on ``(C, *spatial)`` data; the result is float64 when any step ran (the caller's array is never
-    written)."""
+def _run(data: np.ndarray, steps: Sequence[_Step], ranges: Ranges, work: np.dtype) -> np.ndarray:
+    """The steps on ``(C, *spatial)`` data; the result is of dtype ``work`` when any step ran (the caller's array
+    is never written)."""
     ours = False
     for step in steps:
         if step.amap is None:
-            lo, hi = ranges[step.axis]
-            data = np.clip(data, lo, hi, out=data if ours else None)
+            low, high = ranges[step.axis]
+            data = np.clip(data, low, high, out=data if ours else None, dtype=work)
         else:
             assert step.axis is not None
-            data = _apply(data, step.amap, step.axis + 1)
+            data = _apply(data, step.amap, step.axis + 1, work)
         ours = True
     return data
 
@@ -242,19 +243,22 @@ def for_each_slab(
     *,
     threads: int | None = None,
     slab_voxels: int = SLAB_VOXELS,
+    precision: type = np.float64,
 ) -> None:
     """``resample(data, ...)`` handed to ``consume(rows, slab)`` a slab of the first spatial axis at a time:
-    ``slab`` is the float64 ``(C, len(rows), ...)`` part of the result (before any cast). Slabs run in ``threads``
-    threads (default: every core), so ``consume`` must write only its own rows."""
+    ``slab`` is the ``(C, len(rows), ...)`` part of the result before any cast, computed in ``precision``
+    arithmetic (nnU-Net's is float64). Slabs run in ``threads`` threads (default: every core), so ``consume`` must
+    write only its own rows."""
+    work = np.dtype(precision)
     new_shape = tuple(int(v) for v in new_shape)
     shape = tuple(data.shape[1:])
     axis = separate_z_axis(spacing, new_spacing, how.force_separate_z, threshold)
     steps = _plan(shape, new_shape, axis, how)
-    ranges = {s.axis: _clip_ranges(data, s.axis) for s in steps if s.amap is None}
+    ranges = {s.axis: _clip_ranges(data, s.axis, work) for s in steps if s.amap is None}
     # everything before the first axis's map runs on the whole array once; the first axis's map is then cut into
     # its output rows, and each slab runs it and the steps after it
     first = next((i for i, s in enumerate(steps) if s.axis == 0 and s.amap is not None), None)
-    staged = _run(data, steps[:first], ranges) if first is not None else data
+    staged = _run(data, steps[:first], ranges, work) if first is not None else data
     rest = steps[first + 1:] if first is not None else []
     first_map = steps[first].amap if first is not None else None
     per_row = max(1, data.shape[0] * math.prod(new_shape[1:]))
@@ -263,14 +267,13 @@ def for_each_slab(
     def one(lo: int) -> None:
         rows = slice(lo, min(lo + rows_per_slab, new_shape[0]))
         if first_map is None:  # the first axis keeps its size: a slab's rows are the input's rows
-            sliced = {k: (lo[:, rows], hi[:, rows]) if k == 0 else (lo, hi) for k, (lo, hi) in ranges.items()}
-            slab = _run(staged[:, rows], steps, sliced)
-            if slab.dtype != np.float64:
-                slab = slab.astype(np.float64)
+            sliced = {k: (low[:, rows], high[:, rows]) if k == 0 else (low, high)
+                      for k, (low, high) in ranges.items()}
+            slab = _run(staged[:, rows], steps, sliced, work).astype(work, copy=False)
         else:
             part = first_map.rows(rows)
             reads = part.support()
-            slab = _run(_apply(staged[:, reads], part.shifted(reads.start, reads.stop), 1), rest, ranges)
+            slab = _run(_apply(staged[:, reads], part.shifted(reads.start, reads.stop), 1, work), rest, ranges, work)
         consume(rows, slab)
 
     starts = range(0, new_shape[0], rows_per_slab)
@@ -316,7 +319,7 @@ def resize(image: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     if image.shape == shape:
         return image.copy()
     steps = [_Step(a, zoom_map(n, m, order)) for a, (n, m) in enumerate(zip(image.shape, shape, strict=True)) if n != m]
-    out = _run(image[None], steps, {})[0]
+    out = _run(image[None], steps, {}, np.dtype(np.float64))[0]
     if order > 0:
         np.clip(out, image.min(), image.max(), out=out)
     return out
