@@ -156,6 +156,14 @@ class SliceCache:
         with self._lock:
             return self._items.get(path)
 
+    def replace(self, path: Path, pixels: np.ndarray) -> None:
+        """Hold ``pixels`` for ``path``: the same values, living elsewhere (a row of the series' slices laid
+        side by side as they arrive, so that :func:`load_volume` needs no copy), in place of the cache's own."""
+        with self._lock:
+            item = self._items.get(path)
+            if item is not None and item[1].shape == pixels.shape:
+                self._items[path] = (item[0], pixels)
+
     def forget(self, paths: Sequence[Path]) -> None:
         with self._lock:
             for p in paths:
@@ -337,6 +345,9 @@ def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:
             f"{len(slices)} x {first.rows} x {first.columns} voxels; the limit is "
             f"{max_voxels} (and 16384 per image side)",
         )
+    side_by_side = _side_by_side([s.pixels for s in slices], (first.rows, first.columns))
+    if side_by_side is not None:
+        return side_by_side
     array = np.empty((len(slices), first.rows, first.columns), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}  # a multi-frame instance is decoded once
     for k, s in enumerate(slices):
@@ -362,6 +373,26 @@ def _read_pixels(slices: list[_Slice], max_voxels: int) -> np.ndarray:
         np.multiply(pixels, slope, out=array[k], casting="unsafe")
         array[k] += intercept
     return array
+
+
+def _side_by_side(pixels: list[np.ndarray | None], shape: tuple[int, int]) -> np.ndarray | None:
+    """The decoded slices as one array without a copy, when they are consecutive rows of one array in this
+    order (laid so as they arrived: :mod:`edge_runtime.inference.placement`); None otherwise."""
+    first = pixels[0]
+    base = first.base if first is not None else None
+    if first is None or not isinstance(base, np.ndarray) or base.ndim != 3 or base.shape[1:] != shape:
+        return None
+    if base.dtype != np.float32 or not base.flags.c_contiguous:
+        return None
+    step = first.nbytes
+    at = base.__array_interface__["data"][0]
+    start, rest = divmod(first.__array_interface__["data"][0] - at, step)
+    if rest or start + len(pixels) > len(base):
+        return None
+    for k, p in enumerate(pixels):
+        if p is None or p.base is not base or p.__array_interface__["data"][0] != at + (start + k) * step:
+            return None
+    return base[start : start + len(pixels)]
 
 
 def _decode(ds: Dataset, path: Path | None = None) -> np.ndarray:

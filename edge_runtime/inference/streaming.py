@@ -24,8 +24,12 @@ beyond the anchored end or inside the part already segmented, a second stack, a 
 the package's pipeline needs the whole volume (per-image z-score, nnU-Net's own pipeline, no target slice
 spacing), the series is segmented whole and the reason goes to the log and to ``measurements.json``.
 
-Memory: the slices in the decode-ahead cache (shared, not copied), the model slices still to be run (at most a
-stride and a patch deep), the blended logits of the rows in flight, and the outputs on the source grid.
+While the slices arrive in acquisition order they are also laid side by side in one array (:mod:`placement`),
+so the volume built at completion is a view of them rather than a copy of the whole series.
+
+Memory: the decoded slices (the decode-ahead cache's, laid side by side, not copied twice), the model slices
+still to be run (at most a stride and a patch deep), the blended logits of the rows in flight, and the outputs
+on the source grid.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,18 +56,18 @@ from edge_runtime.inference.pipeline import (
     Segmentation,
     acquisition_order,
     blending_weights,
-    normalize,
+    interpolation_recipe,
+    model_slices,
     position_along,
     unit_normal,
 )
+from edge_runtime.inference.placement import ArrivalStack
 from edge_runtime.inference.postprocess import SourceMaps
 from edge_runtime.inference.runner import Runner
 from edge_runtime.inference.tiling import Blender, acquired_downwards, pad_value, stride, window_starts
 
 log = logging.getLogger(__name__)
 
-#: model slices resampled at a time, so a slab never copies all its source slices at once
-CHUNK = 16
 #: model slices made in one step of the worker while the series arrives (about a tenth of a second's work)
 PREPARE = 8
 #: source slices of room kept ahead of those arrived in the outputs, so the last ones are not a copy of them all
@@ -126,34 +130,8 @@ class _Slice:
     #: arrival order in the series (0 = first)
     seq: int
     number: object
-
-
-def model_slices(
-    sources: Sequence[np.ndarray] | np.ndarray,
-    z: np.ndarray,
-    plane: tuple[np.ndarray, np.ndarray],
-    package: ModelPackage,
-) -> np.ndarray:
-    """Normalised model slices at fractional source indices ``z`` (into ``sources``, in grid order), computed
-    a chunk at a time with the same operations, element for element, as resampling the whole volume."""
-    out = np.empty((len(z), len(plane[0]), len(plane[1])), dtype=np.float32)
-    for c0 in range(0, len(z), CHUNK):
-        c = z[c0 : c0 + CHUNK]
-        lo = int(np.floor(c.min()))
-        hi = min(int(np.floor(c.max())) + 1, len(sources) - 1)
-        stack = np.stack([sources[i] for i in range(lo, hi + 1)])
-        # shifting by a whole number of slices is exact: the interpolation weights are the batch ones
-        grid = ModelGrid(stack.shape, (c - lo, *plane), back=(np.arange(0),) * 3)
-        out[c0 : c0 + len(c)] = normalize(grid.resample(stack), package.normalization)
-    return out
-
-
-def _recipe(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The source slices and weight each model slice is interpolated from (as ``pipeline._linear_along``); a
-    slice that falls exactly on a source slice takes only that one (the other has weight 0, whichever it is)."""
-    lo = np.clip(np.floor(coords).astype(np.intp), 0, n - 1)
-    w = (coords - lo).astype(np.float32)
-    return lo, np.where(w == 0, lo, np.minimum(lo + 1, n - 1)), w
+    #: the caller's name for the slice (the spooled file)
+    key: Path | None = None
 
 
 @dataclass
@@ -203,11 +181,17 @@ class StreamingSession:
         self._arrived = 0
         #: why nothing (more) could be streamed, for the timeline
         self.waiting = ""
+        #: the slices side by side in acquisition order, while they arrive in it (:mod:`placement`), and the
+        #: slices moved there since the caller last looked (key, the row it lives in now)
+        self._stack: ArrivalStack | None = None
+        self._placing = True
+        self.moved: list[tuple[Path, np.ndarray]] = []
 
     # -- arrival (decoder thread) ---------------------------------------------------------------------------
 
-    def add(self, ds: Dataset, pixels: np.ndarray) -> bool:
-        """Place one decoded slice; True when there is work for the worker."""
+    def add(self, ds: Dataset, pixels: np.ndarray, key: Path | None = None) -> bool:
+        """Place one decoded slice (``key``: the caller's name for it, as :attr:`moved` gives it back); True
+        when there is work for the worker."""
         geometry = SliceGeometry.from_dataset(ds)
         if geometry is None:  # localizers and the like: set aside, as the volume loader does
             return False
@@ -223,7 +207,7 @@ class StreamingSession:
             if self.broken:
                 return False
             dist = position_along(geometry.ipp, self._normal)
-            new = _Slice(str(ds.get("SOPInstanceUID", "")), dist, dist, geometry, pixels, self._arrived, None)
+            new = _Slice(str(ds.get("SOPInstanceUID", "")), dist, dist, geometry, pixels, self._arrived, None, key)
             new.number = ds.get("InstanceNumber")
             if self._down is None and self.slices:
                 self._orient(self.slices[0], new)
@@ -239,7 +223,40 @@ class StreamingSession:
             else:
                 self.slices.insert(at, new)
                 self._arrived += 1
+                if self._placing:
+                    self._place(at, new)
             return not self.broken and self._plan() is not None
+
+    def take_moved(self) -> list[tuple[Path, np.ndarray]]:
+        """The slices laid side by side since the last call: (key, the row each lives in now)."""
+        with self._lock:
+            moved, self.moved = self.moved, []
+        return moved
+
+    def _place(self, at: int, new: _Slice) -> None:
+        """Lay the new slice beside the others while the arrival keeps to acquisition order (under the lock)."""
+        if self._down is None:  # the first slice: where it goes depends on the direction
+            return
+        if self._stack is None:
+            if self.slices[0].seq != 0:
+                self._placing = False
+                return
+            rows, cols = new.pixels.shape
+            self._stack = ArrivalStack((rows, cols), self.policy.max_voxels, down=self._down)
+            todo = list(self.slices)
+        elif at == len(self.slices) - 1:
+            todo = [new]
+        else:
+            self._placing = False
+            return
+        for s in todo:
+            row = self._stack.place(s.pixels)
+            if row is None:
+                self._placing = False
+                return
+            s.pixels = row
+            if s.key is not None:
+                self.moved.append((s.key, row))
 
     def _start(self, geometry: SliceGeometry) -> None:
         self._key = _stack_key(geometry)
@@ -301,7 +318,7 @@ class StreamingSession:
         return _Plan(run, grid)
 
     def step(self, runner: Runner) -> bool:
-        """Do one piece of work, if any is ready: make up to :data:`CHUNK` model slices, run one batch of the
+        """Do one piece of work, if any is ready: make up to :data:`PREPARE` model slices, run one batch of the
         slab in hand (reducing and mapping the rows it finishes), or begin the next slab. One call is one runner
         call at most, so a series that completes meanwhile waits for one batch, not a slab."""
         busy = self._finishing is not None and self._finishing.blender.busy
@@ -345,7 +362,7 @@ class StreamingSession:
                 self._plane_back = (plan.grid.back[1], plan.grid.back[2])
             js = range(self._ready, self._ready + k)
             coords = plan.grid.coords[0][js.start : js.stop]
-            lo, hi, w = _recipe(coords, len(plan.run))
+            lo, hi, w = interpolation_recipe(coords, len(plan.run))
             self._note_used(plan.run, int(hi.max()))
         assert self._plane is not None
         image = model_slices([s.pixels for s in plan.run], coords, self._plane, self.package)
@@ -478,7 +495,7 @@ class StreamingSession:
         js = np.fromiter(self._used, dtype=np.intp)
         if js.max() >= grid.shape[0]:
             return "the final stack is shorter than the part segmented early"
-        lo, hi, w = _recipe(grid.coords[0][js], len(uids))
+        lo, hi, w = interpolation_recipe(grid.coords[0][js], len(uids))
         used = np.array([self._used[int(j)][:2] for j in js]).reshape(-1, 2)
         weights = np.array([self._used[int(j)][2] for j in js], dtype=np.float32)
         if not (np.array_equal(used[:, 0], lo) and np.array_equal(used[:, 1], hi) and np.array_equal(weights, w)):
@@ -543,7 +560,10 @@ class Streams:
                 self._sessions[series_id] = session
                 while len(self._sessions) > self.max_series:
                     self._sessions.popitem(last=False)
-        return session.add(*hit)
+        ready = session.add(*hit, key=path)
+        for moved, row in session.take_moved():  # the cache holds the row now, not a copy of its own
+            cache.replace(moved, row)
+        return ready
 
     def drop(self, series_id: int) -> None:
         """Forget a series (refused before it was segmented)."""

@@ -215,3 +215,25 @@ def test_rows_are_reduced_and_their_logits_dropped_while_the_series_arrives(
     np.testing.assert_array_equal(result.labels, expected.labels)
     assert result.probabilities is not None and expected.probabilities is not None
     np.testing.assert_array_equal(result.probabilities, expected.probabilities)
+
+
+@pytest.mark.parametrize("numbers", ["spatial", "reversed"])
+def test_slices_arriving_in_acquisition_order_become_the_volume_without_a_copy(
+    numbers: str, package: ModelPackage, tmp_path: Path
+) -> None:
+    """Decoded slices are laid side by side as they arrive (bottom up, or top down for a series acquired
+    downwards), so the volume at completion is a view of them; a shuffled arrival is copied as before."""
+    hu = make_phantom((12, 16, 16), (2.0, 3.0, 3.0), rng=7).hu
+    info = write_series(hu, (2.0, 3.0, 3.0), tmp_path, instance_number_order=numbers)
+    expected = load_volume(info.paths, POLICY).array
+    for order, viewed in (("acquisition", True), ("shuffled", False)):
+        paths = info.paths if numbers == "spatial" else info.paths[::-1]
+        if order == "shuffled":
+            paths = [paths[i] for i in np.random.default_rng(1).permutation(len(paths))]
+        cache, streams = SliceCache(), Streams(package, POLICY)
+        for path in paths:
+            cache.add(path)
+            streams.arrived(7, path, cache)
+        volume = load_volume(info.paths, POLICY, cache)
+        np.testing.assert_array_equal(volume.array, expected)
+        assert (volume.array.base is not None) == viewed, order
