@@ -38,6 +38,9 @@ from edge_runtime.inference.tiling import Blender, acquired_downwards, pad_value
 
 log = logging.getLogger(__name__)
 
+#: model slices resampled at a time by :func:`model_slices`, so a slab never copies all its source slices at once
+CHUNK = 16
+
 
 def segment(
     volume: Volume,
@@ -213,6 +216,34 @@ class ModelGrid:
 
     def back_to_source(self, labels: np.ndarray) -> np.ndarray:
         return labels[np.ix_(*self.back)]
+
+
+def model_slices(
+    sources: Sequence[np.ndarray] | np.ndarray,
+    z: np.ndarray,
+    plane: tuple[np.ndarray, np.ndarray],
+    package: ModelPackage,
+) -> np.ndarray:
+    """Normalised model slices at fractional source indices ``z`` (into ``sources``, in grid order), computed
+    a chunk at a time with the same operations, element for element, as resampling the whole volume."""
+    out = np.empty((len(z), len(plane[0]), len(plane[1])), dtype=np.float32)
+    for c0 in range(0, len(z), CHUNK):
+        c = z[c0 : c0 + CHUNK]
+        lo = int(np.floor(c.min()))
+        hi = min(int(np.floor(c.max())) + 1, len(sources) - 1)
+        stack = np.stack([sources[i] for i in range(lo, hi + 1)])
+        # shifting by a whole number of slices is exact: the interpolation weights are the batch ones
+        grid = ModelGrid(stack.shape, (c - lo, *plane), back=(np.arange(0),) * 3)
+        out[c0 : c0 + len(c)] = normalize(grid.resample(stack), package.normalization)
+    return out
+
+
+def interpolation_recipe(coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The source slices and weight each model slice is interpolated from (as ``pipeline._linear_along``); a
+    slice that falls exactly on a source slice takes only that one (the other has weight 0, whichever it is)."""
+    lo = np.clip(np.floor(coords).astype(np.intp), 0, n - 1)
+    w = (coords - lo).astype(np.float32)
+    return lo, np.where(w == 0, lo, np.minimum(lo + 1, n - 1)), w
 
 
 def _linear_along(array: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
