@@ -79,7 +79,8 @@ class SeriesWorker:
         series = config.series
         #: series segmented slab by slab while they arrive, by the worker when it has no job
         streaming = series.streaming and series.decode_cache_mb and package.channels is None
-        self.streams = Streams(package, policy) if streaming else None
+        keep = FRACTIONAL in self.formats  # every class's probability, reduced slab by slab as the rest
+        self.streams = Streams(package, policy, probabilities=keep) if streaming else None
         #: a model of several input series: a complete series waits for the other channels of its study
         gate = StudyGate(spool, package.channels, series.study_quiet_seconds) if package.channels else None
         self.studies = StudyWorker(gate, self) if gate is not None else None
