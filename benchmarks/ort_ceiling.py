@@ -257,7 +257,11 @@ def configs(package_batch: int, variants: bool, int8: Path | None, torch: bool) 
         out += [
             Config("1 thread", batch=package_batch, threads=1),
             Config("spinning on", batch=package_batch, tuning=(("spinning", True),)),
-            Config("optimization extended (no layout transforms)", batch=package_batch, tuning=(("optimization", "extended"),)),
+            Config(
+                "optimization extended (no layout transforms)",
+                batch=package_batch,
+                tuning=(("optimization", "extended"),),
+            ),
             Config("optimization basic", batch=package_batch, tuning=(("optimization", "basic"),)),
             Config("parallel execution mode", batch=package_batch, tuning=(("parallel", True),)),
             Config(
