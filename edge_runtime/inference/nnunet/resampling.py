@@ -277,7 +277,7 @@ def for_each_slab(
         consume(rows, slab)
 
     starts = range(0, new_shape[0], rows_per_slab)
-    per_slab = ([first_map] if first_map is not None else []) + [s.amap for s in (rest if first_map is not None else steps)]
+    per_slab = [first_map, *(s.amap for s in rest)] if first_map is not None else [s.amap for s in steps]
     # a dense map runs in BLAS, which has threads of its own (slab threads beside them were slower)
     dense = any(m is not None and m.index is None for m in per_slab)
     workers = 1 if dense else min(threads or default_threads(), len(starts))
