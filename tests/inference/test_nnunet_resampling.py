@@ -55,6 +55,7 @@ CASES = [
     ((2, 9, 40, 44), (5.0, 0.7, 0.7), (6.0, 5.0, 6.0), (3, 1, None), np.float32),  # separate z, linear along it
     ((2, 9, 40, 44), (5.0, 0.7, 0.7), (2.0, 0.7, 0.7), (3, 0, None), np.float32),  # only the separate axis
     ((1, 20, 16, 18), (1.0, 1.0, 1.0), (1.3, 0.6, 0.9), (3, 0, True), np.float32),  # forced separate, 3 axes
+    ((2, 10, 12, 14), (5.0, 1.0, 1.0), (5.0, 0.4, 0.7), (3, 0, None), np.float32),  # in-plane only: slabs of slices
     ((1, 7, 16, 18), (4.0, 1.0, 1.0), (2.5, 0.6, 0.9), (3, 0, False), np.float32),  # forced 3D
     ((3, 6, 11, 7), (3.0, 1.6, 1.6), (0.5, 0.4, 0.45), (1, 0, None), np.float16),  # logits going back
     ((3, 5, 11, 7), (6.0, 1.6, 1.6), (2.0, 0.4, 0.45), (1, 0, None), np.float16),  # ... with separate z
