@@ -17,9 +17,10 @@ every core; a first- or zeroth-order map touches at most two input samples per o
 gathers. scipy's ``zoom`` instead evaluates 4^3 = 64 (order 3) or 8 (order 1) taps per output voxel, with the
 weights recomputed for each, on one core: on a 300 x 512 x 512 CT that was most of the pipeline's time.
 
-Large outputs (logits going back to the image's grid) are made slab by slab along the first axis, in threads
-(numpy releases the GIL), and handed to a consumer (:func:`for_each_slab`), so the caller can reduce each slab
-(argmax) without every class's full-size array existing at once.
+Large outputs (logits going back to the image's grid) are made slab by slab along the first axis and handed to a
+consumer (:func:`for_each_slab`), so the caller can reduce each slab (argmax) without every class's full-size array
+existing at once; gathered slabs run in threads (numpy releases the GIL). The arithmetic is float64 as nnU-Net's
+unless the caller asks for float32 (the labels' way back from float16 logits does: :mod:`.labelmap`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from scipy import ndimage
 
 from edge_runtime.inference.nnunet.settings import Resampling
 
-#: output voxels (all channels) per slab handed to a consumer: small enough to stay in cache-friendly pieces and
-#: bound the float64 working set (about 8 bytes each, a few arrays), large enough that numpy's per-call cost is lost
+#: output voxels (all channels) per slab handed to a consumer: small enough to bound the working set (a few arrays
+#: of this many values), large enough that numpy's per-call cost is lost
 SLAB_VOXELS = 1 << 21
 #: input elements cast to float64 at a time for a dense map (bounds the float64 copy of a large float32 image)
 CAST_BLOCK = 1 << 22
@@ -78,10 +79,6 @@ class AxisMap:
     index: np.ndarray | None = None
     weight: np.ndarray | None = None
 
-    @property
-    def n_out(self) -> int:
-        return int(self.matrix.shape[0])
-
     def rows(self, rows: slice) -> AxisMap:
         """The map of the output samples ``rows`` only."""
         if self.index is None or self.weight is None:
@@ -116,7 +113,11 @@ def _from_columns(columns: list[np.ndarray]) -> AxisMap:
     return AxisMap(matrix, index.astype(np.intp), weight)
 
 
-@lru_cache(maxsize=64)
+#: maps kept per process: a case uses up to six; a dense 1024-sample map is 8 MB
+MAPS_CACHED = 16
+
+
+@lru_cache(maxsize=MAPS_CACHED)
 def zoom_map(n_in: int, n_out: int, order: int) -> AxisMap:
     """``ndimage.zoom(x, n_out / n_in, order, mode="nearest", grid_mode=True)`` on a length-``n_in`` axis (what
     scikit-image's ``resize(mode="edge", anti_aliasing=False)`` runs), as a map."""
@@ -125,7 +126,7 @@ def zoom_map(n_in: int, n_out: int, order: int) -> AxisMap:
                           for j in range(n_in)])
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=MAPS_CACHED)
 def coordinate_map(n_in: int, n_out: int, order: int) -> AxisMap:
     """nnU-Net's step along the separate axis: ``map_coordinates`` at ``(i + 0.5) * n_in / n_out - 0.5``
     (align_corners=False) with ``mode="nearest"``, as a map."""
