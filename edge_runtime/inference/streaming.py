@@ -70,7 +70,8 @@ log = logging.getLogger(__name__)
 
 #: model slices made in one step of the worker while the series arrives (about a tenth of a second's work)
 PREPARE = 8
-#: source slices of room kept ahead of those arrived in the outputs, so the last ones are not a copy of them all
+#: source slices of room kept in the outputs beyond twice those arrived, so that the outputs do not grow (a copy
+#: of them all) at completion; room not written takes no memory
 RESERVE = 64
 
 
@@ -409,7 +410,7 @@ class StreamingSession:
             finishing.blender.promise(self._lowest_start())
             self._prune()
         finishing.rows(back)
-        finishing.maps.reserve(arrived + RESERVE)
+        finishing.maps.reserve(2 * arrived + RESERVE)  # ahead, while there is time: growing copies them all
         with self._lock:
             if finishing.maps.mapped:
                 self._note_used(self.slices, len(finishing.maps.mapped) - 1)
