@@ -186,8 +186,6 @@ class Listener:
         self._threads: list[threading.Thread] = []
         #: bytes received per association since its last C-STORE, to cap the size of one instance
         self._received: dict[int, int] = {}
-        #: when the last PDU arrived on any association (monotonic), for :meth:`receiving`
-        self._last_data = -1e9
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -279,14 +277,7 @@ class Listener:
             server.shutdown()
         self.servers.clear()
 
-    def receiving(self, within: float) -> bool:
-        """Whether a PDU arrived in the last ``within`` seconds, i.e. a sender is mid-transfer. Work that can wait
-        (decoding slices ahead) yields to it: in one process the two share the GIL, and a sender waits for each
-        instance's answer, so every millisecond taken from the handler is a millisecond added to the transfer."""
-        return time.monotonic() - self._last_data < within
-
     def _on_data(self, event: evt.Event) -> None:
-        self._last_data = time.monotonic()
         key = id(event.assoc)
         total = self._received.get(key, 0) + len(event.data)
         self._received[key] = total

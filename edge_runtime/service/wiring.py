@@ -35,8 +35,6 @@ from edge_runtime.spool.store import Spool
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-#: decoding ahead waits while a PDU arrived within this many seconds (a sender mid-transfer goes first)
-DECODE_YIELD_S = 0.02
 
 
 class Service:
@@ -200,11 +198,6 @@ class Service:
 
     def _decode(self, stop: threading.Event) -> None:
         while not stop.is_set() and (item := self._to_decode.get()) is not None:
-            # A sender waits for each instance's answer, and the decoder's Python shares the GIL with the
-            # listener's: decode in the gaps between instances (a paced scanner leaves plenty), and after a
-            # full-speed transfer, during the release grace, rather than slowing the transfer itself.
-            while self.listener.receiving(DECODE_YIELD_S) and not stop.is_set():
-                time.sleep(DECODE_YIELD_S / 2)
             series_id, path = item
             self.cache.add(path)
             streams = self.worker.streams

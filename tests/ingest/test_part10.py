@@ -41,7 +41,6 @@ def test_spooled_file_is_the_data_set_as_sent(tmp_path: Path) -> None:
         ListenerConfig(ae_title="EDGE", host="127.0.0.1", port=free_port(), modalities=("CT",)), spool
     )
     listener.start()
-    assert not listener.receiving(within=3600.0), "no PDU yet"
     expected = {}
     try:
         for path, syntax in zip(series.paths, (ExplicitVRLittleEndian, ImplicitVRLittleEndian), strict=True):
@@ -59,8 +58,6 @@ def test_spooled_file_is_the_data_set_as_sent(tmp_path: Path) -> None:
             body = encode(ds, syntax == ImplicitVRLittleEndian, True)
             assert body is not None
             expected[str(ds.SOPInstanceUID)] = PREAMBLE + encode_file_meta(meta) + body
-        # what the decode-ahead thread asks before it takes the GIL from a sender's transfer
-        assert listener.receiving(within=60.0) and not listener.receiving(within=0.0)
     finally:
         listener.stop()
     (row,) = spool.all_series()
