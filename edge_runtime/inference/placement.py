@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import numpy as np
 
-#: rows reserved for one series (virtual memory: only the rows written are taken)
-MAX_ROWS = 4096
+#: rows reserved for one series at most (address space: only the rows written take memory)
+MAX_ROWS = 2048
 
 
 class ArrivalStack:
     """Rows of one array filled one slice at a time, upwards or (``down``) from the last row downwards."""
 
-    def __init__(self, shape: tuple[int, int], max_voxels: int, *, down: bool):
+    def __init__(self, shape: tuple[int, ...], max_voxels: int, *, down: bool):
         rows = max(1, min(MAX_ROWS, max_voxels // max(1, shape[0] * shape[1])))
         self._buf = np.empty((rows, *shape), dtype=np.float32)
         self.down, self.n = down, 0

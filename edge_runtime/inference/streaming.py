@@ -242,8 +242,11 @@ class StreamingSession:
             if self.slices[0].seq != 0:
                 self._placing = False
                 return
-            rows, cols = new.pixels.shape
-            self._stack = ArrivalStack((rows, cols), self.policy.max_voxels, down=self._down)
+            try:
+                self._stack = ArrivalStack(new.pixels.shape, self.policy.max_voxels, down=self._down)
+            except MemoryError:  # address space refused (a small device without overcommit): copy at the end
+                self._placing = False
+                return
             todo = list(self.slices)
         elif at == len(self.slices) - 1:
             todo = [new]
