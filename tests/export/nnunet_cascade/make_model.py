@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.export.nnunet_model.make_model import _slim_checkpoint, _write_raw, brief_trainer
+from tests.export.nnunet_model.make_model import _write_raw, brief_trainer, copy_trained
 
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_PhantomCascade"
@@ -58,12 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists():
             shutil.rmtree(out)
         for configuration, folder in zip(CONFIGURATIONS, folders, strict=True):
-            target = out / f"nnUNetTrainer__nnUNetPlans__{configuration}"
-            target.mkdir(parents=True)
-            for name in ("plans.json", "dataset.json"):
-                shutil.copyfile(folder / name, target / name)
-            for fold in FOLDS:
-                _slim_checkpoint(folder / f"fold_{fold}" / "checkpoint_final.pth", target / f"fold_{fold}")
+            copy_trained(folder, out / f"nnUNetTrainer__nnUNetPlans__{configuration}", FOLDS)
     print(f"wrote {out}")
     return 0
 

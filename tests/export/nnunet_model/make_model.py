@@ -52,13 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         folder = _train(Path(tmp))
         if out.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True)
-        for name in ("plans.json", "dataset.json"):
-            shutil.copyfile(folder / name, out / name)
-        for fold in FOLDS:
-            _slim_checkpoint(folder / f"fold_{fold}" / "checkpoint_final.pth", out / f"fold_{fold}")
+        copy_trained(folder, out, FOLDS)
     print(f"wrote {out}")
     return 0
+
+
+def copy_trained(folder: Path, out: Path, folds: tuple[int, ...]) -> None:
+    """A trained-model folder as inference needs it: plans.json, dataset.json and slim fold checkpoints."""
+    out.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copyfile(folder / name, out / name)
+    for fold in folds:
+        _slim_checkpoint(folder / f"fold_{fold}" / "checkpoint_final.pth", out / f"fold_{fold}")
 
 
 def _write_raw(raw: Path, shape: tuple[int, int, int] = CASE_SHAPE,
