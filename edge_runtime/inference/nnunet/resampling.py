@@ -12,15 +12,16 @@ per axis. The spline prefilter runs along each axis, the interpolation weights o
 per-axis weights, and ``mode="nearest"`` clamps each axis on its own. So each axis's map is a small
 ``(n_out, n_in)`` matrix, read off scipy itself by sending the unit vectors through the same 1D call
 (:func:`zoom_map`, :func:`coordinate_map`); the numbers are scipy's up to float64 rounding, for any order. A
-third-order map is dense (the prefilter is an infinite filter), applied as a matrix product, which BLAS runs on
-every core; a first- or zeroth-order map touches at most two input samples per output sample, applied as two
+third-order map is dense (the prefilter is an infinite filter), applied as a matrix product; a first- or
+zeroth-order map touches at most two input samples per output sample, applied as two
 gathers. scipy's ``zoom`` instead evaluates 4^3 = 64 (order 3) or 8 (order 1) taps per output voxel, with the
 weights recomputed for each, on one core: on a 300 x 512 x 512 CT that was most of the pipeline's time.
 
 Large outputs (logits going back to the image's grid) are made slab by slab along the first axis and handed to a
 consumer (:func:`for_each_slab`), so the caller can reduce each slab (argmax) without every class's full-size array
-existing at once; gathered slabs run in threads (numpy releases the GIL). The arithmetic is float64 as nnU-Net's
-unless the caller asks for float32 (the labels' way back from float16 logits does: :mod:`.labelmap`).
+existing at once. Slabs run in threads (numpy and BLAS release the GIL), with BLAS held to one thread of its own.
+The arithmetic is float64 as nnU-Net's unless the caller asks for float32 (the labels' way back from float16
+logits does: :mod:`.labelmap`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
+from threadpoolctl import threadpool_limits
 
 from edge_runtime.inference.nnunet.settings import Resampling
 
@@ -304,17 +306,17 @@ def for_each_slab(
         consume(rows, slab)
 
     starts = range(0, new_shape[0], rows_per_slab)
-    per_slab = [first_map, *(s.amap for s in rest)] if first_map is not None else [s.amap for s in steps]
-    # a dense map runs in BLAS, which has threads of its own (slab threads beside them were slower)
-    dense = any(m is not None and m.index is None for m in per_slab)
-    workers = 1 if dense else min(threads or default_threads(), len(starts))
-    if workers <= 1:
-        for lo in starts:
-            one(lo)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        for done in pool.map(one, starts):
-            del done
+    workers = min(threads or default_threads(), len(starts))
+    # BLAS at one thread, the slabs in ours: OpenBLAS's threads spin while they wait, and beside the slab threads,
+    # ONNX Runtime's or other work on the machine they ran a 300x512x512 third-order resampling 3-5x slower
+    with threadpool_limits(1, user_api="blas"):
+        if workers <= 1:
+            for lo in starts:
+                one(lo)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            for done in pool.map(one, starts):
+                del done
 
 
 def resample(
