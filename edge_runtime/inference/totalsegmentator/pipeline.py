@@ -3,9 +3,10 @@
 reorient to the closest canonical orientation, in the axis order nnU-Net's reader gives for TotalSegmentator's
 NIfTI (:func:`canonical_axes`) -> TotalSegmentator's own resampling to its isotropic grid (:func:`ts_resample`)
 -> nnU-Net's predictor pipeline for every part at once (:mod:`edge_runtime.inference.nnunet`: crop, normalise per
-part, sliding window without mirroring, logits back to the grid, argmax per part) -> each part's indices mapped
-to the package's labels, a later part overwriting an earlier one where it found something (:func:`merge_parts`)
--> back to the source grid with ``order`` 0 -> the source's axis order.
+part, sliding window without mirroring) -> each part's logits back to the grid and reduced to its labels slab by
+slab (:mod:`edge_runtime.inference.nnunet.labelmap`, one call per part) -> each part's indices mapped to the
+package's labels, a later part overwriting an earlier one where it found something (:func:`merge_parts`) -> back
+to the source grid with ``order`` 0 -> the source's axis order.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.nnunet.pipeline import chosen_probability
+from edge_runtime.inference.nnunet.labelmap import labels_and_confidence
 from edge_runtime.inference.nnunet.prediction import predict_logits
-from edge_runtime.inference.nnunet.preprocessing import preprocess, target_spacing
-from edge_runtime.inference.nnunet.resampling import resample
+from edge_runtime.inference.nnunet.preprocessing import preprocess
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.inference.pipeline import Segmentation
 from edge_runtime.inference.runner import Runner
@@ -144,20 +144,16 @@ def predict_parts(image: np.ndarray, spacing: Sequence[float], package: ModelPac
     del data
     timings["inference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    logits = resample(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
-                      settings.resampling_probabilities, settings.anisotropy_threshold)
-    where = tuple(slice(lo, hi) for lo, hi in case.bbox)
-    backward = list(settings.transpose_backward)
+    # each part's logits go back to the grid slab by slab, reduced at once to its label and chosen probability
+    # (nnU-Net's way back for that part alone): no full-size array of every class, no separate argmax pass
     labels, confidence, start = [], [], 0
     for part in ts.parts:
-        own = logits[start:start + part.classes]
+        own, conf = labels_and_confidence(logits[start:start + part.classes], case, settings,
+                                          np.uint8 if part.classes < 256 else np.uint16)
         start += part.classes
-        full = np.zeros(case.shape_before_cropping, dtype=np.uint8 if part.classes < 256 else np.uint16)
-        full[where] = np.argmax(own, axis=0)  # outside the crop: background, certain
-        sure = np.ones(case.shape_before_cropping, dtype=np.float32)
-        sure[where] = chosen_probability(own)
-        labels.append(np.ascontiguousarray(full.transpose(backward)))
-        confidence.append(np.ascontiguousarray(sure.transpose(backward)))
+        labels.append(own)
+        confidence.append(conf)
+    del logits
     timings["postprocess"] = time.perf_counter() - t0
     return labels, confidence, windows
 
