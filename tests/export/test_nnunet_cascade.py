@@ -161,3 +161,19 @@ def test_a_series_pushed_to_the_service_comes_back_as_the_cascades_seg(cascade: 
     finally:
         service.stop()
         pacs.stop()
+
+
+@pytest.mark.slow  # nnUNetPredictor's cascade on a 28 x 512 x 512 CT with mirroring: minutes on two cores
+def test_the_cascade_passes_the_gate_on_a_real_ct(tmp_path: Path, codes: Path) -> None:
+    """The same gate on a real CT of the shared corpus (5 mm Philips head CT), beside the phantom."""
+    from tests.peers import SHARED_DATA
+
+    _need_nnunetv2()
+    real = SHARED_DATA / "dcm_qa_ct" / "philips_S201_std_brain_5mm"
+    if not real.is_dir():
+        pytest.skip("the real CT needs the shared corpus (../shared/data)")
+    out = tmp_path / "pkg"
+    assert main([*_package_args(CASCADE, codes, out), "--parity-series", str(real)]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    on_real = [d for d in report["segmentation"] if d["volume"].startswith(real.name)]
+    assert on_real and all(d["dice"] >= 0.99 for d in on_real)
