@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.export.nnunet_model.make_model import _write_raw, brief_trainer, copy_trained
+from tests.export.nnunet_model.make_model import _write_raw, brief_trainer, copy_trained, use_folders
 
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_PhantomCascade"
@@ -51,9 +51,7 @@ CONFIGURATIONS = ("3d_lowres", "3d_cascade_fullres")
 def main(argv: list[str] | None = None) -> int:
     out = Path((argv or sys.argv[1:] or [str(TRAINED)])[0])
     with tempfile.TemporaryDirectory() as tmp:
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            os.environ[var] = str(Path(tmp) / var)
-        os.environ.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_compile="0")
+        use_folders(Path(tmp))
         folders = _train(Path(tmp))
         if out.exists():
             shutil.rmtree(out)

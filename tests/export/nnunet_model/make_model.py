@@ -46,15 +46,21 @@ TRAINED = HERE / "trained"
 def main(argv: list[str] | None = None) -> int:
     out = Path((argv or sys.argv[1:] or [str(TRAINED)])[0])
     with tempfile.TemporaryDirectory() as tmp:
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            os.environ[var] = str(Path(tmp) / var)
-        os.environ.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_compile="0")
+        use_folders(Path(tmp))
         folder = _train(Path(tmp))
         if out.exists():
             shutil.rmtree(out)
         copy_trained(folder, out, FOLDS)
     print(f"wrote {out}")
     return 0
+
+
+def use_folders(tmp: Path) -> None:
+    """nnunetv2's raw, preprocessed and results folders in ``tmp`` (it reads them from the environment when it is
+    imported, so before), and one process for each of its steps."""
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[var] = str(tmp / var)
+    os.environ.update(nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_compile="0")
 
 
 def copy_trained(folder: Path, out: Path, folds: tuple[int, ...]) -> None:
