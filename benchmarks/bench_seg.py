@@ -5,8 +5,8 @@ Builds 500 in-memory CT headers (512 x 512, no pixel data: neither encoder reads
 map with 117 labels (ellipsoids of log-uniform sizes and lengths spread over the volume, see
 :func:`make_labels`), then times
 
-* highdicom: ``build_seg(...)`` + ``save_as(...)`` (slow: run ``--anchor-repeats`` times, default 1);
-* ours: ``encode_binary_seg(...)`` + ``pydicom.dcmwrite(...)`` (median of ``--repeats`` runs);
+* highdicom: ``build_seg(SeriesResult(...))`` + ``save_as(...)`` (slow: run ``--anchor-repeats`` times, default 1);
+* ours: ``encode_binary_seg(SeriesResult(...))`` + ``pydicom.dcmwrite(...)`` (median of ``--repeats`` runs);
 
 both writing to a file in a temporary folder, and checks that the two files hold the same frames (same
 Dimension Index Values, referenced instances and pixel bits). Prints a Markdown table and writes it to
@@ -39,6 +39,7 @@ from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
+from edge_runtime.results.series_result import SeriesResult
 
 hd_version = highdicom.__version__
 SPACING = (1.25, 0.78, 0.78)  # (z, y, x) mm, a typical abdominal CT
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         origin=np.array([-200.0, -200.0, -300.0]), row_direction=np.array([1.0, 0, 0]),
         column_direction=np.array([0, 1.0, 0]), datasets=sources, regular=True,
     )
+    result = SeriesResult(volume, labels, package, uid_seed="bench")
     setup_s = time.perf_counter() - t0
 
     shm = Path("/dev/shm")
@@ -161,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
 
         def ours(path: Path) -> tuple[float, float]:
             t0 = time.perf_counter()
-            ds = encode_binary_seg(volume, labels, package, uid_seed="bench")
+            ds = encode_binary_seg(result)
             t1 = time.perf_counter()
             pydicom.dcmwrite(path, ds, enforce_file_format=True)
             return t1 - t0, time.perf_counter() - t1
 
         def anchor(path: Path) -> tuple[float, float]:
             t0 = time.perf_counter()
-            seg = build_seg(volume, labels, package, uid_seed="bench")
+            seg = build_seg(result)
             t1 = time.perf_counter()
             seg.save_as(path, enforce_file_format=True)
             return t1 - t0, time.perf_counter() - t1

@@ -51,6 +51,7 @@ from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
 from edge_runtime.results.seg_fractional import encode_fractional_seg, highdicom_fractional_seg
 from edge_runtime.results.seg_labelmap import build_labelmap_seg
+from edge_runtime.results.series_result import SeriesResult
 
 Writer = Callable[[Path], Any]
 
@@ -168,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     flabels = make_labels(fshape, args.fractional_labels)
     fpackage = make_package(args.fractional_labels)
     probabilities = make_probabilities(flabels, args.fractional_labels)
+    result = SeriesResult(volume, labels, package, uid_seed="bench")
+    fresult = SeriesResult(fvolume, flabels, fpackage, uid_seed="bench", probabilities=probabilities)
 
     def overlays(path: Path) -> list[Path]:
-        made = build_overlays(volume, labels, package, uid_seed="bench")
+        made = build_overlays(result)
         paths = [write_atomic(path.with_name(f"{path.stem}-{i}.dcm"), ds) for i, ds in enumerate(made.images)]
         return [*paths, write_atomic(path.with_name(f"{path.stem}-kos.dcm"), made.selection)]
 
@@ -179,32 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         (
             "BINARY SEG",
             "main",
-            lambda p: save(encode_binary_seg(volume, labels, package, uid_seed="bench"), p),
+            lambda p: save(encode_binary_seg(result), p),
             "highdicom `build_seg`",
-            None
-            if "highdicom-binary" in args.skip
-            else lambda p: save(build_seg(volume, labels, package, uid_seed="bench"), p),
+            None if "highdicom-binary" in args.skip else lambda p: save(build_seg(result), p),
         ),
         (
             "LABELMAP SEG",
             "main",
-            lambda p: save(build_labelmap_seg(volume, labels, package, uid_seed="bench"), p),
+            lambda p: save(build_labelmap_seg(result), p),
             "(ours is highdicom's)",
             None,
         ),
         (
             "FRACTIONAL SEG",
             "fractional",
-            lambda p: save(encode_fractional_seg(fvolume, probabilities, fpackage, uid_seed="bench"), p),
+            lambda p: save(encode_fractional_seg(fresult), p),
             "highdicom (float32 input)",
-            None
-            if "highdicom-fractional" in args.skip
-            else lambda p: save(highdicom_fractional_seg(fvolume, probabilities, fpackage, uid_seed="bench"), p),
+            None if "highdicom-fractional" in args.skip else lambda p: save(highdicom_fractional_seg(fresult), p),
         ),
         (
             "RTSTRUCT",
             "main",
-            lambda p: save(build_rtstruct(volume, labels, package, uid_seed="bench"), p),
+            lambda p: save(build_rtstruct(result), p),
             "rt-utils 1.2.7 `add_roi` + `save`",
             None if "rtutils" in args.skip else rtutils_writer(volume, labels, values),
         ),

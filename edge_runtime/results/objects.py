@@ -15,17 +15,15 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from pydicom.dataset import Dataset
 
 from edge_runtime.dicom import write_atomic
-from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results.formats import FRACTIONAL, LABELMAP, OVERLAY, RTSTRUCT
 from edge_runtime.results.overlay import build_overlays
 from edge_runtime.results.rtstruct import build_rtstruct
 from edge_runtime.results.seg_fractional import encode_fractional_seg
 from edge_runtime.results.seg_labelmap import build_labelmap_seg
+from edge_runtime.results.series_result import SeriesResult
 
 __all__ = ["FILE_NAMES", "WrittenObjects", "write_objects"]
 
@@ -51,22 +49,13 @@ class WrittenObjects:
     labelmap: Dataset | None = None
 
 
-def write_objects(
-    directory: Path,
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
-    formats: Collection[str],
-    *,
-    probabilities: np.ndarray | None,
-    uid_seed: str,
-    device_serial_number: str,
-    series_description: str | None = None,
-) -> WrittenObjects:
+def write_objects(directory: Path, result: SeriesResult, formats: Collection[str]) -> WrittenObjects:
     """Write each of ``formats`` other than ``binary`` and ``sr`` (those are :func:`write_results`' own) into
-    ``directory``, in :data:`edge_runtime.results.formats.FORMATS` order; ``series_description`` replaces each
-    object's own (a series outside the model's domain says so in every object, as in the BINARY SEG)."""
+    ``directory``, in :data:`edge_runtime.results.formats.FORMATS` order; the result's
+    :attr:`~SeriesResult.mark` replaces each object's Series Description (a series outside the model's domain
+    says so in every object, as in the BINARY SEG)."""
     written = WrittenObjects()
+    series_description = result.mark
 
     def save(name: str, ds: Dataset) -> Path:
         if series_description is not None:
@@ -74,29 +63,19 @@ def write_objects(
         return write_atomic(directory / name, ds)
 
     def labelmap() -> list[Path]:
-        written.labelmap = build_labelmap_seg(
-            volume, labels, package, uid_seed=uid_seed, device_serial_number=device_serial_number
-        )
+        written.labelmap = build_labelmap_seg(result)
         return [save(FILE_NAMES[LABELMAP], written.labelmap)]
 
     def fractional() -> list[Path]:
-        if probabilities is None:
+        if result.probabilities is None:
             raise _NotMade("the pipeline gave no per-class probabilities")
-        seg = encode_fractional_seg(
-            volume, probabilities, package, uid_seed=uid_seed, device_serial_number=device_serial_number
-        )
-        return [save(FILE_NAMES[FRACTIONAL], seg)]
+        return [save(FILE_NAMES[FRACTIONAL], encode_fractional_seg(result))]
 
     def rtstruct() -> list[Path]:
-        return [
-            save(
-                FILE_NAMES[RTSTRUCT],
-                build_rtstruct(volume, labels, package, uid_seed=uid_seed, device_serial_number=device_serial_number),
-            )
-        ]
+        return [save(FILE_NAMES[RTSTRUCT], build_rtstruct(result))]
 
     def overlay() -> list[Path]:
-        made = build_overlays(volume, labels, package, uid_seed=uid_seed, device_serial_number=device_serial_number)
+        made = build_overlays(result)
         stem = FILE_NAMES[OVERLAY]
         paths = [save(f"{stem}-{i:03d}.dcm", ds) for i, ds in enumerate(made.images, start=1)]
         return [*paths, save(f"{stem}-kos.dcm", made.selection)]

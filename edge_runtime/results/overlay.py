@@ -30,7 +30,7 @@ from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import Label, ModelPackage
 from edge_runtime.results.display import grey_levels
 from edge_runtime.results.formats import OVERLAY
-from edge_runtime.results.seg import MANUFACTURER, seg_series_number
+from edge_runtime.results.series_result import MANUFACTURER, SeriesResult
 
 __all__ = ["OverlayObjects", "build_overlays", "choose_slices"]
 
@@ -160,23 +160,17 @@ def _secondary_capture(
     return image
 
 
-def build_overlays(
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-) -> OverlayObjects:
-    """The overlay images of ``labels`` (the package's label values) on ``volume`` and their Key Object
+def build_overlays(result: SeriesResult) -> OverlayObjects:
+    """The overlay images of ``result.labels`` (the package's label values) on its volume and their Key Object
     Selection; with no segment present, a single image of the middle slice says so in its legend."""
-    labels = np.asarray(labels)
+    volume, package, uid_seed = result.volume, result.package, result.uid_seed
+    device_serial_number = result.device_serial_number
+    labels = np.asarray(result.labels)
     if labels.shape != volume.array.shape:
         raise ValueError(f"labels are {labels.shape}; the volume is {volume.array.shape}")
     by_value = {label.value: label for label in package.labels}
     slices = choose_slices(labels, list(by_value)) or {len(labels) // 2: []}
-    base = seg_series_number(volume, series_number) + SERIES_OFFSET
+    base = result.seg_series_number + SERIES_OFFSET
     images = [
         _secondary_capture(
             volume,

@@ -3,9 +3,10 @@ other result formats that destinations ask for (:mod:`edge_runtime.results.objec
 
 This is where the encoder is chosen: the fast BINARY SEG writer (:mod:`edge_runtime.results.seg_binary`) for
 single-frame sources, highdicom (:mod:`edge_runtime.results.seg`) for frames of one Enhanced multi-frame source,
-whose frames highdicom pairs with the source's. Every file is written atomically (:func:`write_atomic`), and
-the instance and series UIDs are derived from ``uid_seed``, so a result re-made after a restart replaces the
-same objects at the receiver.
+whose frames highdicom pairs with the source's. What is written about is one
+:class:`~edge_runtime.results.series_result.SeriesResult`. Every file is written atomically
+(:func:`write_atomic`), and the instance and series UIDs are derived from its ``uid_seed``, so a result re-made
+after a restart replaces the same objects at the receiver.
 
 ``seg.dcm`` and ``sr.dcm`` are always written (the result of record, which ``measurements.json`` and the status
 page refer to); :attr:`ResultFiles.objects` lists only the formats asked for, and it is what goes out.
@@ -20,24 +21,21 @@ the SR re-made from the same ``uid_seed`` references the very SEG that went out.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
 from edge_runtime.dicom import write_atomic
-from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.domain import Applicability
-from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results.formats import BINARY, DEFAULT_FORMATS, LABELMAP, SR, check_formats
 from edge_runtime.results.measurements import SegmentMeasurement, measure, write_measurements
 from edge_runtime.results.objects import FILE_NAMES, write_objects
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
+from edge_runtime.results.series_result import SeriesResult
 from edge_runtime.results.sr import build_sr
 
 #: the formats of the first step: the SEGs, which leave before anything else is written
@@ -89,54 +87,21 @@ def uid_seed(called_ae: str, study_uid: str, series_uid: str, model_sha256: str,
     return f"{called_ae}|{study_uid}|{series_uid}|{model_sha256}|{generation}"
 
 
-def write_segs(
-    directory: Path,
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    device_serial_number: str,
-    applicability: Applicability | None = None,
-    formats: Collection[str] = DEFAULT_FORMATS,
-    other_sources: Sequence[Dataset] = (),
-) -> SegFiles:
+def write_segs(directory: Path, result: SeriesResult, formats: Collection[str] = DEFAULT_FORMATS) -> SegFiles:
     """The first step: write ``seg.dcm`` (always) and the LABELMAP SEG when ``formats`` has it.
 
-    ``other_sources``: the instances of the other input series of a model of several channels, which the
-    BINARY SEG references beside ``volume``'s (the highdicom encoder of a multi-frame source references only it).
+    The BINARY SEG references the result's ``other_sources`` beside its volume's instances (the highdicom
+    encoder of a multi-frame source references only the volume's).
     """
     formats = check_formats(formats)
     directory.mkdir(parents=True, exist_ok=True)
-    mark = applicability.mark if applicability is not None and not applicability.inside else None
     t0 = time.perf_counter()
-    seg: Dataset
-    if volume.multiframe:
-        seg = build_seg(volume, labels, package, uid_seed=uid_seed, device_serial_number=device_serial_number)
-    else:
-        seg = encode_binary_seg(
-            volume,
-            labels,
-            package,
-            uid_seed=uid_seed,
-            device_serial_number=device_serial_number,
-            other_sources=other_sources,
-        )
-    if mark is not None:
-        seg.SeriesDescription = mark
+    seg: Dataset = build_seg(result) if result.volume.multiframe else encode_binary_seg(result)
+    if result.mark is not None:
+        seg.SeriesDescription = result.mark
     seg_path = write_atomic(directory / SEG_FILE, seg)
     timings = {"seg": time.perf_counter() - t0}
-    written = write_objects(
-        directory,
-        volume,
-        labels,
-        package,
-        [f for f in formats if f == LABELMAP],
-        probabilities=None,
-        uid_seed=uid_seed,
-        device_serial_number=device_serial_number,
-        series_description=mark,
-    )
+    written = write_objects(directory, result, [f for f in formats if f == LABELMAP])
     timings.update(written.timings)
     referenced = written.labelmap if BINARY not in formats and written.labelmap is not None else seg
     objects = {BINARY: [seg_path], **written.objects}
@@ -162,75 +127,35 @@ def read_segs(directory: Path, formats: Collection[str] = DEFAULT_FORMATS) -> Se
 
 def write_results(
     directory: Path,
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
+    result: SeriesResult,
     *,
-    uid_seed: str,
-    device_serial_number: str,
     timings: dict[str, float],
     t_start: float,
     extra: dict[str, Any] | None = None,
-    confidence: np.ndarray | None = None,
-    applicability: Applicability | None = None,
     formats: Collection[str] = DEFAULT_FORMATS,
-    probabilities: np.ndarray | None = None,
-    other_sources: Sequence[Dataset] = (),
 ) -> ResultFiles:
-    """Write ``seg.dcm``, ``sr.dcm``, the other ``formats`` and ``measurements.json`` into ``directory``: both
-    steps (:func:`write_segs`, :func:`write_rest`) at once.
+    """Write ``seg.dcm``, ``sr.dcm``, the other ``formats`` and ``measurements.json`` of ``result`` into
+    ``directory``: both steps (:func:`write_segs`, :func:`write_rest`) at once.
 
     ``timings`` are the stages so far (load, inference...); ``seg``, ``measurements`` and ``total`` (since
     ``t_start``, a ``time.perf_counter()``) are added and recorded in ``measurements.json`` with ``extra``.
-    ``confidence`` (the pipeline's per-voxel probability of the chosen label) adds per-segment confidence to
-    the SR and the JSON; ``applicability`` (the domain check) marks a series outside the domain in the SEG's
-    Series Description, the SR and the JSON. ``probabilities`` (uint8 (classes, slices, rows, columns)) are
+    The result's ``confidence`` adds per-segment confidence to the SR and the JSON; its ``applicability`` marks
+    a series outside the domain in the SEG's Series Description, the SR and the JSON; its ``probabilities`` are
     what a FRACTIONAL SEG holds. The SR references the BINARY SEG, or the LABELMAP SEG when only that is asked
     for, so that a destination gets the SEG its SR points at.
     """
-    segs = write_segs(
-        directory,
-        volume,
-        labels,
-        package,
-        uid_seed=uid_seed,
-        device_serial_number=device_serial_number,
-        applicability=applicability,
-        formats=formats,
-        other_sources=other_sources,
-    )
-    return write_rest(
-        segs,
-        volume,
-        labels,
-        package,
-        uid_seed=uid_seed,
-        device_serial_number=device_serial_number,
-        timings=timings,
-        t_start=t_start,
-        extra=extra,
-        confidence=confidence,
-        applicability=applicability,
-        formats=formats,
-        probabilities=probabilities,
-    )
+    segs = write_segs(directory, result, formats)
+    return write_rest(segs, result, timings=timings, t_start=t_start, extra=extra, formats=formats)
 
 
 def write_rest(
     segs: SegFiles,
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
+    result: SeriesResult,
     *,
-    uid_seed: str,
-    device_serial_number: str,
     timings: dict[str, float],
     t_start: float,
     extra: dict[str, Any] | None = None,
-    confidence: np.ndarray | None = None,
-    applicability: Applicability | None = None,
     formats: Collection[str] = DEFAULT_FORMATS,
-    probabilities: np.ndarray | None = None,
 ) -> ResultFiles:
     """The second step: the other ``formats`` (not the SEGs of ``segs``), the measurements, ``sr.dcm``
     (referencing ``segs.referenced``) and ``measurements.json``. The arguments are :func:`write_results`'; the
@@ -238,29 +163,20 @@ def write_rest(
     formats = check_formats(formats)
     directory = segs.directory
     timings = {**timings, **segs.timings}
-    written = write_objects(
-        directory,
-        volume,
-        labels,
-        package,
-        [f for f in formats if f not in SEG_FORMATS],
-        probabilities=probabilities,
-        uid_seed=uid_seed,
-        device_serial_number=device_serial_number,
-        series_description=applicability.mark if applicability is not None and not applicability.inside else None,
-    )
+    written = write_objects(directory, result, [f for f in formats if f not in SEG_FORMATS])
     timings.update(written.timings)
     not_written = {**segs.not_written, **written.not_written}
 
+    volume, package, applicability = result.volume, result.package, result.applicability
     t0 = time.perf_counter()
-    measurements = measure(volume, labels, package, confidence)
+    measurements = measure(volume, result.labels, package, result.confidence)
     sr = build_sr(
         segs.referenced,
         measurements,
         volume,
         package,
-        uid_seed=uid_seed,
-        device_serial_number=device_serial_number,
+        uid_seed=result.uid_seed,
+        device_serial_number=result.device_serial_number,
         applicability=applicability,
     )
     sr_path = write_atomic(directory / "sr.dcm", sr)

@@ -42,8 +42,8 @@ from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import Code, ModelPackage
 from edge_runtime.results._elements import implicit_element, implicit_sequence, item, raw_implicit_sequence
 from edge_runtime.results.formats import RTSTRUCT
-from edge_runtime.results.seg import MANUFACTURER, seg_series_number
 from edge_runtime.results.seg_binary import check_inputs, patient_and_study
+from edge_runtime.results.series_result import MANUFACTURER, SeriesResult
 
 __all__ = ["build_rtstruct", "slice_contours"]
 
@@ -234,19 +234,12 @@ def _observations(package: ModelPackage, numbers: Collection[int]) -> list[Datas
     return observations
 
 
-def build_rtstruct(
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-) -> Dataset:
-    """An RT Structure Set of ``labels`` (the package's label values, 0 = background) on ``volume``'s images;
-    UIDs derived from ``uid_seed``; ready for ``save_as(..., enforce_file_format=True)``."""
+def build_rtstruct(result: SeriesResult) -> Dataset:
+    """An RT Structure Set of ``result.labels`` (the package's label values, 0 = background) on its volume's
+    images; UIDs derived from its ``uid_seed``; ready for ``save_as(..., enforce_file_format=True)``."""
+    volume, package, uid_seed = result.volume, result.package, result.uid_seed
     src = volume.datasets[0]
-    labels = np.asarray(labels)
+    labels = np.asarray(result.labels)
     if labels.shape != volume.array.shape:
         raise ValueError(f"labels are {labels.shape}; the volume is {volume.array.shape}")
     # single-frame sources: one series of one geometry; a multi-frame source is one instance, checked on loading
@@ -274,12 +267,12 @@ def build_rtstruct(
     ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = derive_uid(uid_seed, "series", RTSTRUCT)
-    ds.SeriesNumber = seg_series_number(volume, series_number) + SERIES_OFFSET
+    ds.SeriesNumber = result.seg_series_number + SERIES_OFFSET
     ds.SeriesDescription = f"AI contours: {package.name}"[:64]
     ds.OperatorsName = ""
     ds.Manufacturer = MANUFACTURER
     ds.ManufacturerModelName = package.name[:64]
-    ds.DeviceSerialNumber = device_serial_number
+    ds.DeviceSerialNumber = result.device_serial_number
     ds.SoftwareVersions = f"edge-runtime {__version__}; model {package.version}"
     ds.InstanceNumber = 1
     ds.StructureSetLabel = "AI contours"

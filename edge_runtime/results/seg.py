@@ -25,9 +25,7 @@ from edge_runtime import __version__
 from edge_runtime.dicom import derive_uid
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import Code, Label, ModelPackage
-
-#: Manufacturer of the SEG, and its Device Serial Number unless the device has its own
-MANUFACTURER = "edge-runtime"
+from edge_runtime.results.series_result import MANUFACTURER, SeriesResult
 
 
 def _coded(code: Code) -> hd.sr.CodedConcept:
@@ -36,14 +34,6 @@ def _coded(code: Code) -> hd.sr.CodedConcept:
 
 def _lab_color(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
     return hd.color.CIELabColor.from_rgb(*(v / 255.0 for v in rgb))
-
-
-def seg_series_number(volume: Volume, series_number: int | None = None) -> int:
-    """The SEG's Series Number: ``series_number`` if given, else 5000 + the source's (never a random one)."""
-    if series_number is not None:
-        return int(series_number)
-    source_number = volume.datasets[0].get("SeriesNumber")
-    return 5000 + int(source_number) if source_number not in (None, "") else 5000
 
 
 @dataclass(frozen=True)
@@ -69,18 +59,17 @@ class SegIdentity:
     content_creator_name: str = "EDGE^RUNTIME"
 
     @classmethod
-    def derive(
-        cls, volume: Volume, package: ModelPackage, uid_seed: str, series_number: int | None, device_serial_number: str
-    ) -> SegIdentity:
-        """The identity of the SEG of ``package``'s result on ``volume``; LO values cut to 64 characters."""
+    def derive(cls, result: SeriesResult) -> SegIdentity:
+        """The identity of the BINARY SEG of ``result``; LO values cut to 64 characters."""
+        package = result.package
         return cls(
-            series_instance_uid=derive_uid(uid_seed, "series"),
-            series_number=seg_series_number(volume, series_number),
-            sop_instance_uid=derive_uid(uid_seed, "seg"),
+            series_instance_uid=derive_uid(result.uid_seed, "series"),
+            series_number=result.seg_series_number,
+            sop_instance_uid=derive_uid(result.uid_seed, "seg"),
             series_description=f"AI segmentation: {package.name}"[:64],
             manufacturer_model_name=package.name[:64],
             software_versions=f"edge-runtime {__version__}; model {package.version}",
-            device_serial_number=device_serial_number,
+            device_serial_number=result.device_serial_number,
             content_description=f"{package.identity}"[:64],
         )
 
@@ -161,55 +150,42 @@ def segment_numbers(labels: np.ndarray, package: ModelPackage) -> np.ndarray:
     return lut[labels]
 
 
-def format_identity(
-    volume: Volume,
-    package: ModelPackage,
-    uid_seed: str,
-    fmt: str,
-    *,
-    description: str,
-    series_offset: int,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-) -> SegIdentity:
+def format_identity(result: SeriesResult, fmt: str, *, description: str, series_offset: int) -> SegIdentity:
     """The identity of the object of result format ``fmt`` other than the BINARY SEG: its own series (UIDs
-    derived from ``uid_seed`` and ``fmt``; Series Number the SEG's + ``series_offset``), so that viewers list
-    each format apart and a re-made result replaces the same objects."""
-    base = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
+    derived from the result's seed and ``fmt``; Series Number the SEG's + ``series_offset``), so that viewers
+    list each format apart and a re-made result replaces the same objects."""
+    base = SegIdentity.derive(result)
     return replace(
         base,
-        series_instance_uid=derive_uid(uid_seed, "series", fmt),
-        sop_instance_uid=derive_uid(uid_seed, fmt),
+        series_instance_uid=derive_uid(result.uid_seed, "series", fmt),
+        sop_instance_uid=derive_uid(result.uid_seed, fmt),
         series_number=base.series_number + series_offset,
-        series_description=f"{description}: {package.name}"[:64],
+        series_description=f"{description}: {result.package.name}"[:64],
     )
 
 
 def build_seg(
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
+    result: SeriesResult,
     *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
     segmentation_type: hd.seg.SegmentationTypeValues = hd.seg.SegmentationTypeValues.BINARY,
     identity: SegIdentity | None = None,
     **options: Any,
 ) -> hd.seg.Segmentation:
-    """A highdicom ``Segmentation`` for ``labels`` (values are the package's label values) on ``volume``.
+    """A highdicom ``Segmentation`` of ``result.labels`` (the package's label values) on ``result.volume``.
 
-    ``uid_seed`` makes the SEG's Series and SOP Instance UIDs deterministic (see :class:`SegIdentity`);
-    ``identity`` replaces them (another format's object); ``options`` go to highdicom as they are.
+    The result's ``uid_seed`` makes the SEG's Series and SOP Instance UIDs deterministic (see
+    :class:`SegIdentity`); ``identity`` replaces them (another format's object); ``options`` go to highdicom as
+    they are.
     """
-    segments = on_source_frames(volume, segment_numbers(labels, package))
+    volume = result.volume
+    segments = on_source_frames(volume, segment_numbers(result.labels, result.package))
     if identity is None:
-        identity = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
+        identity = SegIdentity.derive(result)
     return hd.seg.Segmentation(
         source_images=volume.datasets,
         pixel_array=segments,
         segmentation_type=segmentation_type,
-        segment_descriptions=segment_descriptions(package, uid_seed),
+        segment_descriptions=segment_descriptions(result.package, result.uid_seed),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
         **asdict(identity),

@@ -60,7 +60,8 @@ from edge_runtime.results._seg_frames import (
     plan_frames,
     segment_boxes,
 )
-from edge_runtime.results.seg import MANUFACTURER, SegIdentity, segment_descriptions
+from edge_runtime.results.seg import SegIdentity, segment_descriptions
+from edge_runtime.results.series_result import MANUFACTURER, SeriesResult
 
 __all__ = ["SegPixels", "assemble_seg", "check_inputs", "encode_binary_seg", "patient_and_study"]
 
@@ -464,30 +465,22 @@ def _shared_functional_groups(
     return shared
 
 
-def encode_binary_seg(
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-    other_sources: Sequence[Dataset] = (),
-) -> Dataset:
-    """A BINARY Segmentation Storage dataset for ``labels`` on ``volume`` (see the module notes).
+def encode_binary_seg(result: SeriesResult) -> Dataset:
+    """A BINARY Segmentation Storage dataset for ``result.labels`` on its volume (see the module notes).
 
-    ``other_sources``: instances of other series of the study that the segmentation was derived from too (the
-    other input channels of a model of several, resampled onto ``volume``'s grid); they are referenced in the
-    Common Instance Reference and Source Image sequences, while each frame derives from its ``volume`` slice.
+    ``result.other_sources``: instances of other series of the study that the segmentation was derived from too
+    (the other input channels of a model of several, resampled onto the volume's grid); they are referenced in
+    the Common Instance Reference and Source Image sequences, while each frame derives from its volume slice.
 
-    ``labels`` holds the package's label values (0 = background), shaped like ``volume.array``; values that
-    belong to no package label are background. Segment ``i`` is ``package.labels[i - 1]``. The identifying
+    ``result.labels`` holds the package's label values (0 = background), shaped like ``volume.array``; values
+    that belong to no package label are background. Segment ``i`` is ``package.labels[i - 1]``. The identifying
     attributes and UIDs are :func:`edge_runtime.results.seg.build_seg`'s (:class:`SegIdentity`). The dataset
     is ready for :func:`pydicom.dcmwrite` / ``save_as(..., enforce_file_format=True)`` (Explicit VR Little
     Endian).
     """
+    volume, package = result.volume, result.package
     sources = volume.datasets
-    labels = np.asarray(labels)
+    labels = np.asarray(result.labels)
     values = check_inputs(sources, labels.shape, package)
     src = sources[0]
     orientation = [float(v) for v in src.ImageOrientationPatient]
@@ -496,8 +489,8 @@ def encode_binary_seg(
     boxes = segment_boxes(labels, values, aligned=int(src.Columns) % 8 == 0)
     plan = plan_frames(boxes, highdicom_plane_order(positions, orientation))
     pixel_data = pack_pixel_data(labels, values, boxes, plan)
-    identity = SegIdentity.derive(volume, package, uid_seed, series_number, device_serial_number)
-    return assemble_seg(volume, package, plan, pixel_data, identity, uid_seed, SegPixels(), other_sources)
+    identity = SegIdentity.derive(result)
+    return assemble_seg(volume, package, plan, pixel_data, identity, result.uid_seed, SegPixels(), result.other_sources)
 
 
 def assemble_seg(

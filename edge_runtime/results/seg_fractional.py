@@ -22,12 +22,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results._seg_frames import FramePlan, SegmentBox, highdicom_plane_order, plan_frames
 from edge_runtime.results.formats import FRACTIONAL
-from edge_runtime.results.seg import MANUFACTURER, SegIdentity, format_identity, on_source_frames, segment_descriptions
+from edge_runtime.results.seg import SegIdentity, format_identity, on_source_frames, segment_descriptions
 from edge_runtime.results.seg_binary import SegPixels, assemble_seg, check_inputs
+from edge_runtime.results.series_result import SeriesResult
 
 __all__ = ["encode_fractional_seg", "highdicom_fractional_seg", "fractional_identity"]
 
@@ -43,23 +42,16 @@ PIXELS = SegPixels(
 )
 
 
-def fractional_identity(
-    volume: Volume, package: ModelPackage, uid_seed: str, series_number: int | None, device_serial_number: str
-) -> SegIdentity:
-    return format_identity(
-        volume,
-        package,
-        uid_seed,
-        FRACTIONAL,
-        description="AI probabilities",
-        series_offset=SERIES_OFFSET,
-        series_number=series_number,
-        device_serial_number=device_serial_number,
-    )
+def fractional_identity(result: SeriesResult) -> SegIdentity:
+    return format_identity(result, FRACTIONAL, description="AI probabilities", series_offset=SERIES_OFFSET)
 
 
-def _classes(probabilities: np.ndarray, package: ModelPackage) -> list[int]:
-    """The class index (= label value) of each segment, once ``probabilities`` has the right type and classes."""
+def _classes(result: SeriesResult) -> tuple[np.ndarray, list[int]]:
+    """The result's probabilities and the class index (= label value) of each segment, once the probabilities
+    are there, of the right type and with the package's classes."""
+    probabilities, package = result.probabilities, result.package
+    if probabilities is None:
+        raise ValueError("a FRACTIONAL SEG needs the model's per-class probabilities, and the result has none")
     if probabilities.dtype != np.uint8 or probabilities.ndim != 4:
         raise ValueError(
             "probabilities must be uint8 (classes, slices, rows, columns), "
@@ -70,7 +62,7 @@ def _classes(probabilities: np.ndarray, package: ModelPackage) -> list[int]:
         raise ValueError(
             f"probabilities hold {probabilities.shape[0]} classes; the package's label values go up to {max(classes)}"
         )
-    return classes
+    return probabilities, classes
 
 
 def _pixel_data(probabilities: np.ndarray, classes: list[int], plan: FramePlan) -> bytes:
@@ -87,27 +79,13 @@ def _pixel_data(probabilities: np.ndarray, classes: list[int], plan: FramePlan) 
     return buffer.tobytes()
 
 
-def encode_fractional_seg(
-    volume: Volume,
-    probabilities: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-) -> Dataset:
-    """A FRACTIONAL SEG of ``probabilities`` (uint8, (classes, slices, rows, columns), class index = label value,
-    0..255) on ``volume``: segment ``i`` is ``package.labels[i - 1]``, as in the BINARY SEG."""
+def encode_fractional_seg(result: SeriesResult) -> Dataset:
+    """A FRACTIONAL SEG of ``result.probabilities`` (uint8, (classes, slices, rows, columns), class index = label
+    value, 0..255) on its volume: segment ``i`` is ``package.labels[i - 1]``, as in the BINARY SEG."""
+    volume, package = result.volume, result.package
     if volume.multiframe:
-        return highdicom_fractional_seg(
-            volume,
-            probabilities,
-            package,
-            uid_seed=uid_seed,
-            series_number=series_number,
-            device_serial_number=device_serial_number,
-        )
-    classes = _classes(probabilities, package)
+        return highdicom_fractional_seg(result)
+    probabilities, classes = _classes(result)
     sources = volume.datasets
     check_inputs(sources, probabilities.shape[1:], package, what="probabilities")
     n_slices = probabilities.shape[1]
@@ -118,35 +96,26 @@ def encode_fractional_seg(
     orientation = [float(v) for v in sources[0].ImageOrientationPatient]
     positions = np.asarray([[float(v) for v in d.ImagePositionPatient] for d in sources], dtype=np.float64)
     plan = plan_frames(boxes, highdicom_plane_order(positions, orientation))
-    identity = fractional_identity(volume, package, uid_seed, series_number, device_serial_number)
-    return assemble_seg(volume, package, plan, _pixel_data(probabilities, classes, plan), identity, uid_seed, PIXELS)
+    pixel_data = _pixel_data(probabilities, classes, plan)
+    return assemble_seg(volume, package, plan, pixel_data, fractional_identity(result), result.uid_seed, PIXELS)
 
 
-def highdicom_fractional_seg(
-    volume: Volume,
-    probabilities: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-) -> hd.seg.Segmentation:
+def highdicom_fractional_seg(result: SeriesResult) -> hd.seg.Segmentation:
     """The same FRACTIONAL SEG made by highdicom (frames of a multi-frame source; the benchmark's anchor).
 
     highdicom takes fractional values as floats in [0, 1] and multiplies them by 255 and rounds: ``p / 255``
     comes back as ``p`` exactly."""
-    classes = _classes(probabilities, package)
+    probabilities, classes = _classes(result)
     stacked = np.stack([probabilities[v] for v in classes], axis=-1).astype(np.float32)
     stacked /= MAX_FRACTIONAL_VALUE
-    identity = fractional_identity(volume, package, uid_seed, series_number, device_serial_number)
     return hd.seg.Segmentation(
-        source_images=volume.datasets,
-        pixel_array=on_source_frames(volume, stacked),
+        source_images=result.volume.datasets,
+        pixel_array=on_source_frames(result.volume, stacked),
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
         max_fractional_value=MAX_FRACTIONAL_VALUE,
-        segment_descriptions=segment_descriptions(package, uid_seed),
+        segment_descriptions=segment_descriptions(result.package, result.uid_seed),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
-        **asdict(identity),
+        **asdict(fractional_identity(result)),
     )

@@ -11,12 +11,10 @@ highdicom writes it: unlike BINARY, a label map needs no plane per segment, and 
 from __future__ import annotations
 
 import highdicom as hd
-import numpy as np
 
-from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.package import ModelPackage
 from edge_runtime.results.formats import LABELMAP
-from edge_runtime.results.seg import MANUFACTURER, build_seg, format_identity
+from edge_runtime.results.seg import build_seg, format_identity
+from edge_runtime.results.series_result import SeriesResult
 
 __all__ = ["build_labelmap_seg"]
 
@@ -24,32 +22,8 @@ __all__ = ["build_labelmap_seg"]
 SERIES_OFFSET = 1
 
 
-def build_labelmap_seg(
-    volume: Volume,
-    labels: np.ndarray,
-    package: ModelPackage,
-    *,
-    uid_seed: str,
-    series_number: int | None = None,
-    device_serial_number: str = MANUFACTURER,
-) -> hd.seg.Segmentation:
-    """A LABELMAP SEG of ``labels`` (the package's label values, 0 = background) on ``volume``; segment ``i`` is
-    ``package.labels[i - 1]``, as in the BINARY SEG. Slices without any segment are omitted."""
-    identity = format_identity(
-        volume,
-        package,
-        uid_seed,
-        LABELMAP,
-        description="AI label map",
-        series_offset=SERIES_OFFSET,
-        series_number=series_number,
-        device_serial_number=device_serial_number,
-    )
-    return build_seg(
-        volume,
-        labels,
-        package,
-        uid_seed=uid_seed,
-        segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP,
-        identity=identity,
-    )
+def build_labelmap_seg(result: SeriesResult) -> hd.seg.Segmentation:
+    """A LABELMAP SEG of ``result.labels`` (the package's label values, 0 = background) on its volume; segment
+    ``i`` is ``package.labels[i - 1]``, as in the BINARY SEG. Slices without any segment are omitted."""
+    identity = format_identity(result, LABELMAP, description="AI label map", series_offset=SERIES_OFFSET)
+    return build_seg(result, segmentation_type=hd.seg.SegmentationTypeValues.LABELMAP, identity=identity)

@@ -15,9 +15,11 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from edge_runtime.config import Config
 from edge_runtime.egress.destination import route, wanted_formats
@@ -36,6 +38,7 @@ from edge_runtime.ops.telemetry import Metrics
 from edge_runtime.quality.agreement import record_agreement
 from edge_runtime.results.formats import FRACTIONAL
 from edge_runtime.results.publish import SegFiles, read_segs, uid_seed, write_rest, write_segs
+from edge_runtime.results.series_result import SeriesResult
 from edge_runtime.results.thumbnails import publish_thumbnails
 from edge_runtime.service.studies import StudyWorker, load_other_channels
 from edge_runtime.spool.rows import ResultRow, ResultStage
@@ -135,17 +138,8 @@ class SeriesWorker:
         # a study's result: its generation grows with any channel series', so each result has its own folder
         generation = row.generation if inputs is None else sum(s.generation for s in inputs.series)
         directory = self.output / f"{time.strftime('%Y%m%d')}-{row.key_hash}-g{generation}"
-        segs = write_segs(
-            directory,
-            volume,
-            result.labels,
-            self.package,
-            uid_seed=self._uid_seed(row),
-            device_serial_number=self.serial,
-            applicability=applicability,
-            formats=self.formats,
-            other_sources=other_sources,
-        )
+        written = self._series_result(row, volume, result, applicability, other_sources)
+        segs = write_segs(directory, written, self.formats)
         deliveries, _ = route(self.destinations, segs.objects)
         stages = {**timings, **segs.timings}
         record = {"stages": stages, "started": started, "published": time.time()}
@@ -193,18 +187,11 @@ class SeriesWorker:
         formats written and queued, then what needs no hurry (thumbnails, the audit line, drift features)."""
         files = write_rest(
             segs,
-            volume,
-            result.labels,
-            self.package,
-            uid_seed=self._uid_seed(row),
-            device_serial_number=self.serial,
+            self._series_result(row, volume, result, applicability),
             timings=timings,
             t_start=t_start,
             extra={"windows": result.windows, "streaming": streamed},
-            confidence=result.confidence,
-            applicability=applicability,
             formats=self.formats,
-            probabilities=result.probabilities,
         )
         everything, missing = route(self.destinations, files.objects)
         deliveries, _ = route(self.destinations, {f: p for f, p in files.objects.items() if f not in segs.objects})
@@ -261,6 +248,27 @@ class SeriesWorker:
         segs = read_segs(unfinished.directory, self.formats)
         log.info("series %s: completing result %d after a restart", row.key_hash, unfinished.id)
         self._complete(row, unfinished.id, segs, volume, result, applicability, timings, t_start, None)
+
+    def _series_result(
+        self,
+        row: SeriesRow,
+        volume: Volume,
+        result: Segmentation,
+        applicability: Applicability | None,
+        other_sources: Sequence[Dataset] = (),
+    ) -> SeriesResult:
+        """What the result writers write about; ``other_sources`` matter to the BINARY SEG only (the first step)."""
+        return SeriesResult(
+            volume,
+            result.labels,
+            self.package,
+            uid_seed=self._uid_seed(row),
+            device_serial_number=self.serial,
+            applicability=applicability,
+            other_sources=other_sources,
+            confidence=result.confidence,
+            probabilities=result.probabilities,
+        )
 
     def _uid_seed(self, row: SeriesRow) -> str:
         # a study's result: named by every channel series and its generation (StudyJobs.inputs_key)

@@ -412,6 +412,7 @@ def test_our_own_seg_reads_back(tmp_path: Path) -> None:
     """No corpus needed: the runtime's SEG (BINARY, empty frames omitted) on its phantom CT."""
     from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
     from edge_runtime.results.seg import build_seg
+    from edge_runtime.results.series_result import SeriesResult
     from phantom import make_phantom, write_series
 
     package = ModelPackage.load(DEFAULT_PACKAGE)
@@ -420,7 +421,7 @@ def test_our_own_seg_reads_back(tmp_path: Path) -> None:
     labels = phantom.labels.copy()  # the bundled model's labels are the phantom's
     assert set(np.unique(labels)) >= {0, 1, 5}
     labels[:2] = 0  # slices without any frame
-    seg = build_seg(volume, labels, package, uid_seed="reference")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="reference"))
     back, names = read_reference_seg(seg, volume)
     assert {names[v] for v in np.unique(labels) if v} <= {"Lung", "Liver", "Spleen", "Kidney", "Bone"}
     assert names[1] == "Lung" and names[5] == "Bone"

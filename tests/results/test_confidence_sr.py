@@ -17,10 +17,12 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from edge_runtime.imaging.volume import Volume, load_volume
+from edge_runtime.inference.domain import Applicability
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.inference.pipeline import Segmentation, segment
 from edge_runtime.inference.runner import load_runner
 from edge_runtime.results.publish import ResultFiles, write_results
+from edge_runtime.results.series_result import SeriesResult
 from edge_runtime.results.sr import LOW_CONFIDENCE, OUT_OF_DOMAIN
 from phantom import make_phantom, write_series
 from tests.peers import dciodvfy_errors
@@ -54,20 +56,20 @@ def runs(package: ModelPackage, tmp_path_factory: pytest.TempPathFactory) -> dic
     return out
 
 
-def publish(run: tuple[Volume, Segmentation], package: ModelPackage, folder: Path, **kwargs: object) -> ResultFiles:
+def publish(
+    run: tuple[Volume, Segmentation], package: ModelPackage, folder: Path, applicability: Applicability | None = None
+) -> ResultFiles:
     volume, result = run
-    return write_results(
-        folder,
+    written = SeriesResult(
         volume,
         result.labels,
         package,
         uid_seed=str(folder),
         device_serial_number="test",
-        timings={},
-        t_start=time.perf_counter(),
+        applicability=applicability,
         confidence=result.confidence,
-        **kwargs,  # type: ignore[arg-type]
     )
+    return write_results(folder, written, timings={}, t_start=time.perf_counter())
 
 
 def sr_confidence(path: Path) -> dict[str, tuple[float, float, str]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -21,6 +22,7 @@ from edge_runtime.results.rtstruct import build_rtstruct, slice_contours
 from edge_runtime.results.seg_binary import encode_binary_seg
 from edge_runtime.results.seg_fractional import encode_fractional_seg, highdicom_fractional_seg
 from edge_runtime.results.seg_labelmap import build_labelmap_seg
+from edge_runtime.results.series_result import SeriesResult
 from phantom import make_phantom, write_series
 from tests.peers import dciodvfy_errors
 from tests.results.readers import dciodvfy_new_errors, dice, rtutils_masks
@@ -41,6 +43,11 @@ class Case:
     @property
     def source_uids(self) -> list[str]:
         return [str(d.SOPInstanceUID) for d in self.volume.datasets]
+
+    def result(self, **kwargs: Any) -> SeriesResult:
+        """The case as the result writers take it: seed ``t``, the case's probabilities, unless ``kwargs`` say."""
+        given = {"uid_seed": "t", "probabilities": self.probabilities, **kwargs}
+        return SeriesResult(self.volume, self.labels, self.package, **given)
 
 
 def make_case(folder: Path, shape: tuple[int, int, int] = (10, 64, 64)) -> Case:
@@ -65,7 +72,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
 
 
 def test_labelmap_seg_is_valid_and_reads_back(case: Case, tmp_path: Path) -> None:
-    seg = build_labelmap_seg(case.volume, case.labels, case.package, uid_seed="t")
+    seg = build_labelmap_seg(case.result())
     path = write_atomic(tmp_path / "labelmap.dcm", seg)
     assert dciodvfy_new_errors(path) == []
     back = hd.seg.segread(path)
@@ -75,8 +82,8 @@ def test_labelmap_seg_is_valid_and_reads_back(case: Case, tmp_path: Path) -> Non
     pixels = back.get_pixels_by_source_instance(case.source_uids, combine_segments=True, skip_overlap_checks=True)
     assert np.array_equal(pixels, case.labels)
     # its own series; the same UIDs when the result is made again
-    binary = encode_binary_seg(case.volume, case.labels, case.package, uid_seed="t")
-    again = build_labelmap_seg(case.volume, case.labels, case.package, uid_seed="t")
+    binary = encode_binary_seg(case.result())
+    again = build_labelmap_seg(case.result())
     assert again.SOPInstanceUID == seg.SOPInstanceUID != binary.SOPInstanceUID
     assert again.SeriesInstanceUID == seg.SeriesInstanceUID != binary.SeriesInstanceUID
     assert seg.SeriesNumber == binary.SeriesNumber + 1
@@ -85,7 +92,7 @@ def test_labelmap_seg_is_valid_and_reads_back(case: Case, tmp_path: Path) -> Non
 def test_fractional_seg_is_valid_holds_the_probabilities_and_matches_highdicom(case: Case, tmp_path: Path) -> None:
     ours = write_atomic(
         tmp_path / "fractional.dcm",
-        encode_fractional_seg(case.volume, case.probabilities, case.package, uid_seed="t"),
+        encode_fractional_seg(case.result()),
     )
     assert dciodvfy_errors(ours) == []
     assert dciodvfy_new_errors(ours) == []
@@ -97,7 +104,7 @@ def test_fractional_seg_is_valid_holds_the_probabilities_and_matches_highdicom(c
     # frame for frame what highdicom writes (the frames with a non-zero probability only)
     theirs = write_atomic(
         tmp_path / "highdicom.dcm",
-        highdicom_fractional_seg(case.volume, case.probabilities, case.package, uid_seed="t"),
+        highdicom_fractional_seg(case.result()),
     )
     a, b = pydicom.dcmread(ours), pydicom.dcmread(theirs)
     assert a.NumberOfFrames == b.NumberOfFrames < 4 * len(case.labels)
@@ -109,16 +116,18 @@ def test_fractional_seg_is_valid_holds_the_probabilities_and_matches_highdicom(c
 
 
 def test_fractional_seg_refuses_probabilities_that_do_not_fit(case: Case) -> None:
+    with pytest.raises(ValueError, match="per-class probabilities"):
+        encode_fractional_seg(case.result(probabilities=None))
     with pytest.raises(ValueError, match="uint8"):
-        encode_fractional_seg(case.volume, case.probabilities.astype(np.float32), case.package, uid_seed="t")
+        encode_fractional_seg(case.result(probabilities=case.probabilities.astype(np.float32)))
     with pytest.raises(ValueError, match="classes"):
-        encode_fractional_seg(case.volume, case.probabilities[:3], case.package, uid_seed="t")
+        encode_fractional_seg(case.result(probabilities=case.probabilities[:3]))
     with pytest.raises(ValueError, match="source series"):
-        encode_fractional_seg(case.volume, case.probabilities[:, :2], case.package, uid_seed="t")
+        encode_fractional_seg(case.result(probabilities=case.probabilities[:, :2]))
 
 
 def test_rtstruct_is_valid_and_rt_utils_rasterises_our_label_map(case: Case, tmp_path: Path) -> None:
-    path = write_atomic(tmp_path / "rtstruct.dcm", build_rtstruct(case.volume, case.labels, case.package, uid_seed="t"))
+    path = write_atomic(tmp_path / "rtstruct.dcm", build_rtstruct(case.result()))
     assert dciodvfy_errors(path) == []
     assert dciodvfy_new_errors(path) == []
     ds = pydicom.dcmread(path)
@@ -159,7 +168,7 @@ def test_contours_enclose_the_pixel_centres_of_the_mask() -> None:
 
 
 def test_overlays_and_key_object_selection(case: Case, tmp_path: Path) -> None:
-    made = build_overlays(case.volume, case.labels, case.package, uid_seed="t")
+    made = build_overlays(case.result())
     shown = choose_slices(case.labels, [1, 2, 3, 4])
     assert sorted(v for values in shown.values() for v in values) == [1, 2, 3]
     assert len(made.images) == len(shown)

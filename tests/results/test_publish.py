@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import highdicom as hd
@@ -26,18 +27,11 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     return make_case(tmp_path_factory.mktemp("series"))
 
 
-def publish(case: Case, folder: Path, **kwargs) -> ResultFiles:  # noqa: ANN003
-    return write_results(
-        folder,
-        case.volume,
-        case.labels,
-        case.package,
-        uid_seed="seed",
-        device_serial_number="TEST",
-        timings={"inference": 0.1},
-        t_start=time.perf_counter(),
-        **kwargs,
-    )
+def publish(
+    case: Case, folder: Path, formats: Collection[str] = DEFAULT_FORMATS, probabilities: np.ndarray | None = None
+) -> ResultFiles:
+    result = case.result(uid_seed="seed", device_serial_number="TEST", probabilities=probabilities)
+    return write_results(folder, result, timings={"inference": 0.1}, t_start=time.perf_counter(), formats=formats)
 
 
 def test_default_formats_are_the_seg_and_the_sr(case: Case, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from edge_runtime.inference.pipeline import segment
 from edge_runtime.inference.runner import load_runner
 from edge_runtime.results.measurements import measure
 from edge_runtime.results.seg import build_seg
+from edge_runtime.results.series_result import SeriesResult
 from phantom import make_phantom, write_series
 from tests.peers import dciodvfy_errors
 
@@ -45,7 +46,7 @@ def roundtrip(seg: hd.seg.Segmentation) -> hd.seg.Segmentation:
 def test_seg_is_valid_and_reads_back_voxel_for_voxel(case, package, tmp_path: Path) -> None:  # noqa: ANN001
     volume, labels = case
     assert set(np.unique(labels)) >= {0, 1, 2}, "the phantom should show lung and bone"
-    seg = build_seg(volume, labels, package, uid_seed="test")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="test"))
     path = tmp_path / "seg.dcm"
     seg.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
@@ -74,7 +75,7 @@ def test_seg_is_valid_and_reads_back_voxel_for_voxel(case, package, tmp_path: Pa
 
 def test_empty_result_still_gives_a_valid_seg(case, package, tmp_path: Path) -> None:  # noqa: ANN001
     volume, labels = case
-    seg = build_seg(volume, np.zeros_like(labels), package, uid_seed="empty")
+    seg = build_seg(SeriesResult(volume, np.zeros_like(labels), package, uid_seed="empty"))
     path = tmp_path / "empty.dcm"
     seg.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
@@ -83,9 +84,9 @@ def test_empty_result_still_gives_a_valid_seg(case, package, tmp_path: Path) -> 
 
 def test_uids_are_deterministic_per_seed(case, package) -> None:  # noqa: ANN001
     volume, labels = case
-    a = build_seg(volume, labels, package, uid_seed="x")
-    b = build_seg(volume, labels, package, uid_seed="x")
-    c = build_seg(volume, labels, package, uid_seed="y")
+    a = build_seg(SeriesResult(volume, labels, package, uid_seed="x"))
+    b = build_seg(SeriesResult(volume, labels, package, uid_seed="x"))
+    c = build_seg(SeriesResult(volume, labels, package, uid_seed="y"))
     assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
     assert a.SeriesInstanceUID == b.SeriesInstanceUID
     assert a.SeriesNumber == 5000 + int(volume.datasets[0].SeriesNumber)
@@ -145,7 +146,7 @@ def test_enhanced_multiframe_ct_volume_and_seg(tmp_path: Path, package: ModelPac
     assert volume.spacing == pytest.approx(reference.spacing)
 
     labels = segment(volume, package, load_runner(package, threads=1)).labels
-    seg = build_seg(volume, labels, package, uid_seed="enhanced")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="enhanced"))
     out = tmp_path / "seg.dcm"
     seg.save_as(out, enforce_file_format=True)
     assert dciodvfy_errors(out) == []

@@ -17,6 +17,7 @@ from edge_runtime.imaging.volume import Volume, load_volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, Code, Label, ModelPackage
 from edge_runtime.results.seg import build_seg
 from edge_runtime.results.seg_binary import encode_binary_seg
+from edge_runtime.results.series_result import SeriesResult
 from phantom import make_phantom, write_series
 from tests.peers import dciodvfy_errors
 
@@ -151,7 +152,7 @@ def read_back(path: Path, volume: Volume) -> np.ndarray:
 
 
 def highdicom_file(volume: Volume, labels: np.ndarray, package: ModelPackage, path: Path, **kwargs) -> Path:  # noqa: ANN003
-    build_seg(volume, labels, package, **kwargs).save_as(path, enforce_file_format=True)
+    build_seg(SeriesResult(volume, labels, package, **kwargs)).save_as(path, enforce_file_format=True)
     return path
 
 
@@ -185,7 +186,7 @@ def assert_same_as_highdicom(ours: pydicom.Dataset, theirs: pydicom.Dataset) -> 
 def test_valid_reads_back_and_matches_highdicom(volume: Volume, tmp_path: Path) -> None:
     package = package_with(5)
     labels = blobs(volume.array.shape, [1, 2, 4, 5])  # segment 3 absent
-    ds = encode_binary_seg(volume, labels, package, uid_seed="test")
+    ds = encode_binary_seg(SeriesResult(volume, labels, package, uid_seed="test"))
     path = write(ds, tmp_path / "ours.dcm")
     assert dciodvfy_errors(path) == []
 
@@ -216,7 +217,9 @@ def test_valid_reads_back_and_matches_highdicom(volume: Volume, tmp_path: Path) 
 def test_segment_numbers_follow_the_package_order(aligned_volume: Volume, tmp_path: Path) -> None:
     package = package_with(4, order=[3, 1, 4, 2])  # segment i is package.labels[i - 1]
     labels = blobs(aligned_volume.array.shape, [1, 2, 3, 4], seed=5)
-    path = write(encode_binary_seg(aligned_volume, labels, package, uid_seed="order"), tmp_path / "ours.dcm")
+    path = write(
+        encode_binary_seg(SeriesResult(aligned_volume, labels, package, uid_seed="order")), tmp_path / "ours.dcm"
+    )
     lut = np.zeros(5, np.uint8)
     for number, label in enumerate(package.labels, start=1):
         lut[label.value] = number
@@ -233,7 +236,7 @@ def test_many_segments_round_trip(volume: Volume, tmp_path: Path) -> None:
     labels = rng.integers(0, 41, volume.array.shape).astype(np.uint8)
     labels[:, :, : labels.shape[2] // 3] = 0  # some background
     labels[labels == 17] = 0  # an absent segment
-    path = write(encode_binary_seg(volume, labels, package, uid_seed="many"), tmp_path / "many.dcm")
+    path = write(encode_binary_seg(SeriesResult(volume, labels, package, uid_seed="many")), tmp_path / "many.dcm")
     assert dciodvfy_errors(path) == []
     np.testing.assert_array_equal(read_back(path, volume), labels)
     theirs = pydicom.dcmread(highdicom_file(volume, labels, package, tmp_path / "hd.dcm", uid_seed="many"))
@@ -245,7 +248,7 @@ def test_a_single_segment_is_identified_in_the_shared_groups(aligned_volume: Vol
     labels = np.zeros(aligned_volume.array.shape, np.uint8)
     labels[2:6, 3:9, 4:20] = 1  # consecutive, regularly spaced planes: highdicom calls it 3D
     ours = pydicom.dcmread(
-        write(encode_binary_seg(aligned_volume, labels, package, uid_seed="one"), tmp_path / "ours.dcm")
+        write(encode_binary_seg(SeriesResult(aligned_volume, labels, package, uid_seed="one")), tmp_path / "ours.dcm")
     )
     theirs = pydicom.dcmread(
         highdicom_file(aligned_volume, labels, package, tmp_path / "hd.dcm", uid_seed="one")
@@ -260,7 +263,7 @@ def test_a_single_segment_is_identified_in_the_shared_groups(aligned_volume: Vol
 def test_an_empty_label_map_gives_a_valid_seg(volume: Volume, tmp_path: Path) -> None:
     package = package_with(3)
     labels = np.zeros(volume.array.shape, np.uint8)
-    path = write(encode_binary_seg(volume, labels, package, uid_seed="empty"), tmp_path / "empty.dcm")
+    path = write(encode_binary_seg(SeriesResult(volume, labels, package, uid_seed="empty")), tmp_path / "empty.dcm")
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
     assert len(ds.SegmentSequence) == 3
@@ -277,10 +280,10 @@ def test_an_empty_label_map_gives_a_valid_seg(volume: Volume, tmp_path: Path) ->
 def test_uids_series_number_and_the_returned_dataset(odd_volume: Volume) -> None:
     package = package_with(2)
     labels = blobs(odd_volume.array.shape, [1, 2])
-    a = encode_binary_seg(odd_volume, labels, package, uid_seed="x")
-    b = encode_binary_seg(odd_volume, labels, package, uid_seed="x", series_number=42)
-    c = encode_binary_seg(odd_volume, labels, package, uid_seed="y")
-    reference = build_seg(odd_volume, labels, package, uid_seed="x")
+    a = encode_binary_seg(SeriesResult(odd_volume, labels, package, uid_seed="x"))
+    b = encode_binary_seg(SeriesResult(odd_volume, labels, package, uid_seed="x", series_number=42))
+    c = encode_binary_seg(SeriesResult(odd_volume, labels, package, uid_seed="y"))
+    reference = build_seg(SeriesResult(odd_volume, labels, package, uid_seed="x"))
     assert a.SOPInstanceUID == b.SOPInstanceUID == reference.SOPInstanceUID != c.SOPInstanceUID
     assert a.SeriesInstanceUID == reference.SeriesInstanceUID != c.SeriesInstanceUID
     assert a.file_meta.MediaStorageSOPInstanceUID == a.SOPInstanceUID
@@ -305,7 +308,7 @@ def test_uids_series_number_and_the_returned_dataset(odd_volume: Volume) -> None
 
 def test_labels_must_match_the_volume(odd_volume: Volume) -> None:
     with pytest.raises(ValueError, match="labels are"):
-        encode_binary_seg(odd_volume, np.zeros((2, 3, 4), np.uint8), package_with(1), uid_seed="bad")
+        encode_binary_seg(SeriesResult(odd_volume, np.zeros((2, 3, 4), np.uint8), package_with(1), uid_seed="bad"))
 
 
 def test_package_order_codes_are_kept(odd_volume: Volume) -> None:
@@ -320,8 +323,8 @@ def test_package_order_codes_are_kept(odd_volume: Volume) -> None:
     )
     package = dataclasses.replace(base, labels=(label,))
     labels = blobs(odd_volume.array.shape, [1])
-    ours = encode_binary_seg(odd_volume, labels, package, uid_seed="liver").SegmentSequence[0]
-    theirs = build_seg(odd_volume, labels, package, uid_seed="liver").SegmentSequence[0]
+    ours = encode_binary_seg(SeriesResult(odd_volume, labels, package, uid_seed="liver")).SegmentSequence[0]
+    theirs = build_seg(SeriesResult(odd_volume, labels, package, uid_seed="liver")).SegmentSequence[0]
     assert ours.to_json_dict() == theirs.to_json_dict()
     assert ours.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
 

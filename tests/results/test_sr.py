@@ -15,6 +15,7 @@ from edge_runtime.imaging.volume import Volume, load_volume
 from edge_runtime.inference.package import DEFAULT_PACKAGE, ModelPackage
 from edge_runtime.results.measurements import measure
 from edge_runtime.results.seg import build_seg
+from edge_runtime.results.series_result import SeriesResult
 from edge_runtime.results.sr import build_sr
 from phantom import make_phantom, write_series
 from tests.peers import dciodvfy_errors
@@ -66,7 +67,7 @@ def _coverage(group) -> str | None:  # noqa: ANN001
 def test_sr_is_valid_references_the_seg_and_carries_the_measurements(ct, package, tmp_path: Path) -> None:  # noqa: ANN001
     volume, labels = ct
     assert set(np.unique(labels)) == {0, 1, 2, 3, 4, 5}
-    seg = build_seg(volume, labels, package, uid_seed="case")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="case"))
     seg_path = tmp_path / "seg.dcm"
     seg.save_as(seg_path, enforce_file_format=True)
     ms = measure(volume, labels, package)
@@ -120,7 +121,7 @@ def test_sr_is_valid_references_the_seg_and_carries_the_measurements(ct, package
 def test_absent_segment_is_reported_with_volume_zero(ct, package, tmp_path: Path) -> None:  # noqa: ANN001
     volume, labels = ct
     lung_only = np.where(labels == 1, labels, 0).astype(labels.dtype)
-    seg = build_seg(volume, lung_only, package, uid_seed="lung-only")
+    seg = build_seg(SeriesResult(volume, lung_only, package, uid_seed="lung-only"))
     ms = measure(volume, lung_only, package)
     sr = build_sr(seg, ms, volume, package, uid_seed="lung-only")
     path = tmp_path / "sr.dcm"
@@ -137,7 +138,7 @@ def test_absent_segment_is_reported_with_volume_zero(ct, package, tmp_path: Path
 
 def test_uids_are_deterministic_per_seed_and_differ_from_the_segs(ct, package) -> None:  # noqa: ANN001
     volume, labels = ct
-    seg = build_seg(volume, labels, package, uid_seed="x")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="x"))
     ms = measure(volume, labels, package)
     a = build_sr(seg, ms, volume, package, uid_seed="x")
     b = build_sr(seg, ms, volume, package, uid_seed="x")
@@ -151,7 +152,7 @@ def test_uids_are_deterministic_per_seed_and_differ_from_the_segs(ct, package) -
 def test_mr_intensities_have_no_units(tmp_path: Path, package) -> None:  # noqa: ANN001
     volume, labels = _case(tmp_path / "mr", modality="MR")
     assert volume.modality == "MR"
-    seg = build_seg(volume, labels, package, uid_seed="mr")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="mr"))
     ms = measure(volume, labels, package)
     path = tmp_path / "sr.dcm"
     build_sr(seg, ms, volume, package, uid_seed="mr").save_as(path, enforce_file_format=True)
@@ -164,7 +165,7 @@ def test_mr_intensities_have_no_units(tmp_path: Path, package) -> None:  # noqa:
 
 def test_measurements_must_belong_to_the_seg(ct, package) -> None:  # noqa: ANN001
     volume, labels = ct
-    seg = build_seg(volume, labels, package, uid_seed="z")
+    seg = build_seg(SeriesResult(volume, labels, package, uid_seed="z"))
     ms = measure(volume, labels, package)
     stray = replace(ms[0], segment_number=9)
     with pytest.raises(ValueError, match="segment"):

@@ -75,9 +75,8 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Case, ResultFil
     package = ModelPackage.load(_package_folder(work / "package", labels), verify_hashes=False)
     case = make_case(work / "series")
     case = Case(case.folder, case.volume, case.labels, case.probabilities, package)
-    files = write_results(work / "out", case.volume, case.labels, package, uid_seed="laterality",
-                          device_serial_number="TEST", timings={}, t_start=time.perf_counter(), formats=FORMATS,
-                          probabilities=case.probabilities)
+    result = case.result(uid_seed="laterality", device_serial_number="TEST")
+    files = write_results(work / "out", result, timings={}, t_start=time.perf_counter(), formats=FORMATS)
     assert files.not_written == {}
     return case, files
 
