@@ -24,7 +24,7 @@ from edge_runtime.inference.nnunet.pipeline import predict_package_case
 from edge_runtime.inference.nnunet.postprocessing import KeepLargestComponent
 from edge_runtime.inference.package import ModelPackage
 from export.nnunet_source import NnunetSource
-from export.parity import LabelAgreement, label_dice
+from export.parity import LabelAgreement, gate_markdown, label_dice
 
 #: nnUNetPredictor's defaults: what a switch for speed is measured against
 DEFAULT_TILE_STEP = 0.5
@@ -113,9 +113,6 @@ class NnunetParityReport:
     def markdown(self, title: str = "nnU-Net parity") -> str:
         s = self.settings
         lines = [
-            f"# {title}: {'PASSED' if self.passed else 'FAILED'}",
-            "",
-            f"Reference: {self.reference}; candidate: {self.candidate}.",
             f"Settings: configuration {s.get('configuration')}, folds {', '.join(s.get('folds', []))}, mirroring "
             f"{_mirroring(s)}, tile step {s.get('tile_step_size')}, logits accumulated in {s.get('accumulate')}.",
             f"Gate: Dice >= {self.options.min_dice:g} per label and volume; "
@@ -127,10 +124,7 @@ class NnunetParityReport:
             self.table(),
             "",
         ]
-        failures = self.failures()
-        if failures:
-            lines += ["## Failed checks", "", *(f"- {f}" for f in failures), ""]
-        return "\n".join(lines)
+        return gate_markdown(self, title, lines)
 
 
 def _mirroring(settings: dict[str, Any]) -> str:

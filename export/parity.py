@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -148,15 +148,11 @@ class ParityReport:
         return "\n".join(rows)
 
     def markdown(self, title: str = "Parity") -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
         logits = (
             "logits reported, not gated" if self.atol is None
             else f"|a - b| <= {self.atol:g} + {self.rtol:g} x |a| per logit"
         )
         lines = [
-            f"# {title}: {verdict}",
-            "",
-            f"Reference: {self.reference}; candidate: {self.candidate}.",
             f"Gate: {logits}, argmax agreement >= {self.min_agreement:g} per input, "
             f"Dice >= {self.min_dice:g} per label and volume.",
             f"Needed: atol {self.needed_atol:.3g}"
@@ -168,10 +164,38 @@ class ParityReport:
             lines += ["## Logits per input", "", self.table().split("\n\n")[0], ""]
         if self.segmentation:
             lines += ["## Label maps through the sliding window", "", self.dice_table(), ""]
-        failures = self.failures()
-        if failures:
-            lines += ["## Failed checks", "", *(f"- {f}" for f in failures), ""]
-        return "\n".join(lines)
+        return gate_markdown(self, title, lines)
+
+
+class GateReport(Protocol):
+    """What every gate's report has (:class:`ParityReport`, the nnU-Net and TotalSegmentator gates')."""
+
+    @property
+    def passed(self) -> bool: ...
+
+    @property
+    def reference(self) -> str: ...
+
+    @property
+    def candidate(self) -> str: ...
+
+    def failures(self) -> list[str]: ...
+
+
+def gate_markdown(report: GateReport, title: str, body: Sequence[str]) -> str:
+    """A gate's report as Markdown, in the frame all gates share: ``# title: PASSED`` (or FAILED), what was
+    compared with what, the gate's own ``body`` lines (its criteria, what was needed, its tables), then each
+    failed check, so that a failing report says why at its end."""
+    lines = [
+        f"# {title}: {'PASSED' if report.passed else 'FAILED'}",
+        "",
+        f"Reference: {report.reference}; candidate: {report.candidate}.",
+        *body,
+    ]
+    failures = report.failures()
+    if failures:
+        lines += ["## Failed checks", "", *(f"- {f}" for f in failures), ""]
+    return "\n".join(lines)
 
 
 def compare_outputs(name: str, reference: np.ndarray, candidate: np.ndarray, rtol: float = 0.0) -> OutputParity:

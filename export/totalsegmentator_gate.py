@@ -35,7 +35,7 @@ import numpy as np
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.package import ModelPackage
 from export.commands import _Staging
-from export.parity import LabelAgreement, ParityReport, label_dice
+from export.parity import LabelAgreement, ParityReport, gate_markdown, label_dice
 
 #: LPS -> RAS: x and y change sign (nibabel's world is RAS)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -184,9 +184,6 @@ class TotalSegmentatorGateReport:
     def markdown(self, title: str = "TotalSegmentator gate") -> str:
         needed = self.needed_min_dice
         lines = [
-            f"# {title}: {'PASSED' if self.passed else 'FAILED'}",
-            "",
-            f"Reference: {self.reference}; candidate: {self.candidate}.",
             f"Gate: Dice >= {self.min_dice:g} per class, for every part on TotalSegmentator's grid and for the merged "
             f"label map on the source grid" + (f"; ONNX logits within {self.logits.atol:g} of PyTorch's on windows."
                                                if self.logits and self.logits.atol is not None else "."),
@@ -195,10 +192,7 @@ class TotalSegmentatorGateReport:
             self.table(),
             "",
         ]
-        failures = self.failures()
-        if failures:
-            lines += ["## Failed checks", "", *(f"- {f}" for f in failures), ""]
-        return "\n".join(lines)
+        return gate_markdown(self, title, lines)
 
 
 def gate_against_totalsegmentator(source: Any, package: ModelPackage,
