@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.imaging.volume import Volume
-from edge_runtime.inference.nnunet.labelmap import labels_and_confidence
+from edge_runtime.inference.nnunet.labelmap import labels_and_confidence, labels_confidence_and_probabilities
+from edge_runtime.inference.nnunet.labelmap import softmax as softmax
 from edge_runtime.inference.nnunet.postprocessing import apply_postprocessing
 from edge_runtime.inference.nnunet.prediction import predict_logits
 from edge_runtime.inference.nnunet.preprocessing import preprocess, target_spacing
@@ -119,43 +120,24 @@ def predict_case(
     timings["inference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if not settings.regions and not probabilities:  # the common case: resampled, reduced and uncropped per slab
-        labels, confidence = labels_and_confidence(logits, case, settings,
-                                                   np.uint8 if num_classes < 256 else np.uint16)
+    if not settings.regions:  # resampled, reduced and uncropped per slab (every class's softmax when asked for)
+        label_dtype = np.uint8 if num_classes < 256 else np.uint16
+        probs = None
+        if probabilities:
+            labels, confidence, probs = labels_confidence_and_probabilities(logits, case, settings, label_dtype)
+        else:
+            labels, confidence = labels_and_confidence(logits, case, settings, label_dtype)
         del logits
         labels = apply_postprocessing(labels, settings.active_postprocessing)
         timings["postprocess"] = time.perf_counter() - t0
-        return CaseResult(labels, confidence, None, timings, windows)
-    # convert_predicted_logits_to_segmentation_with_correct_shape: logits back to the cropped shape first (in
-    # their own dtype, as nnU-Net keeps its float16), argmax (the first maximum wins, as torch's), then softmax
+        return CaseResult(labels, confidence, probs, timings, windows)
+    # a region model: convert_predicted_logits_to_segmentation_with_correct_shape, logits back to the cropped
+    # shape first (in their own dtype, as nnU-Net keeps its float16), then sigmoid and painting
     logits = resample(logits, case.shape_after_cropping, target_spacing(settings, case.spacing), case.spacing,
                       settings.resampling_probabilities, settings.anisotropy_threshold)
     where = tuple(slice(lo, hi) for lo, hi in case.bbox)
-    if settings.regions:
-        return _finish_regions(logits, case.shape_before_cropping, where, settings, timings, windows, t0,
-                               probabilities=probabilities)
-    labels_crop = np.argmax(logits, axis=0).astype(np.uint8 if num_classes < 256 else np.uint16)
-    backward = list(settings.transpose_backward)
-    labels = np.zeros(case.shape_before_cropping, dtype=labels_crop.dtype)
-    labels[where] = labels_crop
-    confidence = np.ones(case.shape_before_cropping, dtype=np.float32)  # outside the crop: background, certain
-    probs = None
-    if probabilities:
-        logits = softmax(logits.astype(np.float32, copy=False))  # in place: now probabilities
-        confidence[where] = logits.max(axis=0)
-        # revert_cropping_on_probabilities: background 1 outside the crop
-        probs = np.zeros((num_classes, *case.shape_before_cropping), dtype=np.float32)
-        probs[0] = 1
-        every_class = (slice(None), *where)
-        probs[every_class] = logits
-        probs = np.ascontiguousarray(probs.transpose([0, *[a + 1 for a in backward]]))
-    else:
-        confidence[where] = chosen_probability(logits)
-    del logits
-    labels = apply_postprocessing(np.ascontiguousarray(labels.transpose(backward)), settings.active_postprocessing)
-    confidence = np.ascontiguousarray(confidence.transpose(backward))
-    timings["postprocess"] = time.perf_counter() - t0
-    return CaseResult(labels, confidence, probs, timings, windows)
+    return _finish_regions(logits, case.shape_before_cropping, where, settings, timings, windows, t0,
+                           probabilities=probabilities)
 
 
 def _finish_regions(logits: np.ndarray, full_shape: Sequence[int], where: tuple[slice, ...],
@@ -197,12 +179,3 @@ def chosen_probability(logits: np.ndarray) -> np.ndarray:
         np.exp(part, out=part)
         out[i] = 1.0 / part.sum(axis=0)
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the class axis, in place (float32)."""
-    top = logits.max(axis=0)
-    logits -= top
-    np.exp(logits, out=logits)
-    logits /= logits.sum(axis=0)
-    return logits

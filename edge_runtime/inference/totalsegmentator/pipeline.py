@@ -22,7 +22,8 @@ from scipy import ndimage
 from edge_runtime.imaging.volume import Volume
 from edge_runtime.inference.nnunet.labelmap import labels_and_confidence
 from edge_runtime.inference.nnunet.prediction import predict_logits
-from edge_runtime.inference.nnunet.preprocessing import preprocess
+from edge_runtime.inference.nnunet.preprocessing import Case, preprocess
+from edge_runtime.inference.nnunet.settings import NnunetSettings
 from edge_runtime.inference.package import ModelPackage
 from edge_runtime.inference.pipeline import Segmentation
 from edge_runtime.inference.runner import Runner
@@ -144,18 +145,25 @@ def predict_parts(image: np.ndarray, spacing: Sequence[float], package: ModelPac
     del data
     timings["inference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    # each part's logits go back to the grid slab by slab, reduced at once to its label and chosen probability
-    # (nnU-Net's way back for that part alone): no full-size array of every class, no separate argmax pass
-    labels, confidence, start = [], [], 0
-    for part in ts.parts:
-        own, conf = labels_and_confidence(logits[start:start + part.classes], case, settings,
-                                          np.uint8 if part.classes < 256 else np.uint16)
-        start += part.classes
-        labels.append(own)
-        confidence.append(conf)
+    labels, confidence = parts_back(logits, case, settings, ts.parts)
     del logits
     timings["postprocess"] = time.perf_counter() - t0
     return labels, confidence, windows
+
+
+def parts_back(logits: np.ndarray, case: Case, settings: NnunetSettings, parts: Sequence[Part]
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every part's ``(K_part, ...)`` logits back to the image's grid, each reduced to its label map and chosen
+    probability slab by slab (nnU-Net's way back for that part alone): no full-size array of a part's classes,
+    no separate argmax, uncrop or transpose pass."""
+    labels, confidence, start = [], [], 0
+    for part in parts:
+        own, sure = labels_and_confidence(logits[start:start + part.classes], case, settings,
+                                          np.uint8 if part.classes < 256 else np.uint16)
+        start += part.classes
+        labels.append(own)
+        confidence.append(sure)
+    return labels, confidence
 
 
 def merged_confidence(part_labels: Sequence[np.ndarray], part_confidence: Sequence[np.ndarray],
