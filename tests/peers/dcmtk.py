@@ -96,10 +96,11 @@ class StoreSCP:
         return self.received(SegmentationStorage)
 
     def wait_for(self, sop_class: str, series_uid: str, timeout: float = 120.0) -> Path:
+        """The first object of ``sop_class`` for the series, once storescp has written all of it."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             got = self.received(sop_class).get(series_uid)
-            if got:
+            if got and _written(got[0]):
                 return got[0]
             time.sleep(0.2)
         raise TimeoutError(f"no {sop_class} object for the series after {timeout} s")
@@ -109,6 +110,33 @@ class StoreSCP:
 
     def stop(self) -> None:
         stop_process(self.proc, 10, group=True)
+
+
+def _written(path: Path, settle: float = 0.3) -> bool:
+    """Whether storescp has finished ``path``: its size holds still for ``settle`` seconds, the whole file parses,
+    and an image's native pixel data are as long as its size says (pydicom reads a truncated file without
+    complaint, as far as it goes, so a header can look complete while the rest is still arriving)."""
+    try:
+        size = path.stat().st_size
+        time.sleep(settle)
+        if path.stat().st_size != size:
+            return False
+        ds = pydicom.dcmread(path)
+        if not _has_pixels(ds.SOPClassUID):
+            return True
+        if "PixelData" not in ds:
+            return False
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            return len(ds.PixelData) > 0
+        samples = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.SamplesPerPixel)
+        return len(ds.PixelData) >= -(-samples * int(ds.BitsAllocated) // 8)
+    except Exception:
+        return False
+
+
+def _has_pixels(sop_class: pydicom.uid.UID) -> bool:
+    """Whether objects of ``sop_class`` carry pixel data (the classes without that these tests meet are named)."""
+    return not any(w in sop_class.name for w in (" SR ", "Key Object", "Structure Set", "Real World Value Mapping"))
 
 
 def referenced_series(ds: pydicom.Dataset) -> list[str]:
