@@ -40,9 +40,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -64,6 +63,7 @@ from edge_runtime.inference.pipeline import (
 from edge_runtime.inference.placement import ArrivalStack
 from edge_runtime.inference.postprocess import SourceMaps
 from edge_runtime.inference.runner import Runner
+from edge_runtime.inference.stream_record import Timeline, unsupported
 from edge_runtime.inference.tiling import Blender, acquired_downwards, pad_value, stride, window_starts
 
 log = logging.getLogger(__name__)
@@ -73,50 +73,6 @@ PREPARE = 8
 #: source slices of room kept in the outputs beyond twice those arrived, so that the outputs do not grow (a copy
 #: of them all) at completion; room not written takes no memory
 RESERVE = 64
-
-
-def unsupported(package: ModelPackage) -> str | None:
-    """Why this package's pipeline cannot be streamed; None when it can."""
-    if "nnunet" in package.manifest:
-        return "the package's nnU-Net pipeline takes the whole volume"
-    if package.input_channels > 1:
-        return "the model takes several series (channels) as one input"
-    if package.normalization.kind == "zscore":
-        return "per-image z-score normalisation needs the whole volume"
-    if pad_value(package.normalization) is None:
-        return f"{package.normalization.kind} normalisation pads with the image minimum, known only at the end"
-    if package.target_spacing is None or package.target_spacing[0] is None:
-        return "without a target slice spacing the model grid follows the whole stack"
-    return None
-
-
-@dataclass
-class Timeline:
-    """What streaming did for one series (``measurements.json`` ``streaming``, and the log)."""
-
-    mode: str = "whole-series"
-    #: why the series was segmented whole ("" when streamed)
-    reason: str = ""
-    #: z-windows (slabs) begun while the series arrived, and their network windows run then
-    slabs_streamed: int = 0
-    windows_streamed: int = 0
-    #: seconds of resampling + inference spent while the series arrived
-    streamed_s: float = 0.0
-    #: z-windows left for completion
-    slabs_at_completion: int = 0
-
-    def summary(self) -> str:
-        """One line for the log."""
-        total = self.slabs_streamed + self.slabs_at_completion
-        if self.mode == "streaming":
-            return (
-                f"streamed {self.slabs_streamed} of {total} slabs ({self.windows_streamed} windows, "
-                f"{self.streamed_s:.2f} s) while it arrived"
-            )
-        return f"segmented whole at completion: {self.reason}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 @dataclass
