@@ -4,8 +4,9 @@ Both run on the same volumes (phantom CTs and real series, each as the runtime's
 ``(slice, row, column)`` array and spacing that nnU-Net's SimpleITK reader would give for the series), with the
 package's folds, mirroring and tile step. The gate passes when every label's Dice between the two label maps
 reaches ``min_dice`` and the largest difference between the two softmax probabilities of any class at any voxel
-stays within ``max_probability_error``. nnU-Net accumulates its logits in float16 and the runtime in float32,
-so the probabilities differ by a few thousandths where the logits are large; the default tolerance is 0.02.
+stays within ``max_probability_error``. Both accumulate the blended logits in float16 by default (the manifest's
+``accumulate``), but the network's logits come from ONNX Runtime on one side and torch on the other, so the
+probabilities differ by a few thousandths where the logits are large; the default tolerance is 0.02.
 
 When the package trades accuracy for speed (mirroring off, a larger tile step), nnU-Net is also run as its
 authors run it (mirroring on, step 0.5) and the report lists what the switch costs in Dice: reported, not gated.
