@@ -213,7 +213,7 @@ def test_every_source_is_a_package_that_the_service_serves(kind: str, tmp_path: 
     import pydicom
 
     from phantom import write_series
-    from tests.peers import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+    from tests.peers import served_seg
 
     folder = _package_source(kind, tmp_path, labels_json)
     package = ModelPackage.load(folder)
@@ -222,17 +222,6 @@ def test_every_source_is_a_package_that_the_service_serves(kind: str, tmp_path: 
     shape, spacing = ((24, 40, 16), (0.9, 0.8, 3.0)) if kind == "nnunetv2" else ((24, 96, 96), (5.0, 3.5, 3.5))
     phantom = make_phantom(shape, spacing, rng=21)
     info = write_series(phantom.hu, phantom.spacing, tmp_path / "ct")
-    pacs = StoreSCP(tmp_path / "pacs")
-    service = ServiceProcess(tmp_path / "svc", "--model", str(folder), "--destination", pacs.address,
-                             "--quiet-seconds", "1")
-    try:
-        storescu(service.port, list(info.paths))
-        seg_path = pacs.wait_for_seg(info.series_uid, timeout=90)
-        assert dciodvfy_errors(seg_path) == []
-        seg = pydicom.dcmread(seg_path)
-        assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in package.labels]
-        assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid
-        assert service.alive()
-    finally:
-        service.stop()
-        pacs.stop()
+    seg = pydicom.dcmread(served_seg(tmp_path, folder, list(info.paths), info.series_uid))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in package.labels]
+    assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid

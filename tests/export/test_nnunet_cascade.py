@@ -142,25 +142,14 @@ def test_a_series_pushed_to_the_service_comes_back_as_the_cascades_seg(cascade: 
     import pydicom
 
     from phantom import make_phantom, write_series
-    from tests.peers import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+    from tests.peers import served_seg
 
     package = ModelPackage.load(cascade)
     ph = make_phantom(PHANTOM_SHAPE, PHANTOM_SPACING, rng=9)
     info = write_series(ph.hu, ph.spacing, tmp_path / "ct")
-    pacs = StoreSCP(tmp_path / "pacs")
-    service = ServiceProcess(tmp_path / "svc", "--model", str(cascade), "--destination", pacs.address,
-                             "--quiet-seconds", "1")
-    try:
-        storescu(service.port, list(info.paths))
-        seg_path = pacs.wait_for_seg(info.series_uid, timeout=240)
-        assert dciodvfy_errors(seg_path) == []
-        seg = pydicom.dcmread(seg_path)
-        assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in package.labels]
-        assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid
-        assert service.alive()
-    finally:
-        service.stop()
-        pacs.stop()
+    seg = pydicom.dcmread(served_seg(tmp_path, cascade, list(info.paths), info.series_uid, timeout=240))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in package.labels]
+    assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid
 
 
 @pytest.mark.slow  # nnUNetPredictor's cascade on a 28 x 512 x 512 CT with mirroring: minutes on two cores

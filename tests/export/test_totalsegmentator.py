@@ -324,30 +324,20 @@ def test_a_series_pushed_to_the_service_comes_back_as_one_seg_with_totalsegmenta
     import pydicom
 
     from phantom import make_phantom, write_series
-    from tests.peers import ServiceProcess, StoreSCP, dciodvfy_errors, storescu
+    from tests.peers import served_seg
 
     pkg = ModelPackage.load(package)
     phantom = make_phantom((12, 32, 32), (2.5, 1.2, 1.2), rng=21)
     info = write_series(phantom.hu, phantom.spacing, tmp_path / "ct")
-    pacs = StoreSCP(tmp_path / "pacs")
-    service = ServiceProcess(tmp_path / "svc", "--model", str(package), "--destination", pacs.address,
-                             "--quiet-seconds", "1")
-    try:
-        storescu(service.port, list(info.paths))
-        seg_path = pacs.wait_for_seg(info.series_uid, timeout=90)
-        assert dciodvfy_errors(seg_path) == []
-        seg = pydicom.dcmread(seg_path)
-        assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in pkg.labels]
-        assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == [
-            lab.type.value for lab in pkg.labels]
-        # the sides, read back by highdicom where the Segment Description Macro nests them
-        back = hd.seg.segread(seg_path)
-        descriptions = [back.get_segment_description(n) for n in range(1, len(pkg.labels) + 1)]
-        sides = {d.segment_label: [str(c.CodeMeaning) for c in d.SegmentedPropertyTypeCodeSequence[0].get(
-            "SegmentedPropertyTypeModifierCodeSequence", [])] for d in descriptions}
-        assert (sides["kidney_left"], sides["kidney_right"], sides["spleen"]) == (["Left"], ["Right"], [])
-        assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid
-        assert service.alive()
-    finally:
-        service.stop()
-        pacs.stop()
+    seg_path = served_seg(tmp_path, package, list(info.paths), info.series_uid)
+    seg = pydicom.dcmread(seg_path)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == [lab.name for lab in pkg.labels]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == [
+        lab.type.value for lab in pkg.labels]
+    # the sides, read back by highdicom where the Segment Description Macro nests them
+    back = hd.seg.segread(seg_path)
+    descriptions = [back.get_segment_description(n) for n in range(1, len(pkg.labels) + 1)]
+    sides = {d.segment_label: [str(c.CodeMeaning) for c in d.SegmentedPropertyTypeCodeSequence[0].get(
+        "SegmentedPropertyTypeModifierCodeSequence", [])] for d in descriptions}
+    assert (sides["kidney_left"], sides["kidney_right"], sides["spleen"]) == (["Left"], ["Right"], [])
+    assert str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == info.series_uid

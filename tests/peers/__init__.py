@@ -26,7 +26,7 @@ from tests.peers.base import (
 )
 from tests.peers.dcmtk import StoreSCP, referenced_series, storescu, wait_for_measurements, wait_for_seg
 from tests.peers.orthanc import DICOMWEB_PLUGIN, ORTHANC_BINARY, Orthanc, orthanc_programs
-from tests.peers.service import ServiceProcess, serve_command, spool_record
+from tests.peers.service import ServiceProcess, serve_command, served_seg, spool_record
 from tests.peers.syslog import SyslogReceiver
 from tests.peers.triton import TRITON_MODEL_NAME, TRITON_SERVER_SCRIPT, TritonServer, triton_python
 
@@ -50,6 +50,7 @@ __all__ = [
     "referenced_series",
     "require_tool",
     "serve_command",
+    "served_seg",
     "skip_missing",
     "spool_record",
     "stop_process",

@@ -13,7 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.peers.base import free_port, stop_process, wait_port
+from tests.peers.base import dciodvfy_errors, free_port, stop_process, wait_port
+from tests.peers.dcmtk import StoreSCP, storescu
 
 # -- the service -------------------------------------------------------------------------------------------
 
@@ -136,6 +137,24 @@ class ServiceProcess:
         code = self.stop()
         assert code == 0, self.log()
         assert "Traceback" not in self.log()
+
+
+def served_seg(work: Path, model: Path, paths: list[Path], series_uid: str, timeout: float = 90.0) -> Path:
+    """Serve ``model`` to a DCMTK PACS, push ``paths`` with DCMTK ``storescu``, and return the SEG the PACS
+    received for ``series_uid``, once dciodvfy finds no error in it and the service is still alive."""
+    pacs = StoreSCP(work / "pacs")
+    service = ServiceProcess(
+        work / "svc", "--model", str(model), "--destination", pacs.address, "--quiet-seconds", "1"
+    )
+    try:
+        storescu(service.port, paths)
+        seg = pacs.wait_for_seg(series_uid, timeout=timeout)
+        assert dciodvfy_errors(seg) == []
+        assert service.alive()
+        return seg
+    finally:
+        service.stop()
+        pacs.stop()
 
 
 def spool_record(spool: Path, series_uid: str, timeout: float = 60.0) -> dict[str, Any]:
