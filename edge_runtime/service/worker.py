@@ -166,7 +166,7 @@ class SeriesWorker:
         )
         _hold_after_seg(self._stop)
         try:
-            self._complete(row, published, segs, volume, result, applicability, timings, t_start, streamed)
+            self._complete(row, published, segs, written, result.windows, timings, t_start, streamed)
         except Exception:
             log.exception("series %s: its SEG went out; its other objects failed (next start retries)", row.key_hash)
         return segs.seg
@@ -176,21 +176,21 @@ class SeriesWorker:
         row: SeriesRow,
         result_id: int,
         segs: SegFiles,
-        volume: Volume,
-        result: Segmentation,
-        applicability: Applicability | None,
+        written: SeriesResult,
+        windows: int,
         timings: dict[str, float],
         t_start: float,
         streamed: dict | None,
     ) -> None:
-        """The second step of a result whose SEG(s) are published: the measurements, the SR and the other
-        formats written and queued, then what needs no hurry (thumbnails, the audit line, drift features)."""
+        """The second step of a result whose SEG(s) are published (``written``: what the first step wrote about):
+        the measurements, the SR and the other formats written and queued, then what needs no hurry (thumbnails,
+        the audit line, drift features)."""
         files = write_rest(
             segs,
-            self._series_result(row, volume, result, applicability),
+            written,
             timings=timings,
             t_start=t_start,
-            extra={"windows": result.windows, "streaming": streamed},
+            extra={"windows": windows, "streaming": streamed},
             formats=self.formats,
         )
         everything, missing = route(self.destinations, files.objects)
@@ -209,9 +209,10 @@ class SeriesWorker:
         )
         self.metrics.observe_stages(files.timings)
         # the status page's pictures, once, while the sender works: they must not delay the result
-        publish_thumbnails(segs.directory, volume, result.labels, self.package, row.key_hash)
+        volume, labels = written.volume, written.labels
+        publish_thumbnails(segs.directory, volume, labels, self.package, row.key_hash)
         # after the wake too: the audit line and the drift features (about a second on a large CT) delay no send
-        self.oversight.published(row, result_id, volume, result.labels, result.confidence, files.files, everything)
+        self.oversight.published(row, result_id, volume, labels, written.confidence, files.files, everything)
 
     def complete_unfinished(self) -> None:
         """Complete the results whose SEG went out and whose other objects a stop or crash cut short: the series
@@ -247,7 +248,8 @@ class SeriesWorker:
         timings.update(result.timings)
         segs = read_segs(unfinished.directory, self.formats)
         log.info("series %s: completing result %d after a restart", row.key_hash, unfinished.id)
-        self._complete(row, unfinished.id, segs, volume, result, applicability, timings, t_start, None)
+        written = self._series_result(row, volume, result, applicability)
+        self._complete(row, unfinished.id, segs, written, result.windows, timings, t_start, None)
 
     def _series_result(
         self,
